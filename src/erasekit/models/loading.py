@@ -1,0 +1,147 @@
+"""Load a Stable Diffusion pipeline from a spec: "toy", a local diffusers folder, or a hub id.
+
+Every pipeline comes back with a DDIM scheduler (built from its own scheduler config, so the noise
+schedule is unchanged) and the progress bar off, so all methods sample the same way on every model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from erasekit.errors import ErasekitError
+
+TOY_SPEC = "toy"
+# The weight files diffusers / transformers look for inside a component folder.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = False):
+    """A `StableDiffusionPipeline` for ``spec``, moved to ``device``/``dtype`` when given.
+
+    ``allow_download``: for hub ids, fetch from the hub when the model is not in the local cache
+    (off by default: benchmarks should never depend on the network).
+    """
+    spec = str(spec).strip()
+    if not spec:
+        raise ErasekitError("empty model spec; use 'toy', a diffusers pipeline folder or a hub id")
+    if spec == TOY_SPEC:
+        from erasekit.toy.pipeline import build_toy_pipeline
+
+        pipe = build_toy_pipeline()
+    elif Path(spec).expanduser().exists():
+        pipe = _load_folder(Path(spec).expanduser())
+    elif _looks_like_path(spec):
+        raise ErasekitError(f"{spec}: no such folder (a model is 'toy', a diffusers pipeline folder or a hub id)")
+    else:
+        pipe = _load_hub(spec, allow_download)
+    use_ddim(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    return pipe
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with a separator is meant as a path.
+    return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
+
+
+def use_ddim(pipe) -> None:
+    """Swap the pipeline's scheduler for DDIM with the same noise schedule (a no-op for the toy)."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+def is_toy_pipeline(pipe) -> bool:
+    """True for the embedded world's architecture (trained, random or edited), which has its own defaults."""
+    from erasekit.toy import architecture as arch
+
+    unet_cfg = pipe.unet.config
+    return (
+        type(pipe.text_encoder).__name__ == "BertModel"
+        and unet_cfg.cross_attention_dim == arch.TEXT_DIM
+        and unet_cfg.sample_size == arch.LATENT_SIZE
+        and tuple(unet_cfg.block_out_channels) == tuple(arch.UNET_CONFIG["block_out_channels"])
+    )
+
+
+def _from_pretrained(source: str, **kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **kwargs)
+
+
+def _load_folder(folder: Path):
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        raise ErasekitError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    check_pipeline_folder(folder)
+    try:
+        return _from_pretrained(str(folder))
+    except ErasekitError:
+        raise
+    except Exception as exc:  # diffusers raises OSError/ValueError/RuntimeError/... with long messages
+        raise ErasekitError(f"cannot load the pipeline in {folder}: {_first_line(exc)}") from exc
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """Fail early, naming the file, when a component's weights are missing or unreadable.
+
+    diffusers' own errors for these cases are long and do not always say which file is at fault.
+    """
+    from safetensors import safe_open
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ErasekitError(f"corrupt {folder / 'model_index.json'}: {exc}") from exc
+    for name in ("unet", "vae", "text_encoder"):
+        entry = index.get(name)
+        if not isinstance(entry, list) or entry[0] is None:
+            raise ErasekitError(f"{folder} has no {name} component (model_index.json)")
+        sub = folder / name
+        weights = sorted(p for p in sub.glob("*") if p.suffix in WEIGHT_SUFFIXES) if sub.is_dir() else []
+        if not weights:
+            raise ErasekitError(f"missing weight file in {sub} (expected *.safetensors or *.bin)")
+        for path in weights:
+            if path.suffix != ".safetensors":
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:
+                raise ErasekitError(f"corrupt weight file {path}: {_first_line(exc)}") from exc
+            if path.stat().st_size < _declared_size(path):
+                raise ErasekitError(f"corrupt weight file {path}: truncated")
+
+
+def _declared_size(path: Path) -> int:
+    """The file size a safetensors header promises (8-byte length + header + the largest data offset)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def _load_hub(spec: str, allow_download: bool):
+    try:
+        return _from_pretrained(spec, local_files_only=True)
+    except Exception as exc:
+        local_error = exc
+    if allow_download:
+        try:
+            return _from_pretrained(spec)
+        except Exception as exc:
+            local_error = exc
+    raise ErasekitError(
+        f"cannot load model {spec!r}: not 'toy', not a local diffusers folder, and not available offline from the hub "
+        f"(download it first, e.g. `hf download {spec}`); cause: {_first_line(local_error)}"
+    ) from local_error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

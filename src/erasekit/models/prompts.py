@@ -1,0 +1,84 @@
+"""Turn prompts into the text states a pipeline conditions on, and find which tokens are which.
+
+``encode_prompts`` mirrors `StableDiffusionPipeline.encode_prompt` (no clip skip, no LoRA scale): erasers
+and attacks that compute with text states must see exactly what the UNet sees during generation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ENCODE_CHUNK = 256  # prompts per text-encoder call, to bound memory on long lists
+
+
+def _as_list(prompts) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def _expand_textual_inversion(pipe, prompts: list[str]) -> list[str]:
+    # Multi-vector textual-inversion tokens ("<x>" -> "<x> <x>_1 ...") are expanded by the pipeline too.
+    convert = getattr(pipe, "maybe_convert_prompt", None)
+    return convert(prompts, pipe.tokenizer) if convert is not None else prompts
+
+
+def _tokenizer_inputs(pipe, prompts: list[str]):
+    tok = pipe.tokenizer
+    return tok(
+        _expand_textual_inversion(pipe, prompts),
+        padding="max_length",
+        max_length=tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+
+
+def tokenize(pipe, prompts) -> torch.Tensor:
+    """Input ids (B, T) exactly as the pipeline builds them (padded/truncated to ``model_max_length``)."""
+    return _tokenizer_inputs(pipe, _as_list(prompts)).input_ids
+
+
+def encode_prompts(pipe, prompts, device=None) -> torch.Tensor:
+    """Text states (B, T, D) that the UNet attends to for ``prompts``, on ``device`` (default: the encoder's).
+
+    Gradients follow the caller's grad mode; wrap in `torch.no_grad()` when none are needed.
+    """
+    prompts = _as_list(prompts)
+    encoder = pipe.text_encoder
+    device = torch.device(device) if device is not None else encoder.device
+    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+    chunks = []
+    for i in range(0, len(prompts), ENCODE_CHUNK):
+        inputs = _tokenizer_inputs(pipe, prompts[i : i + ENCODE_CHUNK])
+        mask = inputs.attention_mask.to(encoder.device) if use_mask else None
+        states = encoder(inputs.input_ids.to(encoder.device), attention_mask=mask)[0]
+        chunks.append(states.to(dtype=encoder.dtype, device=device))
+    if not chunks:
+        return torch.empty(0, pipe.tokenizer.model_max_length, encoder.config.hidden_size, device=device)
+    return torch.cat(chunks)
+
+
+def _real_token_span(pipe, prompt: str) -> tuple[int, int, int]:
+    """(first word position, end position, sequence length) of one prompt.
+
+    The real (unpadded) tokens are [BOS/CLS] words... [EOS/SEP]; padding follows. Padding is found with
+    the attention mask, not by id: SD-2's tokenizer pads with "!", an ordinary token.
+    """
+    inputs = _tokenizer_inputs(pipe, [prompt])
+    ids = inputs.input_ids[0].tolist()
+    n_real = int(inputs.attention_mask[0].sum())
+    special = set(pipe.tokenizer.all_special_ids)
+    start = 1 if n_real > 0 and ids[0] in special else 0
+    end = n_real - 1 if n_real > start and ids[n_real - 1] in special else n_real
+    return start, end, len(ids)
+
+
+def word_token_positions(pipe, prompt: str) -> list[int]:
+    """Positions of the prompt's own tokens: between BOS and EOS (CLIP) or [CLS] and [SEP] (BERT)."""
+    start, end, _ = _real_token_span(pipe, prompt)
+    return list(range(start, end))
+
+
+def end_positions(pipe, prompt: str) -> list[int]:
+    """Positions of the EOS/[SEP] token and all padding after it (they carry a summary of the prompt)."""
+    _, end, length = _real_token_span(pipe, prompt)
+    return list(range(end, length))

@@ -1,0 +1,124 @@
+"""Generated images on disk: one PNG per image, an ``images.jsonl`` index and a ``grid.png`` overview.
+
+The index makes generation resumable: an image whose record (prompt, seed, settings, model fingerprint)
+is already listed, and whose PNG exists, is never generated again. PNGs are written atomically and listed
+only after they are complete, so a killed run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+INDEX_FILE = "images.jsonl"
+GRID_FILE = "grid.png"
+# Everything that determines an image's pixels; the model enters through its fingerprint.
+KEY_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler", "height", "width",
+              "fingerprint", "edit")
+MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
+GRID_MAX_COLUMNS = 16
+LABEL_HEIGHT = 14
+GAP = 2  # white pixels between cells
+
+
+def record_key(record: dict) -> str:
+    """A short hash of the fields that determine an image (missing fields count as None)."""
+    payload = json.dumps({k: record.get(k) for k in KEY_FIELDS}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "empty"
+
+
+def image_filename(record: dict) -> str:
+    """``<prompt-slug>_seed<seed>_<key8>.png``: readable, and distinct for distinct settings."""
+    return f"{slug(str(record.get('prompt') or 'embeds'))}_seed{record['seed']}_{record_key(record)[:8]}.png"
+
+
+def read_index(out_dir: str | Path) -> dict[str, dict]:
+    """Records of ``out_dir/images.jsonl`` whose PNG exists, by key (a later line wins). A partial last line,
+    left by a killed run, is ignored."""
+    path = Path(out_dir) / INDEX_FILE
+    found: dict[str, dict] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "path" in rec and (Path(out_dir) / rec["path"]).is_file():
+            found[rec.get("key") or record_key(rec)] = rec
+    return found
+
+
+def _write_png_atomic(image: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_images(images: np.ndarray, out_dir: str | Path, records: Sequence[dict], *, grid: bool = True) -> list[dict]:
+    """Write uint8 (N, H, W, 3) ``images`` as PNGs, append their ``records`` to ``images.jsonl`` (filling in
+    ``key`` and ``path``, relative to ``out_dir``) and, with ``grid``, write ``grid.png`` of these images."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(images) != len(records):
+        raise ValueError(f"{len(images)} images but {len(records)} records")
+    saved = []
+    with open(out / INDEX_FILE, "a") as index:
+        for image, rec in zip(images, records):
+            rec = dict(rec, key=record_key(rec))
+            rec.setdefault("path", image_filename(rec))
+            _write_png_atomic(np.asarray(image, np.uint8), out / rec["path"])
+            index.write(json.dumps(rec, sort_keys=True) + "\n")
+            index.flush()
+            saved.append(rec)
+    if grid and saved:
+        write_grid(out, saved)
+    return saved
+
+
+def load_images(out_dir: str | Path, records: Iterable[dict]) -> list[np.ndarray]:
+    return [np.asarray(Image.open(Path(out_dir) / r["path"]).convert("RGB")) for r in records]
+
+
+def write_grid(out_dir: str | Path, records: Sequence[dict], columns: int | None = None, name: str = GRID_FILE) -> Path:
+    """A grid PNG of the records' images, row by row; each row is labelled with its first image's prompt.
+
+    ``columns`` defaults to the number of images of the first prompt (so a row is one prompt), at most 16.
+    """
+    records = list(records)
+    if columns is None:
+        first = records[0].get("prompt") if records else None
+        columns = sum(1 for r in records if r.get("prompt") == first) or 1
+    columns = max(1, min(columns, GRID_MAX_COLUMNS, len(records) or 1))
+    images = load_images(out_dir, records)
+    h, w = images[0].shape[:2] if images else (MIN_CELL, MIN_CELL)
+    scale = max(1, -(-MIN_CELL // max(h, w)))  # integer nearest-neighbour upscale of tiny images
+    cell_h, cell_w = h * scale, w * scale
+    rows = -(-len(images) // columns)
+    row_h = cell_h + LABEL_HEIGHT
+    col_w = cell_w + GAP
+    canvas = Image.new("RGB", (columns * col_w - GAP, max(1, rows) * row_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, rec) in enumerate(zip(images, records)):
+        r, c = divmod(i, columns)
+        if c == 0:
+            draw.text((2, r * row_h + 1), str(rec.get("prompt", ""))[: columns * col_w // 6], fill="black")
+        cell = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+        canvas.paste(cell, (c * col_w, r * row_h + LABEL_HEIGHT))
+    path = Path(out_dir) / name
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

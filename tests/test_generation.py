@@ -1,0 +1,99 @@
+"""Seeded, batched generation and the resumable image folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.generation import default_settings, generate, generate_to_dir, initial_latents
+from erasekit.image_store import INDEX_FILE, read_index, save_images, write_grid
+from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE, LATENT_SIZE
+
+STEPS = 4
+
+
+def test_initial_latents_are_per_seed(toy_random, tiny_sd1):
+    lat = initial_latents(toy_random, [3, 4, 3])
+    assert lat.shape == (3, 4, LATENT_SIZE, LATENT_SIZE) and lat.dtype == torch.float32
+    torch.testing.assert_close(lat[0], lat[2], rtol=0, atol=0)
+    torch.testing.assert_close(lat[1], initial_latents(toy_random, [4])[0], rtol=0, atol=0)
+    assert initial_latents(tiny_sd1, [0]).shape == (1, 4, 16, 16)
+    assert initial_latents(tiny_sd1, [0], height=64, width=48).shape == (1, 4, 32, 24)
+
+
+def test_default_settings(toy_random, tiny_sd1):
+    assert default_settings(toy_random) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert default_settings(tiny_sd1) == (25, 7.5)
+
+
+def test_same_seed_same_image_for_any_batch_size(toy_random):
+    prompts = ["a red star on a striped background", "a blue heart", "a starfish", "a green circle", "a cross"]
+    seeds = [0, 1, 2, 3, 0]
+    kwargs = dict(steps=STEPS, guidance=5.0, progress=False)
+    together = generate(toy_random, prompts, seeds, batch_size=5, **kwargs)
+    in_pairs = generate(toy_random, prompts, seeds, batch_size=2, **kwargs)
+    alone = generate(toy_random, prompts[1:2], seeds[1:2], batch_size=1, **kwargs)
+    assert together.shape == (5, IMAGE_SIZE, IMAGE_SIZE, 3) and together.dtype == np.uint8
+    # Batched CPU kernels may differ in the last float bit between batch sizes: allow 1 uint8 level.
+    for other in (in_pairs, np.concatenate([in_pairs[:1], alone, in_pairs[2:]])):
+        assert np.abs(together.astype(int) - other.astype(int)).max() <= 1
+    assert np.abs(together[0].astype(int) - together[1].astype(int)).max() > 1  # different seeds differ
+
+
+def test_generate_with_prompt_embeds_and_latents(tiny_sd1):
+    from erasekit.models import encode_prompts
+
+    prompts, seeds = ["a red star", "a dog"], [5, 6]
+    kwargs = dict(steps=STEPS, guidance=7.5, progress=False)
+    by_text = generate(tiny_sd1, prompts, seeds, **kwargs)
+    by_embeds = generate(tiny_sd1, None, seeds, prompt_embeds=encode_prompts(tiny_sd1, prompts), **kwargs)
+    by_latents = generate(tiny_sd1, prompts, [0, 0], latents=initial_latents(tiny_sd1, seeds), **kwargs)
+    np.testing.assert_array_equal(by_text, by_embeds)
+    np.testing.assert_array_equal(by_text, by_latents)
+
+
+def test_generate_rejects_mismatched_lengths(tiny_sd1):
+    with pytest.raises(ValueError, match="prompts: expected 2"):
+        generate(tiny_sd1, ["a", "b", "c"], [0, 1], steps=1, progress=False)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        generate(tiny_sd1, None, [0], progress=False)
+
+
+def test_generate_to_dir_is_resumable(tiny_sd1, tmp_path):
+    prompts, seeds = ["a red star", "a red star", "a dog"], [0, 1, 0]
+    kwargs = dict(steps=STEPS, guidance=7.5, model="tiny", progress=False)
+    records, made = generate_to_dir(tiny_sd1, prompts, seeds, tmp_path, batch_size=2, **kwargs)
+    assert made == 3 and len(records) == 3 and (tmp_path / "grid.png").is_file()
+    first = (tmp_path / records[0]["path"]).read_bytes()
+    # Rerun with one more seed: only the new image is generated, the others are reused byte for byte.
+    records2, made2 = generate_to_dir(tiny_sd1, prompts + ["a dog"], seeds + [1], tmp_path, **kwargs)
+    assert made2 == 1 and records2[:3] == records
+    assert (tmp_path / records[0]["path"]).read_bytes() == first
+    # Other settings are other images.
+    _, made3 = generate_to_dir(tiny_sd1, prompts[:1], seeds[:1], tmp_path, **dict(kwargs, guidance=3.0))
+    assert made3 == 1
+    lines = [json.loads(line) for line in (tmp_path / INDEX_FILE).read_text().splitlines()]
+    assert len(lines) == 5 and len(read_index(tmp_path)) == 5
+    # A PNG deleted by hand is regenerated.
+    (tmp_path / records[2]["path"]).unlink()
+    _, made4 = generate_to_dir(tiny_sd1, prompts, seeds, tmp_path, **kwargs)
+    assert made4 == 1
+
+
+def test_read_index_ignores_partial_last_line(tmp_path):
+    img = np.zeros((1, 8, 8, 3), np.uint8)
+    [rec] = save_images(img, tmp_path, [{"prompt": "p", "seed": 0}])
+    with open(tmp_path / INDEX_FILE, "a") as f:
+        f.write('{"prompt": "q", "se')  # a run killed mid-write
+    assert list(read_index(tmp_path)) == [rec["key"]]
+
+
+def test_grid_upscales_small_images(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    records = save_images(images, tmp_path, [{"prompt": f"p{i // 3}", "seed": i % 3} for i in range(6)])
+    from PIL import Image
+
+    grid = Image.open(write_grid(tmp_path, records))
+    assert grid.width >= 3 * 128 and grid.height >= 2 * 128
+    assert all((tmp_path / r["path"]).is_file() for r in records)

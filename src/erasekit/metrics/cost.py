@@ -1,0 +1,105 @@
+"""What a step cost: wall seconds, CPU seconds, peak memory and images generated.
+
+    with measure_cost() as cost:
+        images = generate(...)
+        cost.add_images(len(images))
+    cost.as_dict()  # {"wall_s", "cpu_s", "peak_rss_mb", "cuda_peak_mb", "images", ...}
+
+Peak RSS: on Linux the process high-water mark (``VmHWM``) is reset at the start of the block (writing "5" to
+``/proc/self/clear_refs``), so the figure is this block's own peak; where that is not possible
+(other systems, restricted containers) it is the process's lifetime peak (``getrusage``), and
+``rss_scope`` says "process". CPU seconds cover every thread of the process (user + system).
+CUDA peak memory is ``torch.cuda.max_memory_allocated`` over the block, when CUDA is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Cost:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float | None = None
+    rss_scope: str = "block"  # "block": the peak within this block; "process": the process's lifetime peak
+    cuda_peak_mb: float | None = None
+    images: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def add_images(self, n: int) -> None:
+        self.images += int(n)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        for key in ("wall_s", "cpu_s", "peak_rss_mb", "cuda_peak_mb"):
+            if d[key] is not None:
+                d[key] = round(float(d[key]), 3)
+        return d
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _rusage_peak_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
+
+
+def _cuda():
+    torch = sys.modules.get("torch")  # never import torch just to measure
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda
+    return None
+
+
+@contextmanager
+def measure_cost(**extra):
+    """Measure the block; yields a `Cost` filled in when the block ends (also when it raises)."""
+    cost = Cost(extra=dict(extra))
+    block_scope = _reset_rss_peak() and _vm_hwm_mb() is not None
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+    wall0, cpu0 = time.perf_counter(), os.times()
+    try:
+        yield cost
+    finally:
+        cpu1 = os.times()
+        cost.wall_s = time.perf_counter() - wall0
+        cost.cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        if block_scope:
+            cost.peak_rss_mb, cost.rss_scope = _vm_hwm_mb(), "block"
+        else:
+            cost.peak_rss_mb, cost.rss_scope = _rusage_peak_mb(), "process"
+        cuda = cuda or _cuda()
+        if cuda is not None:
+            cuda.synchronize()
+            cost.cuda_peak_mb = cuda.max_memory_allocated() / 2**20

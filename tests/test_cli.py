@@ -180,3 +180,18 @@ def test_generate_with_the_toy_architecture(tmp_path, monkeypatch):
 @pytest.mark.skipif(not weights_available(), reason="toy model weights not installed yet")
 def test_generate_with_the_trained_toy_model(tmp_path):
     _check_toy_generate(tmp_path)
+
+
+def test_toy_commands_delegate_to_the_scripts(monkeypatch, tmp_path):
+    """Only the wiring: fake training / evaluation modules record what the CLI hands them."""
+    import types
+
+    calls = {}
+    fake_train = types.SimpleNamespace(main=lambda argv: calls.setdefault("train", argv))
+    fake_eval = types.SimpleNamespace(main=lambda **kw: calls.setdefault("eval", kw))
+    monkeypatch.setitem(sys.modules, "erasekit.toy.train", fake_train)
+    monkeypatch.setitem(sys.modules, "erasekit.toy.evaluate", fake_eval)
+    assert runner.invoke(app, ["toy", "train", "--stage", "vae", "--minutes", "2"]).exit_code == 0
+    assert calls["train"] == ["--stage", "vae", "--minutes", "2"]
+    assert runner.invoke(app, ["toy", "eval", "--n-prompts", "7", "--out", str(tmp_path / "e.json")]).exit_code == 0
+    assert calls["eval"] == {"n_prompts": 7, "out": tmp_path / "e.json"}

@@ -280,12 +280,8 @@ def _toy_script(name: str):
         raise ErasekitError(f"erasekit.toy.{name} is not part of this install") from exc
 
 
-def _run_toy_script(name: str, args: list[str]) -> None:
-    module = _toy_script(name)
-    sys.argv[0] = f"erasekit toy {'eval' if name == 'evaluate' else name}"  # argparse's usage line
-    module.main(list(args))
-
-
+# `toy train` hands every argument to the training script's own parser (argparse), so its many options
+# live in one place; `erasekit toy train --help` shows them.
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -293,14 +289,22 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 @one_line_errors
 def toy_train(ctx: typer.Context) -> None:
     """Train the toy world's VAE, detector and UNet (python -m erasekit.toy.train; options: --help)."""
-    _run_toy_script("train", ctx.args)
+    train = _toy_script("train")
+    sys.argv[0] = "erasekit toy train"  # argparse's usage line
+    train.main(list(ctx.args))
 
 
-@toy_app.command("eval", context_settings=PASS_THROUGH)
+@toy_app.command("eval")
 @one_line_errors
-def toy_eval(ctx: typer.Context) -> None:
-    """Evaluate the toy model with its detector (python -m erasekit.toy.evaluate; options: --help)."""
-    _run_toy_script("evaluate", ctx.args)
+def toy_eval(
+    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Prompt-following samples (default: the script's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures as JSON here."),
+) -> None:
+    """Evaluate the toy model with its detector: accuracy, prompt following, paraphrases, speed."""
+    if n_prompts is not None and n_prompts < 1:
+        raise ErasekitError(f"--n-prompts must be at least 1, got {n_prompts}")
+    options = {"n_prompts": n_prompts, "out": out}
+    _toy_script("evaluate").main(**{k: v for k, v in options.items() if v is not None})
 
 
 if __name__ == "__main__":

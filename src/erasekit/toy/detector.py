@@ -30,7 +30,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class ToyDetector(nn.Module):
     """Input: float images in [0, 1], shape (N, 3, H, W); output: logits per attribute."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 24):
         super().__init__()
         self.features = nn.Sequential(
             _block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width), _block(4 * width, 4 * width),

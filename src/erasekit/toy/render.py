@@ -43,7 +43,7 @@ def _background(texture: str, rng: np.random.Generator, n: int) -> np.ndarray:
     ink = base + rng.uniform(45, 80)  # the pattern is a lighter tone of the same hue
     img = np.empty((n, n, 3), np.float32)
     img[:] = base
-    period = rng.uniform(0.14, 0.22) * n  # in supersampled pixels
+    period = rng.uniform(0.22, 0.32) * n  # in supersampled pixels
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
     if texture == "plain":
         return img

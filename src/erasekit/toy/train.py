@@ -48,7 +48,7 @@ def render_bank(n: int, seed_offset: int, size: int = arch.IMAGE_SIZE, workers: 
     """Images (n, size, size, 3) uint8 and label codes (n, 3) for seeds seed_offset .. seed_offset+n-1."""
     chunk = 2000
     jobs = [(seed_offset + i, min(chunk, n - i), size) for i in range(0, n, chunk)]
-    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    workers = workers or max(1, os.cpu_count() or 1)
     if workers == 1 or len(jobs) == 1:
         parts = [_render_chunk(j) for j in jobs]
     else:
@@ -71,7 +71,8 @@ def load_or_render_bank(workdir: Path, n: int, seed_offset: int = 0):
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC on any device -> float NCHW in [-1, 1]."""
-    return images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # contiguous: a channels-last view made CPU GroupNorm/conv training several times slower
+    return images_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -180,6 +181,8 @@ class Trainer:
         self.deadline = time.time() + args.minutes * 60
         torch.manual_seed(args.seed)
         self._bank = None
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals made CPU convolutions many times slower
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -226,7 +229,7 @@ class Trainer:
             loss.backward()
             opt.step()
             step += 1
-            if step % 500 == 0:
+            if step % 200 == 0:
                 log(f"vae step {step} loss {loss.item():.4f} ({step - meta['step']} steps in {time.time() - t0:.0f}s)")
             if time.time() - last_save > 120:
                 save_checkpoint(ckpt, vae, opt, {"step": step})
@@ -265,16 +268,11 @@ class Trainer:
         return vae, scale
 
     # --- detector
-    def augment(self, x: torch.Tensor, g: torch.Generator, vae=None) -> torch.Tensor:
-        """x in [-1, 1]. Random flips, VAE round trips, blur, noise and tone shifts: generated images look like this."""
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """x in [-1, 1]. Random flips, blur, noise and tone shifts: generated images look like this."""
         n = len(x)
         flip = torch.rand(n, device=x.device, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if vae is not None:
-            use = torch.rand(n, device=x.device, generator=g) < 0.5
-            with torch.no_grad(), self.autocast():
-                rec = vae.decode(vae.encode(x).latent_dist.sample(generator=g)).sample.float().clamp(-1, 1)
-            x = torch.where(use[:, None, None, None], rec, x)
         blur = torch.rand(n, device=x.device, generator=g) < 0.3
         k = torch.tensor([1.0, 2.0, 1.0], device=x.device)
         k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
@@ -294,11 +292,20 @@ class Trainer:
         ckpt = self.workdir / "detector.safetensors"
         meta = load_checkpoint(ckpt, det, opt) or {"step": 0}
         step, g = meta["step"], torch.Generator(device=self.device).manual_seed(a.seed + 1 + meta["step"])
+        # half of every batch are VAE round trips (blurred, slightly off in colour, as generated images are),
+        # drawn from a pool computed once: a VAE pass per batch would dominate the step on a CPU
+        pool_n = min(len(images), a.det_pool)
+        with torch.no_grad(), self.autocast():
+            pool = torch.cat([vae.decode(vae.encode(to_float(images[i : i + 512])).latent_dist.sample(generator=g)).sample.float().clamp(-1, 1)
+                              for i in range(0, pool_n, 512)])
+        log(f"detector: {pool_n} VAE round trips pooled")
         det.train()
+        half = a.det_batch // 2
         while step < a.det_steps and self.time_left() > 30:
-            idx = torch.randint(0, len(images), (a.det_batch,), device=self.device, generator=g)
-            x = (self.augment(to_float(images[idx]), g, vae) + 1) / 2
-            y = codes[idx]
+            idx = torch.randint(0, len(images), (a.det_batch - half,), device=self.device, generator=g)
+            pidx = torch.randint(0, pool_n, (half,), device=self.device, generator=g)
+            x = (self.augment(torch.cat([to_float(images[idx]), pool[pidx]]), g) + 1) / 2
+            y = torch.cat([codes[idx], codes[pidx]])
             for pg in opt.param_groups:
                 pg["lr"] = cosine_lr(step, a.det_steps, a.det_lr, 100)
             with self.autocast():
@@ -310,7 +317,7 @@ class Trainer:
             loss.backward()
             opt.step()
             step += 1
-            if step % 500 == 0:
+            if step % 200 == 0:
                 log(f"detector step {step} loss {loss.item():.4f}")
         save_checkpoint(ckpt, det, opt, {"step": step})
         det.eval()
@@ -322,7 +329,7 @@ class Trainer:
 
     @torch.no_grad()
     def detector_accuracy(self, det, vae, n: int = 5000) -> dict:
-        imgs, codes = render_bank(n, 10_000_000)  # seeds never in the bank
+        imgs, codes = render_bank(n, 10_000_000, workers=1)  # seeds never in the bank
         x = to_float(torch.from_numpy(imgs).to(self.device))
         y = torch.from_numpy(codes).to(self.device)
         res = {}
@@ -364,7 +371,18 @@ class Trainer:
             save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, str(lat_path))
             log(f"encoded {len(images)} latents in {time.time() - t:.1f}s")
         sampler = CaptionSampler(p_drop=a.p_drop, p_partial=a.p_partial)
-        states = encode_catalogue([c.text for c in sampler.captions], self.device)
+        states_path = self.workdir / "caption_states.safetensors"
+        if states_path.is_file():
+            from safetensors.torch import load_file
+
+            states = load_file(str(states_path))["states"].float().to(self.device)
+        else:
+            t = time.time()
+            states = encode_catalogue([c.text for c in sampler.captions], self.device)
+            from safetensors.torch import save_file
+
+            save_file({"states": states.cpu().contiguous()}, str(states_path))
+            log(f"encoded {len(states)} captions in {time.time() - t:.1f}s")
         keys = [(SHAPE_LABELS[s], COLORS[c], TEXTURES[t]) for s, c, t in codes.cpu().tolist()]
         unet = UNet2DConditionModel(**arch.UNET_CONFIG).to(self.device)
         ema = UNet2DConditionModel(**arch.UNET_CONFIG).to(self.device).requires_grad_(False)
@@ -407,7 +425,7 @@ class Trainer:
             with torch.no_grad():
                 d = min(a.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(ema_params, unet_params, 1 - d)
-            if step % 1000 == 0:
+            if step % 250 == 0:
                 rate = (step - last_step) / (time.time() - t0)
                 log(f"unet step {step} loss {loss.item():.4f} ({rate:.1f} steps/s)")
             if time.time() - last_save > 120:
@@ -428,17 +446,18 @@ def parse_args(argv=None):
     p.add_argument("--export", default=str(Path(__file__).resolve().parent / "weights"))
     p.add_argument("--minutes", type=float, default=9.0, help="stop (after saving) before this much wall time")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bank-size", type=int, default=150_000)
-    p.add_argument("--vae-steps", type=int, default=6000)
-    p.add_argument("--vae-batch", type=int, default=128)
+    p.add_argument("--bank-size", type=int, default=50_000)
+    p.add_argument("--vae-steps", type=int, default=2400)
+    p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--det-steps", type=int, default=3000)
-    p.add_argument("--det-batch", type=int, default=256)
+    p.add_argument("--det-steps", type=int, default=1500)
+    p.add_argument("--det-batch", type=int, default=128)
     p.add_argument("--det-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=30000)
-    p.add_argument("--unet-batch", type=int, default=256)
-    p.add_argument("--unet-lr", type=float, default=4e-4)
+    p.add_argument("--det-pool", type=int, default=10_000, help="VAE round trips pooled for the detector")
+    p.add_argument("--unet-steps", type=int, default=16000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=6e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--p-drop", type=float, default=0.1)
     p.add_argument("--p-partial", type=float, default=0.25)

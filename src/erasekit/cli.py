@@ -164,11 +164,16 @@ def generate(
     from erasekit.models import load_pipeline
 
     device = _resolve_device(device)
-    pipe = load_pipeline(model, device=device, dtype=_resolve_dtype(dtype, device))
+    target_dtype = _resolve_dtype(dtype, device)
+    # A weight edit is checked against the weights it was made from (their dtype included), then cast.
+    load_dtype = getattr(saved_edit, "torch_base_dtype", None) or target_dtype
+    pipe = load_pipeline(model, device=device, dtype=load_dtype)
     edit_id = None
     if saved_edit is not None:
         edited = saved_edit.apply(pipe)
         pipe = pipe if edited is None else edited  # edits may work in place or return a new pipeline
+        if load_dtype != target_dtype:
+            pipe.to(dtype=target_dtype)
         # Part of the cache key: inference-time defences leave the weights (and so the fingerprint) unchanged.
         edit_id = f"{edit.name}@{dir_digest(edit)}"
     all_prompts = [p for p in prompts for _ in range(n)]
@@ -264,6 +269,24 @@ def list_registries() -> None:
             print(f"{kind}: (no registry in this install)")
         else:
             print(f"{kind}: {', '.join(names) if names else '(none registered)'}")
+            for name, line in _registry_descriptions(kind).items():
+                print(f"  {name:<12} {line}")
+
+
+def _registry_descriptions(kind: str) -> dict[str, str]:
+    """Name -> one-line description, for registries that offer ``list_methods()``."""
+    import importlib
+
+    try:
+        describe = getattr(importlib.import_module(f"erasekit.{kind}"), "list_methods", None)
+    except ImportError:
+        return {}
+    return dict(describe()) if callable(describe) else {}
+
+
+from erasekit.cli_erase import erase_command  # noqa: E402  (its heavy imports happen inside the command)
+
+app.command("erase")(one_line_errors(erase_command))
 
 
 # The toy commands hand every argument to the training / evaluation scripts' own parsers (argparse), so

@@ -1,0 +1,185 @@
+"""ESD, Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023): fine-tune the UNet so that its
+prediction for the concept follows negative guidance away from it:
+
+    ε_θ(x_t, c, t)  ->  ε0(x_t, t) − η [ε0(x_t, c, t) − ε0(x_t, t)]
+
+ESD-x trains the cross-attention (``attn2``) parameters only; ESD-u everything except cross-attention, the time
+embedding and the output layers (the official code's "noxattn").
+
+x_t comes from running the frozen model on the concept prompt (DDIM, classifier-free guidance
+``sample_guidance``) to a random step. The frozen model never changes, so the trajectories are sampled once,
+up front, in batches, and every step of them is kept: the frozen predictions ε0(x_t, t) and ε0(x_t, c, t) of
+the target are exactly the two halves of the guided step that produced the next state, so they come for free.
+Training then costs one forward and backward pass per iteration, and no frozen copy of the UNet is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from erasekit.erasers.concept import ConceptSpec
+from erasekit.erasers.method import Method, Result
+from erasekit.erasers.registry import register
+from erasekit.erasers.settings import Settings, positive
+from erasekit.errors import ErasekitError
+from erasekit.models import encode_prompts
+
+ESD_U_EXCLUDED = ("attn2", "time_embedding", "conv_norm_out", "conv_out")
+
+
+@dataclass
+class ESDSettings(Settings):
+    iterations: int = 1000
+    lr: float = 1e-5
+    eta: float = 1.0  # negative guidance η (the paper's; the newer code's "2" is the same target)
+    batch_size: int = 1
+    ddim_steps: int = 50
+    sample_guidance: float = 3.0  # CFG scale of the frozen model when sampling x_t
+    trajectories: int = 32  # concept trajectories sampled up front (every step of each is a training state)
+    seed: int = 0
+
+    @classmethod
+    def for_pipeline(cls, pipe) -> "ESDSettings":
+        from erasekit.models import is_toy_pipeline
+
+        if is_toy_pipeline(pipe):
+            from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+            # A 3.4M-parameter UNet on CPU: larger steps and batches, fewer iterations (measured in
+            # scripts/eval_erasure.py).
+            return cls(iterations=400, lr=1e-4, batch_size=8, ddim_steps=DEFAULT_STEPS,
+                       sample_guidance=DEFAULT_GUIDANCE, trajectories=64)
+        return cls()
+
+    def validate(self) -> None:
+        positive(self, "iterations", "lr", "batch_size", "ddim_steps", "trajectories")
+        positive(self, "eta", "sample_guidance", allow_zero=True)
+
+
+def esd_x_parameters(unet) -> list[str]:
+    return [n for n, _ in unet.named_parameters() if ".attn2." in f".{n}"]
+
+
+def esd_u_parameters(unet) -> list[str]:
+    return [n for n, _ in unet.named_parameters() if not any(x in n for x in ESD_U_EXCLUDED)]
+
+
+@torch.no_grad()
+def sample_training_states(pipe, cond: torch.Tensor, uncond: torch.Tensor, s: ESDSettings, progress: bool):
+    """Run the frozen UNet on the concept prompts from noise; keep every (x_t, t, ε0(x_t), ε0(x_t, c), prompt)."""
+    from diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
+
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, size, size)
+    gen = torch.Generator("cpu").manual_seed(s.seed)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(s.ddim_steps)
+    chunk = max(1, min(s.trajectories, 16 if device.type == "cpu" else 8))
+    xs, ts, e0s, eps, idx = [], [], [], [], []
+    bar = tqdm(total=s.trajectories * len(scheduler.timesteps), desc="ESD: sampling concept states", unit="step",
+               disable=not progress, leave=False)
+    for first in range(0, s.trajectories, chunk):
+        n = min(chunk, s.trajectories - first)
+        which = torch.arange(first, first + n) % len(cond)
+        c = cond[which].to(device, dtype)
+        u = uncond.expand(n, -1, -1).to(device, dtype)
+        x = torch.randn((n, *shape), generator=gen).to(device, dtype) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
+            e_uncond, e_cond = out.chunk(2)
+            xs.append(x.cpu()); e0s.append(e_uncond.cpu()); eps.append(e_cond.cpu())
+            ts.append(torch.full((n,), int(t))); idx.append(which)
+            x = scheduler.step(e_uncond + s.sample_guidance * (e_cond - e_uncond), t, x).prev_sample
+            bar.update(n)
+    bar.close()
+    return torch.cat(xs), torch.cat(ts), torch.cat(e0s), torch.cat(eps), torch.cat(idx)
+
+
+class ESD(Method):
+    Settings = ESDSettings
+    variant = ""
+
+    def parameters(self, unet) -> list[str]:
+        raise NotImplementedError
+
+    def compute(self, pipe, spec: ConceptSpec, s: ESDSettings, progress: bool = True) -> Result:
+        from tqdm.auto import tqdm
+
+        unet = pipe.unet
+        if unet.dtype != torch.float32:
+            raise ErasekitError(f"ESD fine-tunes in float32; load the pipeline in float32, not {unet.dtype}")
+        names = self.parameters(unet)
+        if not names:
+            raise ErasekitError(f"{self.name}: the UNet has no parameters of this variant to train")
+        with torch.no_grad():
+            cond = encode_prompts(pipe, list(spec.concepts), device=unet.device)
+            uncond = encode_prompts(pipe, [""], device=unet.device)
+        params = dict(unet.named_parameters())
+        train = [params[n] for n in names]
+        originals = [p.detach().clone() for p in train]
+        grad_flags = {n: p.requires_grad for n, p in params.items()}
+        was_training = unet.training
+
+        start = time.perf_counter()
+        x, t, e0, ep, which = sample_training_states(pipe, cond, uncond, s, progress)
+        target = e0 - s.eta * (ep - e0)
+        gen = torch.Generator("cpu").manual_seed(s.seed + 1)
+        losses = []
+        try:
+            unet.requires_grad_(False)
+            for p in train:
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(train, lr=s.lr)
+            bar = tqdm(range(s.iterations), desc=f"{self.name}: fine-tuning", unit="it", disable=not progress)
+            for _ in bar:
+                pick = torch.randint(len(x), (s.batch_size,), generator=gen)
+                pred = unet(x[pick].to(unet.device), t[pick].to(unet.device),
+                            encoder_hidden_states=cond[which[pick]]).sample
+                loss = torch.nn.functional.mse_loss(pred, target[pick].to(unet.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress and len(losses) % 20 == 0:
+                    bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+            solve_s = time.perf_counter() - start
+            tensors = {f"unet.{n}": p.detach().clone() for n, p in zip(names, train)}
+        finally:
+            with torch.no_grad():
+                for p, o in zip(train, originals):
+                    p.copy_(o)
+            for n, p in params.items():
+                p.requires_grad_(grad_flags[n])
+            unet.train(was_training)
+        k = max(1, len(losses) // 10)
+        extra = {"variant": self.variant, "trained_tensors": len(names),
+                 "trained_parameters": sum(p.numel() for p in train), "training_states": len(x),
+                 "loss_first": round(sum(losses[:k]) / k, 6), "loss_last": round(sum(losses[-k:]) / k, 6),
+                 "iterations_per_s": round(s.iterations / solve_s, 3) if solve_s > 0 else None}
+        return Result(tensors, solve_s, extra)
+
+
+@register
+class ESDx(ESD):
+    name = "esd-x"
+    summary = "ESD-x: fine-tune cross-attention with negative guidance away from the concept (styles, prompts)"
+    variant = "x"
+
+    def parameters(self, unet) -> list[str]:
+        return esd_x_parameters(unet)
+
+
+@register
+class ESDu(ESD):
+    name = "esd-u"
+    summary = "ESD-u: fine-tune all but cross-attention with negative guidance (global concepts, e.g. nudity)"
+    variant = "u"
+
+    def parameters(self, unet) -> list[str]:
+        return esd_u_parameters(unet)

@@ -1,0 +1,71 @@
+"""A weight-editing method, and `erase`: compute an edit from a pipeline and a concept, with its cost recorded."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from erasekit.erasers.base import WeightEdit
+from erasekit.erasers.concept import ConceptSpec, resolve_spec
+from erasekit.erasers.settings import Settings
+
+
+@dataclass
+class Result:
+    """What a method computes: new values of the tensors it changed (pipeline untouched afterwards)."""
+
+    tensors: dict[str, torch.Tensor]
+    solve_s: float  # the method's own work: closed-form steps, or the fine-tuning loop
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    name: str = ""
+    summary: str = ""
+    Settings: type[Settings] = Settings
+
+    @abstractmethod
+    def compute(self, pipe, spec: ConceptSpec, settings, progress: bool = True) -> Result:
+        """Compute the edit; must leave ``pipe``'s weights as they were."""
+
+    @classmethod
+    def resolve_settings(cls, pipe, overrides: Mapping[str, Any] | None = None):
+        settings = cls.Settings.for_pipeline(pipe).replace(overrides or {})
+        settings.validate()
+        return settings
+
+
+def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = None, preserve: Sequence[str] = (),
+          settings: Mapping[str, Any] | None = None, progress: bool = True) -> WeightEdit:
+    """Compute ``method``'s edit of ``pipe`` for ``concepts``; the pipeline is unchanged, call ``.apply(pipe)``.
+
+    ``settings``: overrides of the method's defaults for this model (strings as from ``--set``, or values).
+    The edit records the resolved settings, the concept spec, the base model's fingerprint and the cost.
+    """
+    from erasekit.erasers.registry import get
+    from erasekit.metrics.cost import measure_cost
+    from erasekit.models import fingerprint
+
+    cls = get(method)
+    cls.Settings.parse(settings or {})  # fail on unknown keys / types before any work
+    base_fp = fingerprint(pipe)
+    with measure_cost() as cost:
+        spec = resolve_spec(pipe, concepts, guide, preserve)
+        resolved = cls.resolve_settings(pipe, settings)
+        result = cls().compute(pipe, spec, resolved, progress=progress)
+    timings = cost.as_dict()
+    timings["solve_s"] = round(result.solve_s, 4)
+    timings.pop("images", None)
+    return WeightEdit(
+        method=cls.name,
+        tensors=result.tensors,
+        settings=resolved.to_dict(),
+        spec=spec.as_dict(),
+        base_fingerprint=base_fp,
+        base_dtype=str(pipe.unet.dtype),
+        timings=timings,
+        extra=result.extra,
+    )

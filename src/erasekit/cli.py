@@ -288,6 +288,10 @@ from erasekit.cli_erase import erase_command  # noqa: E402  (its heavy imports h
 
 app.command("erase")(one_line_errors(erase_command))
 
+from erasekit.cli_attack import attack_command  # noqa: E402  (its heavy imports happen inside the command)
+
+app.command("attack")(one_line_errors(attack_command))
+
 
 # The toy commands hand every argument to the training / evaluation scripts' own parsers (argparse), so
 # their options live in one place; `erasekit toy train --help` shows them.

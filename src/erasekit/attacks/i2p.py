@@ -1,0 +1,87 @@
+"""Prompts from a CSV in the I2P layout (Schramowski et al.'s Inappropriate Image Prompts).
+
+Columns: ``prompt`` (required), ``evaluation_seed`` and ``evaluation_guidance`` (per-row seed and guidance
+scale, honoured when present), optional ``categories`` and ``case_number`` (recorded with each image). Other
+columns are ignored. An empty cell of ``evaluation_seed`` falls back to the row index, of
+``evaluation_guidance`` to the pipeline's default.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from erasekit.attacks.base import AttackInputs
+from erasekit.errors import ErasekitError
+
+
+@dataclass(frozen=True)
+class I2PRow:
+    prompt: str
+    seed: int
+    guidance: float | None
+    categories: str | None = None
+    case_number: str | None = None
+
+
+def _number(value: str, kind, what: str, path: Path, line: int):
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except ValueError:
+        raise ErasekitError(f"{path}, line {line}: {what} {value!r} is not a number") from None
+
+
+def load_i2p_csv(path) -> list[I2PRow]:
+    path = Path(path)
+    if not path.is_file():
+        raise ErasekitError(f"prompt CSV {path}: no such file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            if "prompt" not in header:
+                raise ErasekitError(
+                    f"{path} has no 'prompt' column (I2P layout: prompt, evaluation_seed, evaluation_guidance, "
+                    f"[categories, case_number]); its columns: {', '.join(header) or 'none'}"
+                )
+            rows = []
+            for i, raw in enumerate(reader):
+                raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+                line = i + 2
+                seed = raw.get("evaluation_seed", "")
+                guidance = raw.get("evaluation_guidance", "")
+                rows.append(I2PRow(
+                    prompt=raw["prompt"],
+                    seed=_number(seed, int, "evaluation_seed", path, line) if seed else i,
+                    guidance=_number(guidance, float, "evaluation_guidance", path, line) if guidance else None,
+                    categories=raw.get("categories") or None,
+                    case_number=raw.get("case_number") or None,
+                ))
+    except UnicodeDecodeError as exc:
+        raise ErasekitError(f"{path} is not a UTF-8 text CSV ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ErasekitError(f"{path} is not a readable CSV: {exc}") from None
+    if not rows:
+        raise ErasekitError(f"{path} has a header but no prompts")
+    return rows
+
+
+def i2p_inputs(rows: list[I2PRow], n: int | None = None) -> AttackInputs:
+    """One image per row with the row's seed and guidance; ``n`` > rows repeats them with seed + 1, + 2, ..."""
+    t0 = time.perf_counter()
+    n = len(rows) if n is None else n
+    if n < 1:
+        raise ErasekitError(f"-n must be at least 1, got {n}")
+    picked = [(rows[i % len(rows)], i // len(rows)) for i in range(n)]
+    return AttackInputs(
+        attack="i2p",
+        prompts=[r.prompt for r, _ in picked],
+        seeds=[r.seed + rep for r, rep in picked],
+        guidance=[r.guidance for r, _ in picked],
+        items=[{k: v for k, v in (("case_number", r.case_number), ("categories", r.categories)) if v is not None}
+               for r, _ in picked],
+        budget={"prompts": len(rows), "images_used": 0, "optimisation_steps": 0,
+                "wall_s": round(time.perf_counter() - t0, 4)},
+    )

@@ -1,0 +1,112 @@
+"""Concept images for the attacks that learn from images (textual inversion, DDIM inversion).
+
+From a folder: every image file, sorted by name, converted to RGB and resized to the pipeline's size when it is
+not (a note says so); a file with an image suffix that does not open, or a folder holding no image at all, is
+refused with a clear error. Other files (notes, JSON) are skipped. For the embedded world, images of a concept
+are rendered instead: the concept fixed, every other attribute random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from erasekit.errors import ErasekitError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Rendered concept images use seeds far from the ones generation uses (0, 1, 2, ...).
+RENDER_SEED_BASE = {"textual_inversion": 1_000_000, "ddim_inversion": 2_000_000}
+
+
+def load_image_folder(folder, size: int | tuple[int, int], notes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """uint8 (N, H, W, 3) RGB images of ``folder`` at ``size`` and their file names; appends conversions to ``notes``."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    height, width = (size, size) if isinstance(size, int) else size
+    if not folder.exists():
+        raise ErasekitError(f"image folder {folder}: no such folder")
+    if not folder.is_dir():
+        raise ErasekitError(f"image folder {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ErasekitError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    arrays, converted = [], {"mode": [], "size": []}
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode != "RGB":
+                    converted["mode"].append(f"{path.name} ({im.mode})")
+                    im = im.convert("RGB")
+                if im.size != (width, height):
+                    converted["size"].append(f"{path.name} ({im.size[0]}x{im.size[1]})")
+                    im = _center_crop_resize(im, width, height)
+                arrays.append(np.asarray(im, dtype=np.uint8))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ErasekitError(f"{path} is not a readable image ({type(exc).__name__}); remove it from {folder}") from exc
+    for what, names in converted.items():
+        if names:
+            target = "RGB" if what == "mode" else f"{width}x{height}"
+            note = f"{len(names)} image(s) in {folder} converted to {target}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            log.warning(note)
+            if notes is not None:
+                notes.append(note)
+    return np.stack(arrays), [p.name for p in files]
+
+
+def _center_crop_resize(im, width: int, height: int):
+    from PIL import Image
+
+    w, h = im.size
+    target = width / height
+    if abs(w / h - target) > 1e-6:  # crop the longer side to the target aspect ratio
+        if w / h > target:
+            new_w = round(h * target)
+            left = (w - new_w) // 2
+            im = im.crop((left, 0, left + new_w, h))
+        else:
+            new_h = round(w / target)
+            top = (h - new_h) // 2
+            im = im.crop((0, top, w, top + new_h))
+    return im.resize((width, height), Image.Resampling.BICUBIC if im.size[0] < width else Image.Resampling.LANCZOS)
+
+
+def render_concept_images(concept: str, n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """``n`` rendered images of a world concept (shape, colour or texture) and their ground truth.
+
+    The concept is fixed; the other attributes are drawn per image (a shape is always present). Image i uses
+    render seed ``seed + i``.
+    """
+    from erasekit.toy.render import render_seed
+    from erasekit.toy.world import COLORS, SHAPES, TEXTURES, Scene, concept_kind
+
+    try:
+        kind = concept_kind(concept)
+    except ValueError as exc:
+        raise ErasekitError(str(exc)) from exc
+    if n < 1:
+        raise ErasekitError(f"need at least one concept image, got n={n}")
+    images, truth = np.empty((n, size, size, 3), np.uint8), []
+    for i in range(n):
+        rng = np.random.default_rng([seed + i, 7])
+        scene = Scene(
+            shape=concept if kind == "shape" else SHAPES[rng.integers(len(SHAPES))],
+            color=concept if kind == "color" else COLORS[rng.integers(len(COLORS))],
+            texture=concept if kind == "texture" else TEXTURES[rng.integers(len(TEXTURES))],
+        )
+        images[i], s = render_seed(seed + i, size, scene=scene)
+        truth.append(s.as_dict())
+    return images, truth
+
+
+def images_digest(images: np.ndarray, n_chars: int = 16) -> str:
+    arr = np.ascontiguousarray(images, dtype=np.uint8)
+    h = hashlib.sha256(str(arr.shape).encode())
+    h.update(arr.data)
+    return h.hexdigest()[:n_chars]

@@ -123,3 +123,25 @@ def test_adversarial_embedding_matches_lstsq(seed, d, n, outs, reg):
     b = torch.cat([c @ w.T for w in original] + [torch.zeros(n, d, dtype=F64)], dim=1).T
     ref = torch.linalg.lstsq(a, b, driver="gelsd").solution.T
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * (1 + ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("method", ["dual", "primal"])
+def test_factor_solves_and_low_rank_bookkeeping_match_dense(method):
+    """RECE's factored path (W = W0 + U C, sums from factors) equals the dense computation."""
+    from erasekit.erasers.ridge import LowRankEdits
+
+    g = torch.Generator().manual_seed(11)
+    d, outs = 24, [8, 16, 8]
+    original = [torch.randn(o, d, generator=g, dtype=F64) for o in outs]
+    model = LowRankEdits(original)
+    states = torch.randn(5, d, generator=g, dtype=F64)
+    for step in range(3):
+        n = 6 if method == "dual" else 30
+        problem = RidgeProblem(model.layers(), 0.3)
+        problem.add_mapping(torch.randn(n, d, generator=g, dtype=F64), torch.randn(n, d, generator=g, dtype=F64), 1.0)
+        dense = problem.solve(method)
+        model.add(*problem.solve_factors(method))
+        for a, b in zip(model.layers(), dense):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(model.adversarial_embedding(states, 0.05),
+                                   adversarial_embedding(model.layers(), original, states, 0.05), rtol=1e-8, atol=1e-9)

@@ -128,6 +128,7 @@ class ESD(Method):
 
         start = time.perf_counter()
         x, t, e0, ep, which = sample_training_states(pipe, cond, uncond, s, progress)
+        sample_s = time.perf_counter() - start
         target = e0 - s.eta * (ep - e0)
         gen = torch.Generator("cpu").manual_seed(s.seed + 1)
         losses = []
@@ -161,7 +162,8 @@ class ESD(Method):
         extra = {"variant": self.variant, "trained_tensors": len(names),
                  "trained_parameters": sum(p.numel() for p in train), "training_states": len(x),
                  "loss_first": round(sum(losses[:k]) / k, 6), "loss_last": round(sum(losses[-k:]) / k, 6),
-                 "iterations_per_s": round(s.iterations / solve_s, 3) if solve_s > 0 else None}
+                 "sampling_s": round(sample_s, 3), "training_s": round(solve_s - sample_s, 3),
+                 "iterations_per_s": round(s.iterations / (solve_s - sample_s), 3) if solve_s > sample_s else None}
         return Result(tensors, solve_s, extra)
 
 

@@ -19,7 +19,7 @@ import torch
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.erasers.registry import register
-from erasekit.erasers.ridge import RidgeProblem, adversarial_embedding
+from erasekit.erasers.ridge import LowRankEdits, RidgeProblem
 from erasekit.erasers.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES
 from erasekit.erasers.uce import UNCONDITIONAL, UCESettings, add_uce_terms, guide_pairs, kv_layers, text_states
@@ -79,29 +79,32 @@ class RECE(Method):
 
         solve_s = 0.0
         start = time.perf_counter()
-        first = RidgeProblem(original, s.uce_lam)
+        model = LowRankEdits(original)
+        first = RidgeProblem(model.layers(), s.uce_lam)
         add_uce_terms(first, pipe, states, pairs, spec.preserve, s.uce())
-        current = first.solve(s.solver)
+        model.add(*first.solve_factors(s.solver))
         solve_s += time.perf_counter() - start
-        history = [current] if selector else None
+        history = [model.layers()] if selector else None
         if selector:
-            selector.score(0, current)
+            history[0] = [w.clone() for w in history[0]]
+            selector.score(0, history[0])
 
         epoch_s = s.uce()
         epoch_s.tokens, epoch_s.lam = "all", s.lam
         epoch_s.erase_scale, epoch_s.preserve_scale = s.erase_scale, s.preserve_scale
         for epoch in range(1, s.epochs + 1):
             start = time.perf_counter()
-            problem = RidgeProblem(current, s.lam)
+            problem = RidgeProblem(model.layers(), s.lam)
             for concept, guide in pairs:
-                adv = adversarial_embedding(current, original, states[concept], s.reg)
+                adv = model.adversarial_embedding(states[concept], s.reg)
                 problem.add_mapping(adv, states[guide], s.erase_scale)  # all positions, aligned
             add_uce_terms(problem, pipe, states, [], preserve, epoch_s)
-            current = problem.solve(s.solver)
+            model.add(*problem.solve_factors(s.solver))
             solve_s += time.perf_counter() - start
             if selector:
-                history.append(current)
-                selector.score(epoch, current)
+                history.append([w.clone() for w in model.layers()])
+                selector.score(epoch, history[-1])
+        current = model.layers()
 
         extra = {"epochs_run": s.epochs}
         if selector:

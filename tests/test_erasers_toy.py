@@ -1,0 +1,60 @@
+"""Erasure on the trained embedded world (skipped until its weights are installed): UCE erases "star", also for
+paraphrases it never saw, and the other shapes are still drawn. Small samples on CPU, so the bars are looser
+than the issue's (<= 5% star rate on >= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
+
+import pytest
+
+from erasekit.toy.pipeline import weights_available
+
+pytestmark = pytest.mark.skipif(not weights_available(), reason="the embedded world's trained weights are not installed")
+
+STAR_PROMPTS = [
+    "a red star on a striped background", "a star coloured blue on a dotted background", "a picture of a star",
+    "a yellow star shape", "plain background with a green star", "a star",
+    "a five-pointed star", "a starfish", "a pentagram", "a twinkling star",
+]
+OTHER_PROMPTS = [
+    "a red circle on a plain background", "a blue square on a dotted background", "a green triangle",
+    "a purple heart on a striped background", "a yellow cross on a plain background",
+]
+OTHER_LABELS = ["circle", "square", "triangle", "heart", "cross"]
+N_STAR, N_OTHER = 4, 6  # images per prompt: 40 star images, 30 of other shapes
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from erasekit.models import load_pipeline
+
+    return load_pipeline("toy")
+
+
+def _shapes(pipe, prompts, n, seed0):
+    from erasekit.generation import generate
+    from erasekit.toy.detector import load_toy_detector, top_labels
+
+    images = generate(pipe, [p for p in prompts for _ in range(n)], [seed0 + i for i in range(len(prompts) * n)],
+                      batch_size=64, progress=False)
+    return [row["shape"] for row in top_labels(load_toy_detector().predict(images))]
+
+
+def test_uce_erases_star_and_keeps_other_shapes(toy_pipe):
+    from erasekit.erasers import erase
+
+    labels = [lab for lab in OTHER_LABELS for _ in range(N_OTHER)]
+    before_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)
+    before_other = _shapes(toy_pipe, OTHER_PROMPTS, N_OTHER, 900)
+    edit = erase(toy_pipe, "uce", "star", progress=False)
+    assert set(edit.tensors) and all(".attn2.to_" in n for n in edit.tensors)
+    edit.apply(toy_pipe)
+    try:
+        after_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)
+        after_other = _shapes(toy_pipe, OTHER_PROMPTS, N_OTHER, 900)
+    finally:
+        edit.revert(toy_pipe)
+    rate_before = before_star.count("star") / len(before_star)
+    rate_after = after_star.count("star") / len(after_star)
+    ok_before = sum(a == b for a, b in zip(before_other, labels)) / len(labels)
+    ok_after = sum(a == b for a, b in zip(after_other, labels)) / len(labels)
+    assert rate_before >= 0.6, f"the original model draws too few stars ({rate_before:.2f}) for this test to mean much"
+    assert rate_after <= 0.125, f"star rate {rate_before:.2f} -> {rate_after:.2f}"
+    assert ok_after >= 0.8 * ok_before, f"other shapes correct {ok_before:.2f} -> {ok_after:.2f}"

@@ -56,10 +56,18 @@ def attack_command(
     cfg.validate()  # every argument checked before a model is loaded
     if not cfg.concept:
         raise ErasekitError("--concept is empty")
-    if images is not None and not images.is_dir():
-        raise ErasekitError(f"--images {images}: no such folder")
-    if prompts is not None and not prompts.is_file():
-        raise ErasekitError(f"--prompts {prompts}: no such file")
+    if images is not None:
+        if scenario == "text":
+            raise ErasekitError("--images belongs to the embedding and latent scenarios; the text scenario uses prompts")
+        from erasekit.attacks.images import image_files
+
+        image_files(images)  # exists and holds images (each is read, converted or refused later)
+    if prompts is not None:
+        if scenario != "text":
+            raise ErasekitError("--prompts (an I2P-layout CSV) belongs to the text scenario")
+        from erasekit.attacks.i2p import load_i2p_csv
+
+        load_i2p_csv(prompts)
     if out.exists() and not out.is_dir():
         raise ErasekitError(f"--out {out} exists and is not a folder")
     saved_edit = cli._load_edit(edit) if edit is not None else None

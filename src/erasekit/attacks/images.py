@@ -23,12 +23,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 RENDER_SEED_BASE = {"textual_inversion": 1_000_000, "ddim_inversion": 2_000_000}
 
 
-def load_image_folder(folder, size: int | tuple[int, int], notes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """uint8 (N, H, W, 3) RGB images of ``folder`` at ``size`` and their file names; appends conversions to ``notes``."""
-    from PIL import Image, UnidentifiedImageError
-
+def image_files(folder) -> list[Path]:
+    """The image files of ``folder`` (by suffix), sorted by name; `ErasekitError` when there is none."""
     folder = Path(folder)
-    height, width = (size, size) if isinstance(size, int) else size
     if not folder.exists():
         raise ErasekitError(f"image folder {folder}: no such folder")
     if not folder.is_dir():
@@ -36,6 +33,16 @@ def load_image_folder(folder, size: int | tuple[int, int], notes: list[str] | No
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ErasekitError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def load_image_folder(folder, size: int | tuple[int, int], notes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """uint8 (N, H, W, 3) RGB images of ``folder`` at ``size`` and their file names; appends conversions to ``notes``."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    height, width = (size, size) if isinstance(size, int) else size
+    files = image_files(folder)
     arrays, converted = [], {"mode": [], "size": []}
     for path in files:
         try:

@@ -217,3 +217,24 @@ def test_bad_settings_and_methods(tiny_sd1):
         erase(tiny_sd1, "rece", "star", settings={"select_epoch": "true"})
     with pytest.raises(ErasekitError, match="both to erase and to preserve"):
         erase(tiny_sd1, "uce", "star", preserve=["star"])
+
+
+def _detector_available():
+    from erasekit.toy.detector import DETECTOR_FILE
+    from erasekit.toy.pipeline import WEIGHTS_DIR
+
+    return (WEIGHTS_DIR / DETECTOR_FILE).is_file()
+
+
+@pytest.mark.skipif(not _detector_available(), reason="the toy detector's weights are not installed")
+def test_rece_epoch_selection_is_recorded(toy_random, tmp_path):
+    settings = {"epochs": 2, "select_epoch": "true", "validation_images": 2, "validation_prompts": "a star; a red star"}
+    before = fingerprint(toy_random)
+    edit = erase(toy_random, "rece", "star", settings=settings, progress=False)
+    assert fingerprint(toy_random) == before
+    sel = edit.extra["epoch_selection"]
+    assert sel["on"] is True and sel["detector"] == "toy" and sel["prompts"] == ["a star", "a red star"]
+    assert len(sel["concept_rate"]) == 3 and 0 <= sel["chosen_epoch"] <= 2
+    assert sel["concept_rate"][sel["chosen_epoch"]] == min(sel["concept_rate"])
+    edit.save(tmp_path / "e")
+    assert json.loads((tmp_path / "e" / EDIT_JSON).read_text())["extra"]["epoch_selection"]["on"] is True

@@ -14,7 +14,7 @@ from erasekit.cli import app
 from erasekit.detectors.toy import ToyConceptDetector
 from erasekit.errors import ErasekitError
 from erasekit.toy.detector import DETECTOR_FILE, ToyDetector
-from erasekit.toy.pipeline import WEIGHTS_DIR
+from erasekit.toy.pipeline import WEIGHTS_DIR, weights_available
 
 runner = CliRunner()
 TRAINED_DETECTOR = (WEIGHTS_DIR / DETECTOR_FILE).is_file()
@@ -220,3 +220,33 @@ def test_ls_lists_attacks_and_detectors():
     assert result.exit_code == 0
     for name in ("text", "i2p", "textual_inversion", "ddim_inversion", "toy", "nudenet:rece", "nudenet:ecnu"):
         assert name in result.stdout
+
+
+# -- rates on the trained world (skipped until its weights are installed) ------------------------------------------
+needs_weights = pytest.mark.skipif(
+    not (weights_available() and TRAINED_DETECTOR), reason="needs the trained embedded world and its detector")
+
+
+@pytest.fixture(scope="module")
+def toy_trained():
+    from erasekit.toy.pipeline import build_toy_pipeline
+
+    return build_toy_pipeline()
+
+
+@needs_weights
+def test_text_and_latent_scenarios_reproduce_the_concept_on_the_original(toy_trained, tmp_path):
+    det = ToyConceptDetector("star")
+    for scenario in ("text", "latent-wb"):
+        cfg = with_token(ScenarioConfig(scenario, "star", n=16))
+        s = run_scenario(cfg, toy_trained, toy_trained, det, tmp_path / scenario, progress=False)
+        assert s["crr"] >= 0.75, (scenario, s["crr"])
+
+
+@needs_weights
+@pytest.mark.slow
+def test_textual_inversion_with_default_settings_reproduces_the_concept(toy_trained, tmp_path):
+    det = ToyConceptDetector("star")
+    cfg = with_token(ScenarioConfig("embedding-wb", "star", n=32))
+    s = run_scenario(cfg, toy_trained, toy_trained, det, tmp_path / "ti", progress=False)
+    assert s["crr"] >= 0.8 and s["attack"]["wall_s"] < 120

@@ -339,8 +339,8 @@ def run_scenario(cfg: ScenarioConfig, original, target, detector, out_dir, *, im
     gen_steps = cfg.steps
     if inputs.latents is not None:  # regenerate with as many steps as the inversion took
         gen_steps = inputs.budget.get("inversion_steps", gen_steps)
-    if cfg.guidance is not None and inputs.guidance is None:
-        inputs.guidance = [cfg.guidance] * len(inputs)
+    if cfg.guidance is not None:  # rows with their own guidance (I2P) keep it
+        inputs.guidance = [cfg.guidance if g is None else g for g in (inputs.guidance or [None] * len(inputs))]
     with measure_cost() as gen_cost:
         records, generated = generate_inputs(target, inputs, out_dir, steps=gen_steps, batch_size=cfg.batch_size,
                                              model=model, edit=edit, progress=progress)

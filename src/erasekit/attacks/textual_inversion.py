@@ -45,6 +45,7 @@ TRAIN_TEMPLATES = (
     "a large {}",
 )
 GENERATION_TEMPLATE = "a picture of a {}"
+TEMPLATES_PER_STEP = 4
 
 
 @dataclass
@@ -293,10 +294,11 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
                 noise = torch.randn(latents.shape, generator=gen).to(device)
                 t = torch.randint(n_train, (bs,), generator=gen).to(device)
                 noisy = noise_scheduler.add_noise(latents, noise, t)
-                which = torch.randint(len(prompts_all), (bs,), generator=gen)
-                # Encode each distinct template once per step, then index: the text encoder is most of the cost.
-                uniq, inverse = torch.unique(which, return_inverse=True)
-                states = _encode(pipe, tok, [prompts_all[i] for i in uniq.tolist()])[inverse.to(device)]
+                # A few templates per step, each encoded once and shared by several images: the text encoder
+                # costs as much as the UNet on small models.
+                uniq = torch.randperm(len(prompts_all), generator=gen)[: min(TEMPLATES_PER_STEP, bs)]
+                states = _encode(pipe, tok, [prompts_all[i] for i in uniq.tolist()])
+                states = states[torch.arange(bs, device=states.device) % len(uniq)]
                 pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=states.to(unet.dtype)).sample.float()
                 target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
                 loss = torch.nn.functional.mse_loss(pred, target)

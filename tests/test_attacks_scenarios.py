@@ -115,37 +115,50 @@ def _one_line_error(result, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
 
 
-def test_cli_attack_writes_summary_and_resumes(toy_folder, tmp_path, no_trained_detector):
+@pytest.fixture(scope="module")
+def sd1_folder(tiny_sd1, tmp_path_factory):
+    # Resuming needs a stable fingerprint: a saved toy folder reloads with a freshly initialised (unused) BERT
+    # pooler, so its fingerprint changes from load to load; a tiny SD-1 folder does not.
+    folder = tmp_path_factory.mktemp("attack-cli") / "tiny-sd1"
+    tiny_sd1.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def star_folder(tmp_path_factory):
+    from erasekit.attacks.images import render_concept_images
+
+    folder = tmp_path_factory.mktemp("attack-cli") / "stars"
+    folder.mkdir(exist_ok=True)
+    for i, im in enumerate(render_concept_images("star", 2, 32)[0]):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    return folder
+
+
+def test_cli_attack_writes_summary_and_resumes(sd1_folder, star_folder, tmp_path, no_trained_detector):
     out = tmp_path / "a"
-    result = runner.invoke(app, _attack(toy_folder, out, "--scenario", "latent-bb"))
+    args = _attack(sd1_folder, out, "--scenario", "latent-bb", "--images", str(star_folder))
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert {"crr", "ci", "n", "attack", "wall_s", "detector"} <= set(summary) and summary["n"] == 2
     assert len(summary["ci"]) == 2 and summary["detector"]["name"] == "toy"
     assert len((out / "scores.jsonl").read_text().splitlines()) == 2
     assert "CRR" in result.stderr and "2 generated, 0 reused" in result.stderr
-    again = runner.invoke(app, _attack(toy_folder, out, "--scenario", "latent-bb"))
+    again = runner.invoke(app, args)
     assert again.exit_code == 0 and "0 generated, 2 reused" in again.stderr
 
 
-def test_cli_attack_against_an_edit(tiny_sd1, tmp_path, no_trained_detector):
-    # A tiny SD-1 folder: a saved toy folder reloads with a freshly initialised BERT pooler (unused, but part of
-    # the fingerprint), so an edit's fingerprint check fails across loads of it.
+def test_cli_attack_against_an_edit(sd1_folder, star_folder, tmp_path, no_trained_detector):
+    # A tiny SD-1 folder: a saved toy folder's fingerprint changes between loads (see sd1_folder), which an
+    # edit's fingerprint check refuses.
     from erasekit.erasers import erase
     from erasekit.models import load_pipeline
 
-    folder = tmp_path / "sd1"
-    tiny_sd1.save_pretrained(folder)
-    edit_dir = erase(load_pipeline(str(folder)), "uce", "star", progress=False).save(tmp_path / "uce-star")
-    from erasekit.attacks.images import render_concept_images
-
-    images = tmp_path / "stars"
-    images.mkdir()
-    for i, im in enumerate(render_concept_images("star", 2, 32)[0]):
-        Image.fromarray(im).save(images / f"{i}.png")
+    edit_dir = erase(load_pipeline(str(sd1_folder)), "uce", "star", progress=False).save(tmp_path / "uce-star")
     out = tmp_path / "bb"
-    result = runner.invoke(app, _attack(folder, out, "--scenario", "embedding-bb", "--edit", str(edit_dir),
-                                        "--images", str(images)))
+    result = runner.invoke(app, _attack(sd1_folder, out, "--scenario", "embedding-bb", "--edit", str(edit_dir),
+                                        "--images", str(star_folder)))
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["edit"].startswith("uce-star@") and summary["attack"]["learned_on"] == "original"

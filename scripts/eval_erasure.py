@@ -131,9 +131,17 @@ def get_edit(pipe, method, concept, overrides, out_dir: Path, fresh: bool):
     key = hashlib.sha256(json.dumps([method, concept, overrides], sort_keys=True).encode()).hexdigest()[:8]
     folder = out_dir / "edits" / f"{concept}-{method}-{key}"
     if (folder / "edit.json").is_file() and not fresh:
-        edit = load_edit(folder, pipe)
-        print(f"[{concept}/{method}] reusing {folder}", file=sys.stderr)
-        return edit, folder
+        from erasekit.errors import ErasekitError
+
+        try:
+            edit = load_edit(folder, pipe)
+            print(f"[{concept}/{method}] reusing {folder}", file=sys.stderr)
+            return edit, folder
+        except ErasekitError as exc:  # made for other weights (the model was retrained): recompute
+            print(f"[{concept}/{method}] not reusing {folder}: {exc}", file=sys.stderr)
+            import shutil
+
+            shutil.rmtree(folder)
     edit = erase(pipe, method, concept, settings=overrides, progress=True)
     edit.save(folder)
     return edit, folder

@@ -22,7 +22,7 @@ from erasekit.erasers.registry import register
 from erasekit.erasers.ridge import LowRankEdits, RidgeProblem
 from erasekit.erasers.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES
-from erasekit.erasers.uce import UNCONDITIONAL, UCESettings, add_uce_terms, guide_pairs, kv_layers, text_states
+from erasekit.erasers.uce import EXPANSIONS, UNCONDITIONAL, UCESettings, add_uce_terms, guide_pairs, kv_layers, text_states
 from erasekit.errors import ErasekitError
 
 
@@ -39,6 +39,7 @@ class RECESettings(Settings):
     uce_erase_scale: float = 1.0
     uce_preserve_scale: float = 1.0
     uce_tokens: str = choice("last", *TOKEN_POLICIES)
+    expand: str = choice("none", *EXPANSIONS)  # the UCE step's prompt expansion
     solver: str = choice("auto", "auto", "primal", "dual")
     # Validation-based epoch selection (off by default)
     select_epoch: bool = False
@@ -60,7 +61,7 @@ class RECESettings(Settings):
 
     def uce(self) -> UCESettings:
         return UCESettings(lam=self.uce_lam, erase_scale=self.uce_erase_scale, preserve_scale=self.uce_preserve_scale,
-                           tokens=self.uce_tokens, solver=self.solver)
+                           tokens=self.uce_tokens, solver=self.solver, expand=self.expand)
 
 
 @register
@@ -71,9 +72,10 @@ class RECE(Method):
 
     def compute(self, pipe, spec: ConceptSpec, s: RECESettings, progress: bool = True) -> Result:
         names, layers = kv_layers(pipe)
-        pairs = guide_pairs(spec, "erase")
+        pairs = guide_pairs(spec, "erase", s.expand)  # the UCE step
+        attack_pairs = guide_pairs(spec, "erase")  # the adversarial epochs: the concept prompts themselves
         preserve = ([UNCONDITIONAL] if s.preserve_empty else []) + [p for p in spec.preserve if p != UNCONDITIONAL]
-        states = text_states(pipe, [t for pair in pairs for t in pair] + list(spec.preserve) + preserve)
+        states = text_states(pipe, [t for pair in pairs + attack_pairs for t in pair] + list(spec.preserve) + preserve)
         original = [layer.weight.detach() for layer in layers]
         selector = EpochSelector(pipe, spec, s, names) if s.select_epoch else None
 
@@ -95,7 +97,7 @@ class RECE(Method):
         for epoch in range(1, s.epochs + 1):
             start = time.perf_counter()
             problem = RidgeProblem(model.layers(), s.lam)
-            for concept, guide in pairs:
+            for concept, guide in attack_pairs:
                 adv = model.adversarial_embedding(states[concept], s.reg)
                 problem.add_mapping(adv, states[guide], s.erase_scale)  # all positions, aligned
             add_uce_terms(problem, pipe, states, [], preserve, epoch_s)

@@ -29,6 +29,13 @@ from erasekit.errors import ErasekitError
 from erasekit.models import cross_attention_kv, encode_prompts
 
 UNCONDITIONAL = ""
+# Prompt expansion (the official UCE's --expand_prompts): the concept in a few short contexts, always as the
+# last words, so that the "last" token policies still pick the concept. Each is mapped to the same guide.
+EXPANSIONS = {
+    "none": ("{c}",),
+    "object": ("{c}", "a {c}", "a picture of a {c}", "an image of a {c}", "a photo of a {c}", "a painting of a {c}"),
+    "style": ("{c}", "painting by {c}", "art by {c}", "artwork by {c}", "picture by {c}", "style of {c}"),
+}
 
 
 @dataclass
@@ -40,6 +47,7 @@ class UCESettings(Settings):
     mode: str = choice("erase", "erase", "moderate")
     technique: str = choice("replace", "replace", "tensor")
     solver: str = choice("auto", "auto", "primal", "dual")
+    expand: str = choice("none", *EXPANSIONS)  # also erase the concept in short template contexts
 
     @classmethod
     def for_pipeline(cls, pipe) -> "UCESettings":
@@ -69,9 +77,9 @@ def text_states(pipe, texts) -> dict[str, torch.Tensor]:
     return dict(zip(texts, states))
 
 
-def guide_pairs(spec: ConceptSpec, mode: str) -> list[tuple[str, str]]:
+def guide_pairs(spec: ConceptSpec, mode: str, expand: str = "none") -> list[tuple[str, str]]:
     guide = UNCONDITIONAL if mode == "moderate" else spec.guide
-    return [(c, guide) for c in spec.concepts]
+    return [(t.format(c=c), guide) for c in spec.concepts for t in EXPANSIONS[expand]]
 
 
 def add_uce_terms(problem: RidgeProblem, pipe, states, pairs, preserve, s, through=None) -> None:
@@ -103,7 +111,7 @@ class UCE(Method):
 
     def compute(self, pipe, spec: ConceptSpec, s: UCESettings, progress: bool = True) -> Result:
         names, layers = kv_layers(pipe)
-        pairs = guide_pairs(spec, s.mode)
+        pairs = guide_pairs(spec, s.mode, s.expand)
         states = text_states(pipe, [t for pair in pairs for t in pair] + list(spec.preserve))
         start = time.perf_counter()
         problem = RidgeProblem([layer.weight for layer in layers], s.lam)

@@ -23,7 +23,8 @@ import torch
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.erasers.registry import register
-from erasekit.erasers.settings import Settings, positive
+from erasekit.erasers.settings import Settings, choice, positive
+from erasekit.erasers.uce import EXPANSIONS
 from erasekit.errors import ErasekitError
 from erasekit.models import encode_prompts
 
@@ -40,6 +41,7 @@ class ESDSettings(Settings):
     sample_guidance: float = 3.0  # CFG scale of the frozen model when sampling x_t
     trajectories: int = 32  # concept trajectories sampled up front (every step of each is a training state)
     seed: int = 0
+    expand: str = choice("none", *EXPANSIONS)  # train on the concept in short template contexts too
 
     @classmethod
     def for_pipeline(cls, pipe) -> "ESDSettings":
@@ -118,7 +120,8 @@ class ESD(Method):
         if not names:
             raise ErasekitError(f"{self.name}: the UNet has no parameters of this variant to train")
         with torch.no_grad():
-            cond = encode_prompts(pipe, list(spec.concepts), device=unet.device)
+            prompts = [t.format(c=c) for c in spec.concepts for t in EXPANSIONS[s.expand]]
+            cond = encode_prompts(pipe, prompts, device=unet.device)
             uncond = encode_prompts(pipe, [""], device=unet.device)
         params = dict(unet.named_parameters())
         train = [params[n] for n in names]

@@ -43,7 +43,8 @@ def test_uce_erases_star_and_keeps_other_shapes(toy_pipe):
     labels = [lab for lab in OTHER_LABELS for _ in range(N_OTHER)]
     before_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)
     before_other = _shapes(toy_pipe, OTHER_PROMPTS, N_OTHER, 900)
-    edit = erase(toy_pipe, "uce", "star", progress=False)
+    # As scripts/eval_erasure.py does: the world's names for the concept, in short template contexts.
+    edit = erase(toy_pipe, "uce", ["star", "star shape"], settings={"expand": "object"}, progress=False)
     assert set(edit.tensors) and all(".attn2.to_" in n for n in edit.tensors)
     edit.apply(toy_pipe)
     try:

@@ -249,11 +249,12 @@ def toy_trained():
 
 @needs_weights
 def test_text_and_latent_scenarios_reproduce_the_concept_on_the_original(toy_trained, tmp_path):
+    # Measured at n=100 (scripts/eval_attacks.py): text 70%, latent-wb 99%; the empty prompt alone gives ~3% stars.
     det = ToyConceptDetector("star")
-    for scenario in ("text", "latent-wb"):
+    for scenario, bar in (("text", 0.5), ("latent-wb", 0.85)):
         cfg = with_token(ScenarioConfig(scenario, "star", n=16))
         s = run_scenario(cfg, toy_trained, toy_trained, det, tmp_path / scenario, progress=False)
-        assert s["crr"] >= 0.75, (scenario, s["crr"])
+        assert s["crr"] >= bar, (scenario, s["crr"])
 
 
 @needs_weights
@@ -262,4 +263,5 @@ def test_textual_inversion_with_default_settings_reproduces_the_concept(toy_trai
     det = ToyConceptDetector("star")
     cfg = with_token(ScenarioConfig("embedding-wb", "star", n=32))
     s = run_scenario(cfg, toy_trained, toy_trained, det, tmp_path / "ti", progress=False)
-    assert s["crr"] >= 0.8 and s["attack"]["wall_s"] < 120
+    # Measured at n=100: 66%, about the model's own rate for star prompts (65-70%); the empty prompt gives ~3%.
+    assert s["crr"] >= 0.5 and s["attack"]["wall_s"] < 120

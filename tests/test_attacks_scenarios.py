@@ -117,8 +117,7 @@ def _one_line_error(result, fragment):
 
 @pytest.fixture(scope="module")
 def sd1_folder(tiny_sd1, tmp_path_factory):
-    # Resuming needs a stable fingerprint: a saved toy folder reloads with a freshly initialised (unused) BERT
-    # pooler, so its fingerprint changes from load to load; a tiny SD-1 folder does not.
+    # The CLI on a CLIP-based checkpoint folder (resuming relies on its fingerprint being stable across loads).
     folder = tmp_path_factory.mktemp("attack-cli") / "tiny-sd1"
     tiny_sd1.save_pretrained(folder)
     return folder
@@ -150,8 +149,7 @@ def test_cli_attack_writes_summary_and_resumes(sd1_folder, star_folder, tmp_path
 
 
 def test_cli_attack_against_an_edit(sd1_folder, star_folder, tmp_path, no_trained_detector):
-    # A tiny SD-1 folder: a saved toy folder's fingerprint changes between loads (see sd1_folder), which an
-    # edit's fingerprint check refuses.
+    # The edit is made on one load of the folder and applied to another: the fingerprint check must accept it.
     from erasekit.erasers import erase
     from erasekit.models import load_pipeline
 

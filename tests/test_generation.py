@@ -97,3 +97,13 @@ def test_grid_upscales_small_images(tmp_path):
     grid = Image.open(write_grid(tmp_path, records))
     assert grid.width >= 3 * 128 and grid.height >= 2 * 128
     assert all((tmp_path / r["path"]).is_file() for r in records)
+
+
+def test_image_key_covers_attack_inputs_and_names_are_readable():
+    from erasekit.image_store import image_filename, record_key
+
+    rec = {"prompt": "", "seed": 3, "steps": 20}
+    assert record_key(rec) != record_key(dict(rec, inputs="latents:abc")) != record_key(dict(rec, inputs="latents:abd"))
+    assert image_filename(rec).startswith("empty_seed3_")
+    assert image_filename(dict(rec, prompt=None)).startswith("embeds_seed3_")
+    assert image_filename(dict(rec, prompt="A red star!")).startswith("a-red-star_seed3_")

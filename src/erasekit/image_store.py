@@ -19,9 +19,10 @@ from PIL import Image, ImageDraw
 
 INDEX_FILE = "images.jsonl"
 GRID_FILE = "grid.png"
-# Everything that determines an image's pixels; the model enters through its fingerprint.
+# Everything that determines an image's pixels; the model enters through its fingerprint, an attack's initial
+# latents or learned embedding through the content hash in "inputs".
 KEY_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler", "height", "width",
-              "fingerprint", "edit")
+              "fingerprint", "edit", "inputs")
 MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
 GRID_MAX_COLUMNS = 16
 LABEL_HEIGHT = 14
@@ -41,7 +42,8 @@ def slug(text: str, max_len: int = 48) -> str:
 
 def image_filename(record: dict) -> str:
     """``<prompt-slug>_seed<seed>_<key8>.png``: readable, and distinct for distinct settings."""
-    return f"{slug(str(record.get('prompt') or 'embeds'))}_seed{record['seed']}_{record_key(record)[:8]}.png"
+    prompt = record.get("prompt")
+    return f"{'embeds' if prompt is None else slug(str(prompt))}_seed{record['seed']}_{record_key(record)[:8]}.png"
 
 
 def read_index(out_dir: str | Path) -> dict[str, dict]:

@@ -13,10 +13,6 @@ from collections import defaultdict
 from erasekit.attacks.base import AttackInputs
 
 
-def _edit_field(edit: str | None, input_id: str | None) -> str | None:
-    return edit if input_id is None else f"{edit or ''}|{input_id}"
-
-
 def generate_inputs(pipe, inputs: AttackInputs, out_dir, *, steps: int | None = None, batch_size: int = 32,
                     negative_prompt: str | None = None, model: str = "", edit: str | None = None,
                     progress: bool = True) -> tuple[list[dict], int]:
@@ -42,7 +38,7 @@ def generate_inputs(pipe, inputs: AttackInputs, out_dir, *, steps: int | None = 
             inputs.items[i], **base,
             guidance=float(default_guidance if g is None else g),
             prompt=inputs.prompts[i], seed=int(inputs.seeds[i]),
-            edit=_edit_field(edit, input_ids[i]), attack=inputs.attack, inputs=input_ids[i],
+            edit=edit, attack=inputs.attack, inputs=input_ids[i],
         ))
     done = read_index(out_dir)
     todo = [i for i, rec in enumerate(wanted) if record_key(rec) not in done]

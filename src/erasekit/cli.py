@@ -269,8 +269,10 @@ def list_registries() -> None:
             print(f"{kind}: (no registry in this install)")
         else:
             print(f"{kind}: {', '.join(names) if names else '(none registered)'}")
-            for name, line in _registry_descriptions(kind).items():
-                print(f"  {name:<12} {line}")
+            described = _registry_descriptions(kind)
+            width = max(map(len, described), default=0)
+            for name, line in described.items():
+                print(f"  {name:<{width}}  {line}")
 
 
 def _registry_descriptions(kind: str) -> dict[str, str]:

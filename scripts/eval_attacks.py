@@ -38,32 +38,30 @@ SCENARIO_COLUMNS = [
 MODELS = ("original", "uce", "rece")
 
 
-# The erasure configuration for "star" that scripts/eval_erasure.py chose by measurement (its PRESETS): which
-# words are erased and the settings on top of the method's defaults. "--erase defaults": the name, defaults only.
-TUNED = {"uce": (["star", "star shape"], {"expand": "object"}), "rece": (["star"], {"epochs": 3})}
-
-
 def _edit(method: str, pipe, out: Path, preset: str):
-    """The edit of ``method`` for "star", computed once and reused while its inputs (words, resolved settings,
-    base model) stay the same."""
+    """The edit of ``method`` for "star", computed once and reused while its inputs (words, preserved concepts,
+    resolved settings, base model) stay the same. "tuned": the words, preserved concepts and settings that
+    scripts/eval_erasure.py chose by measurement (its PRESETS); "defaults": the name, defaults only."""
     import hashlib
+
+    from eval_erasure import preset_edit_args  # scripts/ is on the path when this script runs
 
     from erasekit.erasers import erase, get, load_edit
 
-    words, overrides = TUNED[method] if preset == "tuned" else (["star"], {})
+    words, preserve, overrides = preset_edit_args("star", method, use_presets=preset == "tuned")
     resolved = get(method).resolve_settings(pipe, overrides).to_dict()
-    key = hashlib.sha256(json.dumps([words, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    key = hashlib.sha256(json.dumps([words, preserve, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
     folder = out / "edits" / f"{method}-star-{key}"
     if (folder / "edit.json").is_file():
         try:
             edit = load_edit(folder)
             edit.check_base(pipe)
-            return edit, folder, words, resolved
+            return edit, folder, words, preserve, resolved
         except Exception as exc:  # made for other weights: recompute
             print(f"recomputing {folder}: {exc}", file=sys.stderr)
-    edit = erase(pipe, method, words, settings=overrides, progress=False)
+    edit = erase(pipe, method, words, preserve=preserve, settings=overrides, progress=False)
     edit.save(folder)
-    return edit, folder, words, resolved
+    return edit, folder, words, preserve, resolved
 
 
 def _fmt(s: dict | None) -> str:
@@ -115,11 +113,11 @@ def main(argv=None) -> dict:
     edits_info = {}
     for method in args.models:
         if method != "original":
-            edit, folder, words, resolved = _edit(method, original, out, args.erase)
+            edit, folder, words, preserve, resolved = _edit(method, original, out, args.erase)
             pipe = copy.deepcopy(original)
             edit.apply(pipe)
             targets[method] = (pipe, f"{folder.name}")
-            edits_info[method] = {"folder": str(folder), "words": words, "settings": resolved}
+            edits_info[method] = {"folder": str(folder), "words": words, "preserve": preserve, "settings": resolved}
     columns = [c for c in SCENARIO_COLUMNS if c[0] in args.scenarios]
     results, t0 = {}, time.perf_counter()
     for name in args.models:

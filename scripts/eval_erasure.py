@@ -32,19 +32,21 @@ from erasekit.toy import world
 METHODS = ("uce", "rece", "esd-x", "esd-u")
 
 # What each method is given, per concept: which words to erase ("words": the world's names for the concept, i.e.
-# its name and training synonyms; "name": the name only; paraphrases are never given) and settings on top of the
-# method's defaults for the embedded world. Chosen by measurement (see the module docstring); recorded in the
-# results. --no-presets: the name only, defaults only.
+# its name and training synonyms; "name": the name only; paraphrases are never given), settings on top of the
+# method's defaults for the embedded world, and whether the other shapes (resp. textures) are named as concepts to
+# preserve. Chosen by measurement on a tuning sample of other prompts (prompt seed "tune-<concept>", 120 + 100
+# images); recorded in the results. --no-presets: the name only, defaults only, nothing preserved.
 PRESETS = {
-    ("star", "uce"): ("words", {"expand": "object"}),
-    ("star", "rece"): ("name", {"epochs": 3}),
-    ("star", "esd-x"): ("words", {}),
-    ("star", "esd-u"): ("words", {}),
-    ("checkered", "uce"): ("words", {"tokens": "all"}),  # textures are read from every position, [CLS] included
-    ("checkered", "rece"): ("name", {}),
-    ("checkered", "esd-x"): ("words", {}),
-    ("checkered", "esd-u"): ("words", {}),
+    ("star", "uce"): ("words", {"expand": "object", "tokens": "all"}, True),
+    ("star", "rece"): ("name", {"epochs": 3}, False),
+    ("star", "esd-x"): ("words", {}, False),
+    ("star", "esd-u"): ("words", {}, False),
+    ("checkered", "uce"): ("words", {"tokens": "all"}, False),  # textures are read from every position, [CLS] too
+    ("checkered", "rece"): ("name", {}, False),
+    ("checkered", "esd-x"): ("words", {}, False),
+    ("checkered", "esd-u"): ("words", {}, False),
 }
+NO_PRESET = ("name", {}, False)
 
 
 def erase_words(concept: str, which: str) -> list[str]:
@@ -52,6 +54,22 @@ def erase_words(concept: str, which: str) -> list[str]:
         return [concept]
     kind = world.concept_kind(concept)
     return list((world.SHAPE_WORDS if kind == "shape" else world.TEXTURE_WORDS)[concept])
+
+
+def preserve_words(concept: str, preserve_others: bool) -> list[str]:
+    """The other shapes (resp. textures) of the world, by name, when the preset preserves them."""
+    if not preserve_others:
+        return []
+    kind = world.concept_kind(concept)
+    return [x for x in (world.SHAPES if kind == "shape" else world.TEXTURES) if x != concept]
+
+
+def preset_edit_args(concept: str, method: str, use_presets: bool = True) -> tuple[list[str], list[str], dict]:
+    """(words to erase, words to preserve, settings) for ``method`` on ``concept``."""
+    which, settings, keep = PRESETS.get((concept, method), NO_PRESET) if use_presets else NO_PRESET
+    return erase_words(concept, which), preserve_words(concept, keep), dict(settings)
+
+
 CONCEPTS = ("star", "checkered")
 SEED0 = 7_000_000  # generation seeds, far from training and from other evaluations
 
@@ -147,10 +165,10 @@ def score(pipe, detector, concept, cprompts, pprompts, batch_size) -> dict:
     }
 
 
-def get_edit(pipe, method, concept, words, overrides, out_dir: Path, fresh: bool):
+def get_edit(pipe, method, concept, words, preserve, overrides, out_dir: Path, fresh: bool):
     from erasekit.erasers import erase, load_edit
 
-    key = hashlib.sha256(json.dumps([method, words, overrides], sort_keys=True).encode()).hexdigest()[:8]
+    key = hashlib.sha256(json.dumps([method, words, preserve, overrides], sort_keys=True).encode()).hexdigest()[:8]
     folder = out_dir / "edits" / f"{concept}-{method}-{key}"
     if (folder / "edit.json").is_file() and not fresh:
         from erasekit.errors import ErasekitError
@@ -164,7 +182,7 @@ def get_edit(pipe, method, concept, words, overrides, out_dir: Path, fresh: bool
             import shutil
 
             shutil.rmtree(folder)
-    edit = erase(pipe, method, words, settings=overrides, progress=True)
+    edit = erase(pipe, method, words, preserve=preserve, settings=overrides, progress=True)
     edit.save(folder)
     return edit, folder
 
@@ -210,9 +228,8 @@ def main(argv=None) -> dict:
         entry = {"original": original, "original_eval_s": round(time.perf_counter() - t0, 1), "methods": {},
                  "prompts": {"concept": cprompts, "preserve": pprompts}}
         for method in args.methods:
-            which, preset = ("name", {}) if args.no_presets else PRESETS.get((concept, method), ("name", {}))
-            words = erase_words(concept, which)
-            edit, folder = get_edit(pipe, method, concept, words, {**preset, **overrides.get(method, {})},
+            words, preserve, preset = preset_edit_args(concept, method, not args.no_presets)
+            edit, folder = get_edit(pipe, method, concept, words, preserve, {**preset, **overrides.get(method, {})},
                                     args.out, args.fresh)
             edit.apply(pipe)
             try:
@@ -222,6 +239,7 @@ def main(argv=None) -> dict:
             base = original["others_correct"]["rate"]
             res["preservation_ratio"] = round(res["others_correct"]["rate"] / base, 4) if base else None
             res["edit"] = {"folder": str(folder), "erased": edit.spec["concepts"], "guide": edit.spec["guide"],
+                           "preserved": edit.spec.get("preserve"),
                            "settings": edit.settings,
                            "timings": edit.timings, "extra": edit.extra, "tensors": len(edit.tensors),
                            "tensor_bytes": edit.n_bytes()}

@@ -3,7 +3,9 @@
 No GPU was lent when the world was first trained, so everything here is sized to train on the project's
 2-core CPU in about an hour and a half and to sample far above the speed bar there (>= 4 images/s at batch 32,
 20 DDIM steps, CFG on): 32x32 images, a factor-4 AutoencoderKL (8x8x4 latents, no attention), and a 3.4M
-parameter UNet with cross-attention at 8x8 and 4x4, where shape, colour and texture are decided.
+parameter UNet with cross-attention at 8x8 and 4x4, where shape, colour and texture are decided. The UNet was
+then trained further on an H100 (weights/meta.json says how): the sizes stayed, since they meet both bars
+(`erasekit toy eval`: 99.7% shape / 100% colour / 100% texture prompt following, about 12 images/s on the CPU).
 """
 
 IMAGE_SIZE = 32

@@ -38,12 +38,12 @@ METHODS = ("uce", "rece", "esd-x", "esd-u")
 # images); recorded in the results. --no-presets: the name only, defaults only, nothing preserved.
 PRESETS = {
     ("star", "uce"): ("words", {"expand": "object", "tokens": "all"}, True),
-    ("star", "rece"): ("name", {"epochs": 3}, False),
+    ("star", "rece"): ("words", {"expand": "object", "epochs": 1}, True),  # more epochs: <50% preservation
     ("star", "esd-x"): ("words", {}, False),
     ("star", "esd-u"): ("words", {}, False),
     ("checkered", "uce"): ("words", {"tokens": "all"}, False),  # textures are read from every position, [CLS] too
     ("checkered", "rece"): ("name", {}, False),
-    ("checkered", "esd-x"): ("words", {}, False),
+    ("checkered", "esd-x"): ("words", {"iterations": 800}, False),
     ("checkered", "esd-u"): ("words", {}, False),
 }
 NO_PRESET = ("name", {}, False)

@@ -1,12 +1,8 @@
-"""Erasure on the trained embedded world (skipped until its weights are installed): UCE erases "star", also for
-paraphrases it never saw, and the other shapes are still drawn. Small samples on CPU, so the bars are looser
-than the issue's (<= 5% star rate on >= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
+"""Erasure on the trained embedded world: UCE and RECE erase "star", also for paraphrases they never saw, and the
+other shapes are still drawn. Small samples on CPU, so the bars are looser than the issue's (<= 5% star rate on
+>= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
 
 import pytest
-
-from erasekit.toy.pipeline import weights_available
-
-pytestmark = pytest.mark.skipif(not weights_available(), reason="the embedded world's trained weights are not installed")
 
 STAR_PROMPTS = [
     "a red star on a striped background", "a star coloured blue on a dotted background", "a picture of a star",
@@ -37,14 +33,22 @@ def _shapes(pipe, prompts, n, seed0):
     return [row["shape"] for row in top_labels(load_toy_detector().predict(images))]
 
 
-def test_uce_erases_star_and_keeps_other_shapes(toy_pipe):
+# As scripts/eval_erasure.py's presets do: the world's names for the concept, in short template contexts, with the
+# other shapes preserved.
+ERASE = {
+    "uce": {"expand": "object", "tokens": "all"},
+    "rece": {"expand": "object", "epochs": 1},
+}
+
+
+@pytest.mark.parametrize("method", sorted(ERASE))
+def test_erases_star_and_keeps_other_shapes(toy_pipe, method):
     from erasekit.erasers import erase
 
     labels = [lab for lab in OTHER_LABELS for _ in range(N_OTHER)]
     before_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)
     before_other = _shapes(toy_pipe, OTHER_PROMPTS, N_OTHER, 900)
-    # As scripts/eval_erasure.py does: the world's names for the concept, in short template contexts.
-    edit = erase(toy_pipe, "uce", ["star", "star shape"], settings={"expand": "object"}, progress=False)
+    edit = erase(toy_pipe, method, ["star", "star shape"], preserve=OTHER_LABELS, settings=ERASE[method], progress=False)
     assert set(edit.tensors) and all(".attn2.to_" in n for n in edit.tensors)
     edit.apply(toy_pipe)
     try:

@@ -39,29 +39,14 @@ MODELS = ("original", "uce", "rece")
 
 
 def _edit(method: str, pipe, out: Path, preset: str):
-    """The edit of ``method`` for "star", computed once and reused while its inputs (words, preserved concepts,
-    resolved settings, base model) stay the same. "tuned": the words, preserved concepts and settings that
-    scripts/eval_erasure.py chose by measurement (its PRESETS); "defaults": the name, defaults only."""
-    import hashlib
-
-    from eval_erasure import preset_edit_args  # scripts/ is on the path when this script runs
-
-    from erasekit.erasers import erase, get, load_edit
+    """The edit of ``method`` for "star" (computed once, see eval_erasure.get_edit). "tuned": the words, preserved
+    concepts and settings that scripts/eval_erasure.py chose by measurement (its PRESETS); "defaults": the name,
+    defaults only."""
+    from eval_erasure import get_edit, preset_edit_args  # scripts/ is on the path when this script runs
 
     words, preserve, overrides = preset_edit_args("star", method, use_presets=preset == "tuned")
-    resolved = get(method).resolve_settings(pipe, overrides).to_dict()
-    key = hashlib.sha256(json.dumps([words, preserve, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
-    folder = out / "edits" / f"{method}-star-{key}"
-    if (folder / "edit.json").is_file():
-        try:
-            edit = load_edit(folder)
-            edit.check_base(pipe)
-            return edit, folder, words, preserve, resolved
-        except Exception as exc:  # made for other weights: recompute
-            print(f"recomputing {folder}: {exc}", file=sys.stderr)
-    edit = erase(pipe, method, words, preserve=preserve, settings=overrides, progress=False)
-    edit.save(folder)
-    return edit, folder, words, preserve, resolved
+    edit, folder = get_edit(pipe, method, "star", words, preserve, overrides, out)
+    return edit, folder, words, preserve, edit.settings
 
 
 def _fmt(s: dict | None) -> str:

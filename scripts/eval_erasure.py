@@ -165,14 +165,16 @@ def score(pipe, detector, concept, cprompts, pprompts, batch_size) -> dict:
     }
 
 
-def get_edit(pipe, method, concept, words, preserve, overrides, out_dir: Path, fresh: bool):
-    from erasekit.erasers import erase, load_edit
+def get_edit(pipe, method, concept, words, preserve, overrides, out_dir: Path, fresh: bool = False):
+    """The edit, computed once and reused from ``out_dir/edits`` while its inputs (words, preserved concepts,
+    resolved settings, base model) stay the same: changed method defaults recompute it too."""
+    from erasekit.erasers import erase, get, load_edit
+    from erasekit.errors import ErasekitError
 
-    key = hashlib.sha256(json.dumps([method, words, preserve, overrides], sort_keys=True).encode()).hexdigest()[:8]
+    resolved = get(method).resolve_settings(pipe, overrides).to_dict()
+    key = hashlib.sha256(json.dumps([method, words, preserve, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
     folder = out_dir / "edits" / f"{concept}-{method}-{key}"
     if (folder / "edit.json").is_file() and not fresh:
-        from erasekit.errors import ErasekitError
-
         try:
             edit = load_edit(folder, pipe)
             print(f"[{concept}/{method}] reusing {folder}", file=sys.stderr)

@@ -15,9 +15,9 @@ expand to ``<t> <t>_1 ... <t>_{k-1}`` as diffusers does.
 Black-box use: learn on the original model, generate with the erased one. White-box: learn on the erased one.
 Defaults (the embedded world, 32x32 images on a 2-core CPU): 400 steps, batch 16, Adam lr 5e-3, one vector
 initialised from the word "object" (Lu et al.'s initialiser), 4 of the 8 templates per step. Measured on the
-trained world (one thread, a busy machine): 68-87 s per token; the token draws stars in 66% of images, about
-the model's own rate for star prompts (65-70%). Three times the budget (1200 steps, or 4 vectors x 800 steps)
-gave 71-72%, and lr 2e-2 no gain: the ceiling is the model's, not the optimiser's.
+trained world (scripts/bench_attacks.py, 2-core CPU): 85 s per token; the token draws stars in 99% of images
+(scripts/eval_attacks.py, 100 images). On the earlier, under-trained weights it reached only the model's own star
+rate (66%), and three times the budget did not raise it: the ceiling is the model's, not the optimiser's.
 """
 
 from __future__ import annotations

@@ -239,3 +239,47 @@ def test_rece_epoch_selection_is_recorded(toy_random, tmp_path):
     assert sel["concept_rate"][sel["chosen_epoch"]] == min(sel["concept_rate"])
     edit.save(tmp_path / "e")
     assert json.loads((tmp_path / "e" / EDIT_JSON).read_text())["extra"]["epoch_selection"]["on"] is True
+
+
+def test_templates_erase_the_concept_in_each_context(tiny_sd1):
+    """`templates` replaces `expand`: every context's concept states go to the guide, not only the bare word's."""
+    templates = "a photo of a {c};{c} in the snow"
+    edit = erase(tiny_sd1, "uce", "star", settings={"templates": templates}, progress=False)
+    assert edit.settings["templates"] == templates
+    names, layers = kv_layers(tiny_sd1)
+    states = text_states(tiny_sd1, ["a photo of a star", "star in the snow", ""])
+    for text in ("a photo of a star", "star in the snow"):
+        src, tgt = aligned_positions(tiny_sd1, text, "", "last")
+        c, g = states[text][src], states[""][tgt]
+        for name, layer in zip(names, layers):
+            w0, w = layer.weight.detach().double(), edit.tensors[name].double()
+            assert float((c @ w.T - g @ w0.T).norm() / (c @ w0.T - g @ w0.T).norm()) < 0.05
+
+
+@pytest.mark.parametrize("bad", ["a photo of a star", "a {c} and a {c}", "{c} on {ground}", "{c} {"])
+def test_bad_templates_are_refused(tiny_sd1, bad):
+    for method in ("uce", "rece", "esd-x"):
+        with pytest.raises(ErasekitError, match="template"):
+            erase(tiny_sd1, method, "star", settings={"templates": bad}, progress=False)
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_preserve_in_contexts_keeps_the_preserved_concept_in_those_contexts(tiny_sd1, method):
+    """With the concept erased in several contexts, a preserved concept named in those contexts moves less when it
+    is preserved there too (preserve_in_contexts) than when only its bare word is preserved."""
+    templates = "a photo of a {c};a drawing of a {c};a {c} in the snow"
+    moves = {}
+    for in_contexts in (False, True):
+        edit = erase(tiny_sd1, method, "star", preserve=["heart"], progress=False,
+                     settings={"templates": templates, "preserve_in_contexts": in_contexts})
+        names, layers = kv_layers(tiny_sd1)
+        texts = ["a photo of a heart", "a drawing of a heart", "a heart in the snow"]
+        states = text_states(tiny_sd1, texts)
+        moved = []
+        for text in texts:
+            p = states[text][positions(tiny_sd1, text, "last")]
+            for name, layer in zip(names, layers):
+                w0, w = layer.weight.detach().double(), edit.tensors[name].double()
+                moved.append(float((p @ w.T - p @ w0.T).norm() / (p @ w0.T).norm()))
+        moves[in_contexts] = max(moved)
+    assert moves[True] < 0.5 * moves[False], moves

@@ -51,3 +51,22 @@ def test_esd_refuses_half_precision(tiny_sd1):
     half = tiny_sd_pipeline("sd1").to(dtype=torch.bfloat16)
     with pytest.raises(ErasekitError, match="float32"):
         erase(half, "esd-x", "star", settings=FAST, progress=False)
+
+
+def test_esd_preservation_term_is_used_only_with_preserve_concepts(tiny_sd1):
+    """Preserve concepts switch on the preservation loss (ESD alone has none); weight 0 switches it off again, and
+    then the edit is exactly the plain ESD edit."""
+    plain = erase(tiny_sd1, "esd-x", "star", settings=FAST, progress=False)
+    kept = erase(tiny_sd1, "esd-x", "star", preserve=["heart"], settings=FAST, progress=False)
+    off = erase(tiny_sd1, "esd-x", "star", preserve=["heart"], settings={**FAST, "preserve_weight": 0}, progress=False)
+    assert plain.extra["preservation"] is None and off.extra["preservation"] is None
+    assert kept.extra["preservation"]["prompts"] == 1 and kept.extra["preservation"]["loss_last"] >= 0
+    assert any(not torch.equal(kept.tensors[n], plain.tensors[n]) for n in plain.tensors)
+    assert all(torch.equal(off.tensors[n], plain.tensors[n]) for n in plain.tensors)
+
+
+def test_esd_trains_on_every_template_context(tiny_sd1):
+    edit = erase(tiny_sd1, "esd-x", "star", preserve=["heart"], progress=False,
+                 settings={**FAST, "templates": "a photo of a {c};{c}", "trajectories": 4})
+    assert edit.extra["preservation"]["prompts"] == 2  # the preserve concept in the same two contexts
+    assert edit.extra["training_states"] == 4 * FAST["ddim_steps"]

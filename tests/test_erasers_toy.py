@@ -1,8 +1,10 @@
-"""Erasure on the trained embedded world: UCE and RECE erase "star", also for paraphrases they never saw, and the
-other shapes are still drawn. Small samples on CPU, so the bars are looser than the issue's (<= 5% star rate on
->= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
+"""Erasure on the trained embedded world: UCE, RECE and ESD-x erase "star", also for paraphrases they never saw,
+and the other shapes are still drawn. Small samples on CPU, so the bars are looser than the issue's (<= 5% star
+rate for UCE/RECE and <= 10% for ESD on >= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
 
 import pytest
+
+from erasekit.toy import world
 
 STAR_PROMPTS = [
     "a red star on a striped background", "a star coloured blue on a dotted background", "a picture of a star",
@@ -33,11 +35,15 @@ def _shapes(pipe, prompts, n, seed0):
     return [row["shape"] for row in top_labels(load_toy_detector().predict(images))]
 
 
-# As scripts/eval_erasure.py's presets do: the world's names for the concept, in short template contexts, with the
-# other shapes preserved.
+# As scripts/eval_erasure.py's presets do: the world's names for the concept, in the world's caption contexts, with
+# the other shapes preserved in those contexts too (closed form); ESD-x with its embedded-world defaults.
+CONTEXTS = ";".join(world.erasure_templates("shape", 16))
 ERASE = {
-    "uce": {"expand": "object", "tokens": "all"},
-    "rece": {"expand": "object", "epochs": 1},
+    "uce": ({"tokens": "all", "templates": CONTEXTS, "preserve_in_contexts": True, "erase_scale": 2.0,
+             "preserve_scale": 8.0}, OTHER_LABELS, 0.125),
+    "rece": ({"uce_tokens": "all", "templates": CONTEXTS, "preserve_in_contexts": True, "uce_preserve_scale": 5.0,
+              "epochs": 2, "preserve_scale": 3.0}, OTHER_LABELS, 0.125),
+    "esd-x": ({}, [], 0.2),  # ~1 minute of fine-tuning on 2 cores
 }
 
 
@@ -48,8 +54,10 @@ def test_erases_star_and_keeps_other_shapes(toy_pipe, method):
     labels = [lab for lab in OTHER_LABELS for _ in range(N_OTHER)]
     before_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)
     before_other = _shapes(toy_pipe, OTHER_PROMPTS, N_OTHER, 900)
-    edit = erase(toy_pipe, method, ["star", "star shape"], preserve=OTHER_LABELS, settings=ERASE[method], progress=False)
-    assert set(edit.tensors) and all(".attn2.to_" in n for n in edit.tensors)
+    settings, preserve, bar = ERASE[method]
+    edit = erase(toy_pipe, method, ["star", "star shape"], preserve=preserve, settings=settings, progress=False)
+    kinds = (".attn2.to_k.", ".attn2.to_v.") if method in ("uce", "rece") else (".attn2.",)  # closed form: K/V only
+    assert set(edit.tensors) and all(any(k in n for k in kinds) for n in edit.tensors)
     edit.apply(toy_pipe)
     try:
         after_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)
@@ -61,5 +69,5 @@ def test_erases_star_and_keeps_other_shapes(toy_pipe, method):
     ok_before = sum(a == b for a, b in zip(before_other, labels)) / len(labels)
     ok_after = sum(a == b for a, b in zip(after_other, labels)) / len(labels)
     assert rate_before >= 0.6, f"the original model draws too few stars ({rate_before:.2f}) for this test to mean much"
-    assert rate_after <= 0.125, f"star rate {rate_before:.2f} -> {rate_after:.2f}"
+    assert rate_after <= bar, f"star rate {rate_before:.2f} -> {rate_after:.2f}"
     assert ok_after >= 0.8 * ok_before, f"other shapes correct {ok_before:.2f} -> {ok_after:.2f}"

@@ -124,3 +124,17 @@ def test_missing_and_corrupt_toy_weights(tmp_path):
     (tmp_path / "w" / "unet.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ErasekitError, match="unet"):
         build_toy_pipeline(tmp_path / "w")
+
+
+@pytest.mark.parametrize("kind", ["shape", "texture"])
+def test_erasure_templates_are_valid_contexts(kind):
+    from erasekit.erasers.uce import parse_templates
+    from erasekit.toy import world
+
+    contexts = world.erasure_templates(kind, 16)
+    assert parse_templates(";".join(contexts)) == contexts  # one "{c}" each, no duplicates
+    assert len(contexts) == 16 + (3 if kind == "shape" else 4)
+    filled = [t.format(c="star" if kind == "shape" else "checkered") for t in contexts]
+    assert all(len(f.split()) <= 10 for f in filled)
+    with pytest.raises(ValueError):
+        world.erasure_templates("color", 4)

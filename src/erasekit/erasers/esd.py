@@ -6,6 +6,11 @@ prediction for the concept follows negative guidance away from it:
 ESD-x trains the cross-attention (``attn2``) parameters only; ESD-u everything except cross-attention, the time
 embedding and the output layers (the official code's "noxattn").
 
+Preservation (an addition to the paper, on only when preserve concepts are given): the preserve concepts, in
+the same contexts, keep the frozen model's own conditional prediction, ε_θ(x_t, c_p, t) -> ε0(x_t, c_p, t) on
+states of their own trajectories, weighted by ``preserve_weight``. Without it a UNet as small as the embedded
+world's forgets the other shapes along with the concept; the paper's ESD has no such term.
+
 x_t comes from running the frozen model on the concept prompt (DDIM, classifier-free guidance
 ``sample_guidance``) to a random step. The frozen model never changes, so the trajectories are sampled once,
 up front, in batches, and every step of them is kept: the frozen predictions ε0(x_t, t) and ε0(x_t, c, t) of
@@ -24,7 +29,7 @@ from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.erasers.registry import register
 from erasekit.erasers.settings import Settings, choice, positive
-from erasekit.erasers.uce import EXPANSIONS
+from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates
 from erasekit.errors import ErasekitError
 from erasekit.models import encode_prompts
 
@@ -42,6 +47,11 @@ class ESDSettings(Settings):
     trajectories: int = 32  # concept trajectories sampled up front (every step of each is a training state)
     seed: int = 0
     expand: str = choice("none", *EXPANSIONS)  # train on the concept in short template contexts too
+    templates: str = ""  # ";"-separated training contexts with "{c}" for the concept; replaces expand when given
+    preserve_weight: float = 1.0  # weight of the preservation loss (used only when preserve concepts are given)
+    # Also keep the unconditional prediction on the concept's states (weight preserve_weight): ESD-u's parameters
+    # serve the empty prompt too, and classifier-free guidance leans on it.
+    anchor_unconditional: bool = False
 
     @classmethod
     def for_pipeline(cls, pipe) -> "ESDSettings":
@@ -52,14 +62,17 @@ class ESDSettings(Settings):
 
             # A 3.4M-parameter UNet on CPU: larger steps and batches, fewer iterations. Measured with
             # scripts/eval_erasure.py: ESD-x at lr 1e-3 takes "star" from 92% to 4% with other shapes intact (at
-            # 1e-4 it barely moved); ESD-u, which cannot see the prompt, leaves 60% and breaks other shapes (73%).
+            # 1e-4 it barely moved). ESD-u, which cannot see the prompt, leaves 60% of stars and breaks other
+            # shapes (73% kept); of the settings tried (benchmarks/tuning/) none went under 27% stars, and those
+            # near it kept at most half of the other shapes.
             return cls(iterations=400, lr=1e-3, batch_size=8, ddim_steps=DEFAULT_STEPS,
                        sample_guidance=DEFAULT_GUIDANCE, trajectories=64)
         return cls()
 
     def validate(self) -> None:
         positive(self, "iterations", "lr", "batch_size", "ddim_steps", "trajectories")
-        positive(self, "eta", "sample_guidance", allow_zero=True)
+        positive(self, "eta", "sample_guidance", "preserve_weight", allow_zero=True)
+        parse_templates(self.templates)
 
 
 def esd_x_parameters(unet) -> list[str]:
@@ -120,10 +133,13 @@ class ESD(Method):
         names = self.parameters(unet)
         if not names:
             raise ErasekitError(f"{self.name}: the UNet has no parameters of this variant to train")
+        contexts = concept_contexts(s.expand, s.templates)
+        preserving = bool(spec.preserve) and s.preserve_weight > 0
         with torch.no_grad():
-            prompts = [t.format(c=c) for c in spec.concepts for t in EXPANSIONS[s.expand]]
-            cond = encode_prompts(pipe, prompts, device=unet.device)
+            cond = encode_prompts(pipe, [t.format(c=c) for c in spec.concepts for t in contexts], device=unet.device)
             uncond = encode_prompts(pipe, [""], device=unet.device)
+            keep = (encode_prompts(pipe, [t.format(c=c) for c in spec.preserve for t in contexts], device=unet.device)
+                    if preserving else None)
         params = dict(unet.named_parameters())
         train = [params[n] for n in names]
         originals = [p.detach().clone() for p in train]
@@ -131,11 +147,15 @@ class ESD(Method):
         was_training = unet.training
 
         start = time.perf_counter()
-        x, t, e0, ep, which = sample_training_states(pipe, cond, uncond, s, progress)
-        sample_s = time.perf_counter() - start
+        device = unet.device
+        x, t, e0, ep, which = (v.to(device) for v in sample_training_states(pipe, cond, uncond, s, progress))
         target = e0 - s.eta * (ep - e0)
+        del ep
+        if preserving:  # the preserve concepts' own trajectories; their target is the frozen conditional prediction
+            px, pt, _, p_target, p_which = (v.to(device) for v in sample_training_states(pipe, keep, uncond, s, progress))
+        sample_s = time.perf_counter() - start
         gen = torch.Generator("cpu").manual_seed(s.seed + 1)
-        losses = []
+        losses, keep_losses = [], []
         try:
             unet.requires_grad_(False)
             for p in train:
@@ -143,16 +163,30 @@ class ESD(Method):
             optimizer = torch.optim.Adam(train, lr=s.lr)
             bar = tqdm(range(s.iterations), desc=f"{self.name}: fine-tuning", unit="it", disable=not progress)
             for _ in bar:
-                pick = torch.randint(len(x), (s.batch_size,), generator=gen)
-                pred = unet(x[pick].to(unet.device), t[pick].to(unet.device),
-                            encoder_hidden_states=cond[which[pick]]).sample
-                loss = torch.nn.functional.mse_loss(pred, target[pick].to(unet.device))
+                pick = torch.randint(len(x), (s.batch_size,), generator=gen).to(device)
+                xs, ts, states, targets = x[pick], t[pick], cond[which[pick]], target[pick]
+                if preserving:  # one forward pass over all batches
+                    ppick = torch.randint(len(px), (s.batch_size,), generator=gen).to(device)
+                    xs, ts = torch.cat([xs, px[ppick]]), torch.cat([ts, pt[ppick]])
+                    states, targets = torch.cat([states, keep[p_which[ppick]]]), torch.cat([targets, p_target[ppick]])
+                if s.anchor_unconditional:
+                    upick = torch.randint(len(x), (s.batch_size,), generator=gen).to(device)
+                    xs, ts = torch.cat([xs, x[upick]]), torch.cat([ts, t[upick]])
+                    states = torch.cat([states, uncond.to(states.dtype).expand(s.batch_size, -1, -1)])
+                    targets = torch.cat([targets, e0[upick]])
+                err = (unet(xs, ts, encoder_hidden_states=states).sample - targets).pow(2).flatten(1).mean(1)
+                loss_erase = err[: s.batch_size].mean()
+                loss = loss_erase
+                if len(err) > s.batch_size:
+                    loss_keep = err[s.batch_size:].mean()
+                    loss = loss + s.preserve_weight * loss_keep
+                    keep_losses.append(loss_keep.detach())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss_erase.detach())  # read back in blocks: no device sync per iteration
                 if progress and len(losses) % 20 == 0:
-                    bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+                    bar.set_postfix(loss=f"{float(torch.stack(losses[-20:]).mean()):.4f}")
             solve_s = time.perf_counter() - start
             tensors = {f"unet.{n}": p.detach().clone() for n, p in zip(names, train)}
         finally:
@@ -162,10 +196,15 @@ class ESD(Method):
             for n, p in params.items():
                 p.requires_grad_(grad_flags[n])
             unet.train(was_training)
+        losses = torch.stack(losses).tolist()
         k = max(1, len(losses) // 10)
         extra = {"variant": self.variant, "trained_tensors": len(names),
                  "trained_parameters": sum(p.numel() for p in train), "training_states": len(x),
                  "loss_first": round(sum(losses[:k]) / k, 6), "loss_last": round(sum(losses[-k:]) / k, 6),
+                 "preservation": ({"prompts": len(keep) if preserving else 0,
+                                   "unconditional": s.anchor_unconditional, "weight": s.preserve_weight,
+                                   "loss_last": round(float(torch.stack(keep_losses[-k:]).mean()), 6)}
+                                  if keep_losses else None),
                  "sampling_s": round(sample_s, 3), "training_s": round(solve_s - sample_s, 3),
                  "iterations_per_s": round(s.iterations / (solve_s - sample_s), 3) if solve_s > sample_s else None}
         return Result(tensors, solve_s, extra)

@@ -38,6 +38,29 @@ EXPANSIONS = {
 }
 
 
+def parse_templates(text: str) -> tuple[str, ...]:
+    """``"a {c};a photo of a {c}"`` -> the contexts; each must contain ``{c}`` once and no other field."""
+    out = []
+    for raw in text.split(";"):
+        t = raw.strip()
+        if not t:
+            continue
+        try:
+            ok = t.count("{c}") == 1 and t.format(c="x").count("{") == 0
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ErasekitError(f"template {t!r}: a template holds the concept as '{{c}}' once, and no other '{{...}}'")
+        out.append(t)
+    return tuple(dict.fromkeys(out))
+
+
+def concept_contexts(expand: str, templates: str = "") -> tuple[str, ...]:
+    """The contexts a concept is erased in: ``templates`` (";"-separated, "{c}" marks the concept) when given,
+    else the ``expand`` preset."""
+    return parse_templates(templates) if templates.strip() else EXPANSIONS[expand]
+
+
 @dataclass
 class UCESettings(Settings):
     lam: float = 0.5  # λ, the pull towards the original weights
@@ -48,6 +71,8 @@ class UCESettings(Settings):
     technique: str = choice("replace", "replace", "tensor")
     solver: str = choice("auto", "auto", "primal", "dual")
     expand: str = choice("none", *EXPANSIONS)  # also erase the concept in short template contexts
+    templates: str = ""  # ";"-separated contexts with "{c}" for the concept; replaces expand when given
+    preserve_in_contexts: bool = False  # preserve the preserve concepts in those same contexts too
 
     @classmethod
     def for_pipeline(cls, pipe) -> "UCESettings":
@@ -60,6 +85,7 @@ class UCESettings(Settings):
     def validate(self) -> None:
         positive(self, "lam")
         positive(self, "erase_scale", "preserve_scale", allow_zero=True)
+        parse_templates(self.templates)
 
 
 def kv_layers(pipe) -> tuple[list[str], list[torch.nn.Linear]]:
@@ -77,9 +103,16 @@ def text_states(pipe, texts) -> dict[str, torch.Tensor]:
     return dict(zip(texts, states))
 
 
-def guide_pairs(spec: ConceptSpec, mode: str, expand: str = "none") -> list[tuple[str, str]]:
+def preserved_texts(spec: ConceptSpec, in_contexts: bool, expand: str = "none", templates: str = "") -> list[str]:
+    """The preserve concepts, alone or (``in_contexts``) in every context the erased concept is erased in."""
+    if not in_contexts:
+        return list(spec.preserve)
+    return list(dict.fromkeys(t.format(c=p) for p in spec.preserve for t in concept_contexts(expand, templates)))
+
+
+def guide_pairs(spec: ConceptSpec, mode: str, expand: str = "none", templates: str = "") -> list[tuple[str, str]]:
     guide = UNCONDITIONAL if mode == "moderate" else spec.guide
-    return [(t.format(c=c), guide) for c in spec.concepts for t in EXPANSIONS[expand]]
+    return [(t.format(c=c), guide) for c in spec.concepts for t in concept_contexts(expand, templates)]
 
 
 def add_uce_terms(problem: RidgeProblem, pipe, states, pairs, preserve, s, through=None) -> None:
@@ -111,11 +144,12 @@ class UCE(Method):
 
     def compute(self, pipe, spec: ConceptSpec, s: UCESettings, progress: bool = True) -> Result:
         names, layers = kv_layers(pipe)
-        pairs = guide_pairs(spec, s.mode, s.expand)
-        states = text_states(pipe, [t for pair in pairs for t in pair] + list(spec.preserve))
+        pairs = guide_pairs(spec, s.mode, s.expand, s.templates)
+        preserve = preserved_texts(spec, s.preserve_in_contexts, s.expand, s.templates)
+        states = text_states(pipe, [t for pair in pairs for t in pair] + preserve)
         start = time.perf_counter()
         problem = RidgeProblem([layer.weight for layer in layers], s.lam)
-        add_uce_terms(problem, pipe, states, pairs, spec.preserve, s)
+        add_uce_terms(problem, pipe, states, pairs, preserve, s)
         new = problem.solve(s.solver)
         solve_s = time.perf_counter() - start
         dtype = layers[0].weight.dtype

@@ -108,6 +108,24 @@ def concept_kind(concept: str) -> str:
     )
 
 
+def erasure_templates(kind: str, n: int) -> tuple[str, ...]:
+    """Contexts to erase a shape (``kind="shape"``) or a texture in, "{c}" marking it: the bare word, a few short
+    captions, and ``n`` of the world's full caption templates filled with colours, textures or shapes in turn.
+    (Erasers take them through their ``templates`` setting; a concept named only in one bare context is still drawn
+    from full captions, whose other words carry it in this bidirectional encoder.)"""
+    if kind not in ("shape", "texture"):
+        raise ValueError(f"kind must be 'shape' or 'texture', not {kind!r}")
+    out = ["{c}", "a {c}", "a picture of a {c}"] if kind == "shape" else [
+        "{c}", "a {c} background", "an empty {c} background", "a {c} pattern"]
+    for i in range(n):
+        color, template = COLORS[i % len(COLORS)], FULL_TEMPLATES[i % len(FULL_TEMPLATES)]
+        if kind == "shape":
+            out.append(template.format(c=color, s="{c}", t=TEXTURES[(i // 2) % len(TEXTURES)]))
+        else:
+            out.append(template.format(c=color, s=SHAPES[(i * 5) % len(SHAPES)], t="{c}"))
+    return tuple(out)
+
+
 def canonical_prompt(shape: str, color: str, texture: str) -> str:
     if shape == NONE:
         return f"an empty {texture} background"

@@ -70,3 +70,13 @@ def test_esd_trains_on_every_template_context(tiny_sd1):
                  settings={**FAST, "templates": "a photo of a {c};{c}", "trajectories": 4})
     assert edit.extra["preservation"]["prompts"] == 2  # the preserve concept in the same two contexts
     assert edit.extra["training_states"] == 4 * FAST["ddim_steps"]
+
+
+def test_esd_unconditional_anchor(tiny_sd1):
+    """anchor_unconditional adds a loss on the empty prompt's prediction at the concept's states, alone or with
+    preserve concepts; it changes what is trained."""
+    plain = erase(tiny_sd1, "esd-u", "star", settings=FAST, progress=False)
+    anchored = erase(tiny_sd1, "esd-u", "star", settings={**FAST, "anchor_unconditional": True}, progress=False)
+    info = anchored.extra["preservation"]
+    assert info["unconditional"] is True and info["prompts"] == 0 and info["loss_last"] >= 0
+    assert any(not torch.equal(anchored.tensors[n], plain.tensors[n]) for n in plain.tensors)

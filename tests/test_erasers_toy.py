@@ -1,4 +1,4 @@
-"""Erasure on the trained embedded world: UCE, RECE and ESD-x erase "star", also for paraphrases they never saw,
+"""Erasure on the trained embedded world: UCE, RECE, ESD-x and ESD-u erase "star", also for paraphrases they never saw,
 and the other shapes are still drawn. Small samples on CPU, so the bars are looser than the issue's (<= 5% star
 rate for UCE/RECE and <= 10% for ESD on >= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
 
@@ -36,14 +36,17 @@ def _shapes(pipe, prompts, n, seed0):
 
 
 # As scripts/eval_erasure.py's presets do: the world's names for the concept, in the world's caption contexts, with
-# the other shapes preserved in those contexts too (closed form); ESD-x with its embedded-world defaults.
+# the other shapes preserved in those contexts too (closed form, ESD-u with the unconditional anchor); ESD-x with its
+# embedded-world defaults.
 CONTEXTS = ";".join(world.erasure_templates("shape", 16))
 ERASE = {
     "uce": ({"tokens": "all", "templates": CONTEXTS, "preserve_in_contexts": True, "erase_scale": 2.0,
              "preserve_scale": 8.0}, OTHER_LABELS, 0.125),
     "rece": ({"uce_tokens": "all", "templates": CONTEXTS, "preserve_in_contexts": True, "uce_preserve_scale": 5.0,
               "epochs": 2, "preserve_scale": 3.0}, OTHER_LABELS, 0.125),
-    "esd-x": ({}, [], 0.2),  # ~1 minute of fine-tuning on 2 cores
+    "esd-x": ({}, [], 0.2),  # ~40 s of fine-tuning on 2 cores
+    "esd-u": ({"eta": 3.0, "anchor_unconditional": True, "iterations": 400, "lr": 1e-3, "preserve_weight": 3.0,
+               "templates": ";".join(world.erasure_templates("shape", 8))}, OTHER_LABELS, 0.2),  # ~100 s
 }
 
 
@@ -56,8 +59,11 @@ def test_erases_star_and_keeps_other_shapes(toy_pipe, method):
     before_other = _shapes(toy_pipe, OTHER_PROMPTS, N_OTHER, 900)
     settings, preserve, bar = ERASE[method]
     edit = erase(toy_pipe, method, ["star", "star shape"], preserve=preserve, settings=settings, progress=False)
-    kinds = (".attn2.to_k.", ".attn2.to_v.") if method in ("uce", "rece") else (".attn2.",)  # closed form: K/V only
-    assert set(edit.tensors) and all(any(k in n for k in kinds) for n in edit.tensors)
+    kinds = {"uce": (".attn2.to_k.", ".attn2.to_v."), "rece": (".attn2.to_k.", ".attn2.to_v."), "esd-x": (".attn2.",)}
+    if method == "esd-u":
+        assert set(edit.tensors) and not any(".attn2." in n for n in edit.tensors)
+    else:  # closed form: cross-attention K/V only; ESD-x: all of cross-attention
+        assert set(edit.tensors) and all(any(k in n for k in kinds[method]) for n in edit.tensors)
     edit.apply(toy_pipe)
     try:
         after_star = _shapes(toy_pipe, STAR_PROMPTS, N_STAR, 500)

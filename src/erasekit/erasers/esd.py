@@ -8,8 +8,11 @@ embedding and the output layers (the official code's "noxattn").
 
 Preservation (an addition to the paper, on only when preserve concepts are given): the preserve concepts, in
 the same contexts, keep the frozen model's own conditional prediction, ε_θ(x_t, c_p, t) -> ε0(x_t, c_p, t) on
-states of their own trajectories, weighted by ``preserve_weight``. Without it a UNet as small as the embedded
-world's forgets the other shapes along with the concept; the paper's ESD has no such term.
+states of their own trajectories, weighted by ``preserve_weight``; and, with ``anchor_unconditional``, the
+empty prompt's prediction at the concept's states, ε_θ(x_t, t) -> ε0(x_t, t). ESD-u's parameters serve the
+empty prompt too and classifier-free guidance leans on it: on the embedded world the paper's ESD-u leaves 60% of
+stars, with the anchor 4% (scripts/eval_erasure.py). The paper's ESD has neither term: the first is on only when
+preserve concepts are given, the second only when asked for.
 
 x_t comes from running the frozen model on the concept prompt (DDIM, classifier-free guidance
 ``sample_guidance``) to a random step. The frozen model never changes, so the trajectories are sampled once,
@@ -62,9 +65,8 @@ class ESDSettings(Settings):
 
             # A 3.4M-parameter UNet on CPU: larger steps and batches, fewer iterations. Measured with
             # scripts/eval_erasure.py: ESD-x at lr 1e-3 takes "star" from 92% to 4% with other shapes intact (at
-            # 1e-4 it barely moved). ESD-u, which cannot see the prompt, leaves 60% of stars and breaks other
-            # shapes (73% kept); of the settings tried (benchmarks/tuning/) none went under 27% stars, and those
-            # near it kept at most half of the other shapes.
+            # 1e-4 it barely moved). ESD-u as in the paper leaves 60% of stars and breaks other shapes (73% kept)
+            # at any step size tried; it needs anchor_unconditional (see the module docstring and the presets).
             return cls(iterations=400, lr=1e-3, batch_size=8, ddim_steps=DEFAULT_STEPS,
                        sample_guidance=DEFAULT_GUIDANCE, trajectories=64)
         return cls()

@@ -53,12 +53,10 @@ def resolve(cfg: dict) -> tuple[list[str], list[str], dict]:
     contexts = world.erasure_templates(kind, cfg["templates"]) if cfg.get("templates") else ("{c}",)
     if cfg.get("templates"):
         settings["templates"] = ";".join(contexts)
-    others = [x for x in (world.SHAPES if kind == "shape" else world.TEXTURES) if x != concept]
     preserve = cfg.get("preserve", [])
-    if preserve == "others":
-        preserve = others
-    elif preserve == "others-ctx":
-        preserve = list(dict.fromkeys(t.format(c=o) for o in others for t in contexts))
+    if preserve in ("others", "others-ctx"):
+        others = ev.preserve_words(concept, True)
+        preserve = others if preserve == "others" else list(dict.fromkeys(t.format(c=o) for o in others for t in contexts))
     return ev.erase_words(concept, cfg.get("words", "words")), list(preserve), settings
 
 

@@ -32,7 +32,7 @@ from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.erasers.registry import register
 from erasekit.erasers.settings import Settings, choice, positive
-from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates
+from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates, preserved_texts
 from erasekit.errors import ErasekitError
 from erasekit.models import encode_prompts
 
@@ -140,7 +140,7 @@ class ESD(Method):
         with torch.no_grad():
             cond = encode_prompts(pipe, [t.format(c=c) for c in spec.concepts for t in contexts], device=unet.device)
             uncond = encode_prompts(pipe, [""], device=unet.device)
-            keep = (encode_prompts(pipe, [t.format(c=c) for c in spec.preserve for t in contexts], device=unet.device)
+            keep = (encode_prompts(pipe, preserved_texts(spec, True, s.expand, s.templates), device=unet.device)
                     if preserving else None)
         params = dict(unet.named_parameters())
         train = [params[n] for n in names]
@@ -153,6 +153,8 @@ class ESD(Method):
         x, t, e0, ep, which = (v.to(device) for v in sample_training_states(pipe, cond, uncond, s, progress))
         target = e0 - s.eta * (ep - e0)
         del ep
+        if not s.anchor_unconditional:
+            del e0  # only the anchor reads the frozen unconditional prediction again
         if preserving:  # the preserve concepts' own trajectories; their target is the frozen conditional prediction
             px, pt, _, p_target, p_which = (v.to(device) for v in sample_training_states(pipe, keep, uncond, s, progress))
         sample_s = time.perf_counter() - start

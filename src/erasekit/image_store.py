@@ -3,6 +3,15 @@
 The index makes generation resumable: an image whose record (prompt, seed, settings, model fingerprint)
 is already listed, and whose PNG exists, is never generated again. PNGs are written atomically and listed
 only after they are complete, so a killed run loses at most the batch in flight.
+
+Crash safety (issue #14): `save_images` writes a batch's PNGs first (each to a temporary name, then renamed),
+then appends the batch's rows to the index in one write (`erasekit.jsonl.append_jsonl`, which first repairs a
+torn last line, so a new row never joins a torn one). After a crash at any byte, `read_index` returns only rows
+that parse and whose PNG exists. A PNG without a readable row (an *orphan*) is never counted: it is not
+adopted but regenerated, and since its file name is derived from the record, the regenerated image replaces
+it under the same name (one file per image, never two). Orphans that no run asks for again are deleted by
+`read_index` when this process holds the folder's lock (`erasekit.folder_lock.hold_folder`), and left alone
+otherwise (another process may be writing them right now); stale temporary files of dead processes likewise.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from erasekit.jsonl import append_jsonl, scan_jsonl
+
 INDEX_FILE = "images.jsonl"
 GRID_FILE = "grid.png"
 # Everything that determines an image's pixels; the model enters through its fingerprint, an attack's initial
@@ -27,6 +38,8 @@ MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
 GRID_MAX_COLUMNS = 16
 LABEL_HEIGHT = 14
 GAP = 2  # white pixels between cells
+# The names `image_filename` gives: only such files are ever deleted as orphans.
+STORE_NAME_RE = re.compile(r"^[a-z0-9-]+_seed-?[0-9]+_[0-9a-f]{8}\.png$")
 
 
 def record_key(record: dict) -> str:
@@ -47,26 +60,61 @@ def image_filename(record: dict) -> str:
 
 
 def read_index(out_dir: str | Path) -> dict[str, dict]:
-    """Records of ``out_dir/images.jsonl`` whose PNG exists, by key (a later line wins). A partial last line,
-    left by a killed run, is ignored."""
-    path = Path(out_dir) / INDEX_FILE
+    """Records of ``out_dir/images.jsonl`` whose PNG exists, by key (a later line wins).
+
+    Lines that do not parse (a torn last line left by a killed run, or an older erasekit's record appended onto
+    one) are skipped with a warning. PNGs named like the store's images but listed by no readable row are
+    deleted when this process holds the folder's lock (see the module doc)."""
+    out = Path(out_dir)
+    scan = scan_jsonl(out / INDEX_FILE)
+    if not scan.clean:
+        import logging
+
+        for number, reason in scan.bad_lines:
+            logging.getLogger("erasekit").warning("%s, line %d: %s; skipped", out / INDEX_FILE, number, reason)
     found: dict[str, dict] = {}
-    if not path.is_file():
-        return found
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+    listed: set[str] = set()
+    for rec in scan.records:
+        path = rec.get("path")
+        if not isinstance(path, str) or not path:
             continue
-        if isinstance(rec, dict) and "path" in rec and (Path(out_dir) / rec["path"]).is_file():
-            found[rec.get("key") or record_key(rec)] = rec
+        listed.add(path)
+        if (out / path).is_file():
+            key = rec.get("key")
+            found[key if isinstance(key, str) else record_key(rec)] = rec
+    _drop_orphans(out, listed)
     return found
 
 
+def orphan_images(out_dir: str | Path, listed: set[str] | None = None) -> list[Path]:
+    """PNGs in ``out_dir`` named like the store's images that no readable index row lists."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    if listed is None:
+        listed = {r["path"] for r in scan_jsonl(out / INDEX_FILE).records if isinstance(r.get("path"), str)}
+    return sorted(p for p in out.iterdir() if STORE_NAME_RE.match(p.name) and p.name not in listed and p.is_file())
+
+
+def _drop_orphans(out: Path, listed: set[str]) -> None:
+    from erasekit.folder_lock import is_held
+
+    if not is_held(out):
+        return
+    from erasekit.atomic import remove_stale_temps
+
+    remove_stale_temps(out)
+    for p in orphan_images(out, listed):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 def _write_png_atomic(image: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from erasekit.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def save_images(images: np.ndarray, out_dir: str | Path, records: Sequence[dict], *, grid: bool = True) -> list[dict]:
@@ -77,14 +125,14 @@ def save_images(images: np.ndarray, out_dir: str | Path, records: Sequence[dict]
     if len(images) != len(records):
         raise ValueError(f"{len(images)} images but {len(records)} records")
     saved = []
-    with open(out / INDEX_FILE, "a") as index:
-        for image, rec in zip(images, records):
-            rec = dict(rec, key=record_key(rec))
-            rec.setdefault("path", image_filename(rec))
-            _write_png_atomic(np.asarray(image, np.uint8), out / rec["path"])
-            index.write(json.dumps(rec, sort_keys=True) + "\n")
-            index.flush()
-            saved.append(rec)
+    # PNGs first, then all their rows in one append: a crash leaves orphan PNGs (regenerated under the same
+    # names) but never a row without its image.
+    for image, rec in zip(images, records):
+        rec = dict(rec, key=record_key(rec))
+        rec.setdefault("path", image_filename(rec))
+        _write_png_atomic(np.asarray(image, np.uint8), out / rec["path"])
+        saved.append(rec)
+    append_jsonl(out / INDEX_FILE, saved)
     if grid and saved:
         write_grid(out, saved)
     return saved

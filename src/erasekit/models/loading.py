@@ -2,6 +2,10 @@
 
 Every pipeline comes back with a DDIM scheduler (built from its own scheduler config, so the noise
 schedule is unchanged) and the progress bar off, so all methods sample the same way on every model.
+
+Weights are read from safetensors files only (``use_safetensors=True``): pickled weights (.bin, .pt, .ckpt,
+.pkl) can run arbitrary code when loaded. A folder whose component has only pickled weights is refused, naming
+the files; ``allow_pickle=True`` (the CLI's --allow-pickle) loads them, for folders you trust.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ from erasekit.errors import ErasekitError
 TOY_SPEC = "toy"
 # The weight files diffusers / transformers look for inside a component folder.
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Pickle-based weight formats: loading one runs torch's unpickler.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ALLOW_PICKLE_HINT = "pass --allow-pickle (allow_pickle=True) only if you trust where the folder came from"
 
 
-def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = False):
+def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = False, allow_pickle: bool = False):
     """A `StableDiffusionPipeline` for ``spec``, moved to ``device``/``dtype`` when given.
 
     ``allow_download``: for hub ids, fetch from the hub when the model is not in the local cache
     (off by default: benchmarks should never depend on the network).
+    ``allow_pickle``: also load pickled weights (.bin, ...) where a component has no safetensors; off by
+    default, since unpickling can run arbitrary code.
     """
     spec = str(spec).strip()
     if not spec:
@@ -30,11 +39,11 @@ def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = 
 
         pipe = build_toy_pipeline()
     elif Path(spec).expanduser().exists():
-        pipe = _load_folder(Path(spec).expanduser())
+        pipe = _load_folder(Path(spec).expanduser(), allow_pickle)
     elif _looks_like_path(spec):
         raise ErasekitError(f"{spec}: no such folder (a model is 'toy', a diffusers pipeline folder or a hub id)")
     else:
-        pipe = _load_hub(spec, allow_download)
+        pipe = _load_hub(spec, allow_download, allow_pickle)
     use_ddim(pipe)
     pipe.set_progress_bar_config(disable=True)
     if device is not None or dtype is not None:
@@ -68,25 +77,31 @@ def is_toy_pipeline(pipe) -> bool:
     )
 
 
+def _safetensors_kwargs(allow_pickle: bool) -> dict:
+    # use_safetensors=True: safetensors or an error; None (diffusers' default): safetensors where present, else pickle.
+    return {"use_safetensors": None if allow_pickle else True}
+
+
 def _from_pretrained(source: str, **kwargs):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **kwargs)
 
 
-def _load_folder(folder: Path):
+def _load_folder(folder: Path, allow_pickle: bool = False):
     if not folder.is_dir() or not (folder / "model_index.json").is_file():
         raise ErasekitError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    check_pipeline_folder(folder)
+    check_pipeline_folder(folder, allow_pickle=allow_pickle)
     try:
-        return _from_pretrained(str(folder), **_pooler_free_text_encoder(folder))
+        return _from_pretrained(str(folder), **_safetensors_kwargs(allow_pickle),
+                                **_pooler_free_text_encoder(folder, allow_pickle))
     except ErasekitError:
         raise
     except Exception as exc:  # diffusers raises OSError/ValueError/RuntimeError/... with long messages
         raise ErasekitError(f"cannot load the pipeline in {folder}: {_first_line(exc)}") from exc
 
 
-def _pooler_free_text_encoder(folder: Path) -> dict:
+def _pooler_free_text_encoder(folder: Path, allow_pickle: bool = False) -> dict:
     """A BERT text encoder saved without a pooler (the embedded world's), loaded without one.
 
     Otherwise transformers adds a randomly initialised pooler on every load: the images are the same (the pipeline
@@ -102,15 +117,40 @@ def _pooler_free_text_encoder(folder: Path) -> dict:
     for path in sub.glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             keys.update(f.keys())
-    if any(k.startswith("pooler.") for k in keys):
+    if not keys or any(k.startswith("pooler.") for k in keys):  # no safetensors (pickle allowed): diffusers' way
         return {}
     from transformers import BertModel
 
-    return {"text_encoder": BertModel.from_pretrained(str(sub), add_pooling_layer=False)}
+    return {"text_encoder": BertModel.from_pretrained(str(sub), add_pooling_layer=False,
+                                                      **_safetensors_kwargs(allow_pickle))}
 
 
-def check_pipeline_folder(folder: Path) -> None:
-    """Fail early, naming the file, when a component's weights are missing or unreadable.
+NOT_LOADED = ("safety_checker", "feature_extractor")  # erasekit loads pipelines without a safety checker
+
+
+def pickle_only_components(folder: Path) -> dict[str, list[Path]]:
+    """Components of ``folder`` (those model_index.json lists and erasekit loads) holding pickled weight
+    files but no safetensors, with those files."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    names = [k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None and k not in NOT_LOADED] \
+        if isinstance(index, dict) else []
+    found: dict[str, list[Path]] = {}
+    for sub in (folder / n for n in sorted(names)):
+        if not sub.is_dir():
+            continue
+        files = [p for p in sub.iterdir() if p.is_file()]
+        pickles = sorted(p for p in files if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            found[sub.name] = pickles
+    return found
+
+
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """Fail early, naming the file, when a component's weights are missing, unreadable or (unless
+    ``allow_pickle``) only pickled.
 
     diffusers' own errors for these cases are long and do not always say which file is at fault.
     """
@@ -120,14 +160,20 @@ def check_pipeline_folder(folder: Path) -> None:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ErasekitError(f"corrupt {folder / 'model_index.json'}: {exc}") from exc
+    if not allow_pickle:
+        pickled = pickle_only_components(folder)
+        if pickled:
+            files = ", ".join(str(p.relative_to(folder)) for ps in pickled.values() for p in ps)
+            raise ErasekitError(f"{folder} has pickled weights only ({files}); erasekit loads safetensors only, as "
+                                f"unpickling can run code: convert them to safetensors, or {ALLOW_PICKLE_HINT}")
     for name in ("unet", "vae", "text_encoder"):
         entry = index.get(name)
         if not isinstance(entry, list) or entry[0] is None:
             raise ErasekitError(f"{folder} has no {name} component (model_index.json)")
         sub = folder / name
-        weights = sorted(p for p in sub.glob("*") if p.suffix in WEIGHT_SUFFIXES) if sub.is_dir() else []
+        weights = sorted(p for p in sub.glob("*") if p.suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES) if sub.is_dir() else []
         if not weights:
-            raise ErasekitError(f"missing weight file in {sub} (expected *.safetensors or *.bin)")
+            raise ErasekitError(f"missing weight file in {sub} (expected *.safetensors)")
         for path in weights:
             if path.suffix != ".safetensors":
                 continue
@@ -149,20 +195,31 @@ def _declared_size(path: Path) -> int:
     return 8 + n + max(ends, default=0)
 
 
-def _load_hub(spec: str, allow_download: bool):
+def _load_hub(spec: str, allow_download: bool, allow_pickle: bool = False):
+    safe = _safetensors_kwargs(allow_pickle)
     try:
-        return _from_pretrained(spec, local_files_only=True)
+        return _from_pretrained(spec, local_files_only=True, **safe)
     except Exception as exc:
         local_error = exc
     if allow_download:
         try:
-            return _from_pretrained(spec)
+            return _from_pretrained(spec, **safe)
         except Exception as exc:
             local_error = exc
+    if not allow_pickle and _means_no_safetensors(local_error):
+        raise ErasekitError(
+            f"model {spec!r} has no safetensors weights (only pickled ones); erasekit loads safetensors only, as "
+            f"unpickling can run code: {ALLOW_PICKLE_HINT}; cause: {_first_line(local_error)}"
+        ) from local_error
     raise ErasekitError(
         f"cannot load model {spec!r}: not 'toy', not a local diffusers folder, and not available offline from the hub "
         f"(download it first, e.g. `hf download {spec}`); cause: {_first_line(local_error)}"
     ) from local_error
+
+
+def _means_no_safetensors(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "safetensors" in text and any(w in text for w in ("could not find", "not found", "no file", "missing"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -82,3 +82,56 @@ def end_positions(pipe, prompt: str) -> list[int]:
     """Positions of the EOS/[SEP] token and all padding after it (they carry a summary of the prompt)."""
     _, end, length = _real_token_span(pipe, prompt)
     return list(range(end, length))
+
+
+# -- truncation ---------------------------------------------------------------------------------------------------
+_truncation_warned = False
+
+
+def token_counts(pipe, prompts) -> list[int]:
+    """Tokens per prompt as the pipeline's tokenizer makes them, special tokens (BOS/EOS, [CLS]/[SEP]) included,
+    before any truncation."""
+    prompts = _as_list(prompts)
+    if not prompts:
+        return []
+    tok = pipe.tokenizer
+    convert = getattr(pipe, "maybe_convert_prompt", None)  # multi-vector textual-inversion tokens, as the pipeline
+    if convert is not None:
+        prompts = convert(prompts, tok)
+    ids = tok(prompts, padding=False, truncation=False, add_special_tokens=True, verbose=False).input_ids
+    return [len(x) for x in ids]
+
+
+def truncated_prompts(pipe, prompts) -> list[bool]:
+    """For each prompt, whether it is longer than the text encoder's window (``tokenizer.model_max_length``,
+    special tokens included), so that the pipeline cuts it: the tokens past the window never reach the UNet."""
+    limit = int(pipe.tokenizer.model_max_length)
+    return [n > limit for n in token_counts(pipe, prompts)]
+
+
+def warn_truncated(prompts, flags, max_length: int | None = None) -> bool:
+    """Log one warning (the first time only, in this process) when any of ``flags`` (from `truncated_prompts`)
+    is set; returns whether it warned now. Records of those prompts should carry ``truncated: true``."""
+    global _truncation_warned
+    prompts, flags = _as_list(prompts), list(flags)
+    cut = [p for p, f in zip(prompts, flags) if f]
+    if not cut or _truncation_warned:
+        return False
+    _truncation_warned = True
+    import logging
+
+    window = f" of {max_length} tokens" if max_length else ""
+    distinct = list(dict.fromkeys(cut))
+    first = distinct[0] if len(distinct[0]) <= 60 else distinct[0][:57] + "..."
+    logging.getLogger("erasekit").warning(
+        "%d of %d prompts (%d distinct) are longer than the text encoder's window%s and were cut, e.g. %r; "
+        "their records say truncated: true (warned once per run)",
+        len(cut), len(prompts), len(distinct), window, first,
+    )
+    return True
+
+
+def reset_truncation_warning() -> None:
+    """Let `warn_truncated` warn again (for tests, or a new run in the same process)."""
+    global _truncation_warned
+    _truncation_warned = False

@@ -18,15 +18,11 @@ META_FILE = "meta.json"
 
 def _load_into(module: torch.nn.Module, path: Path) -> None:
     """Load a safetensors state dict (stored in float16 to keep the repository small) into ``module``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from erasekit.safe_load import load_safetensors
 
     if not path.is_file():
         raise ErasekitError(f"missing weight file {path}; reinstall erasekit or retrain with `erasekit toy train`")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ErasekitError(f"corrupt weight file {path}: {exc}") from exc
+    state = load_safetensors(path, "weight file")
     try:
         module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:

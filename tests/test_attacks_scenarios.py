@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from erasekit.attacks.scenarios import SCENARIOS, ScenarioConfig, run_scenario, with_token
-from erasekit.attacks.textual_inversion import TextualInversionConfig
+from erasekit.attacks.scenarios import ScenarioConfig, run_scenario, scenario_names
 from erasekit.cli import app
+from erasekit.diffusion import Target
 from erasekit.detectors.toy import ToyConceptDetector
 from erasekit.errors import ErasekitError
 from erasekit.toy.detector import DETECTOR_FILE, ToyDetector
@@ -40,16 +40,20 @@ def no_trained_detector(monkeypatch):
         monkeypatch.setattr(toy_detector, "load_toy_detector", lambda *a, **k: _random_detector_model())
 
 
-def _tiny_cfg(scenario, **kwargs):
-    return with_token(ScenarioConfig(scenario, "star", n=kwargs.pop("n", 3), steps=3, batch_size=8,
-                                     ti=TextualInversionConfig(steps=3, batch_size=2), ti_images=2, **kwargs))
+def _tiny_cfg(scenario, prompt_mode="empty", **kwargs):
+    settings = {"textual_inversion": {"steps": 3, "batch_size": 2, "images": 2},
+                "ddim_inversion": {"prompt_mode": prompt_mode}}
+    return ScenarioConfig(scenario, "star", n=kwargs.pop("n", 3), steps=3, batch_size=8, settings=settings, **kwargs)
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def _target(pipe):
+    return Target(pipe, model="toy-random")
+
+
+@pytest.mark.parametrize("scenario", scenario_names())
 def test_each_scenario_end_to_end(scenario, toy_random, star_detector, tmp_path):
     out = tmp_path / scenario
-    summary = run_scenario(_tiny_cfg(scenario), toy_random, toy_random, star_detector, out, model="toy-random",
-                           progress=False)
+    summary = run_scenario(_tiny_cfg(scenario), _target(toy_random), star_detector, out, progress=False)
     assert summary["scenario"] == scenario and summary["n"] == 3 and 0 <= summary["crr"] <= 1
     low, high = summary["ci"]
     assert 0 <= low <= summary["crr"] <= high <= 1
@@ -70,8 +74,7 @@ def test_each_scenario_end_to_end(scenario, toy_random, star_detector, tmp_path)
     assert len(rows) == 3 and all({"score", "present", "detector", "preset", "threshold", "path"} <= set(r) for r in rows)
     assert json.loads((out / "summary.json").read_text())["crr"] == summary["crr"]
 
-    again = run_scenario(_tiny_cfg(scenario), toy_random, toy_random, star_detector, out, model="toy-random",
-                         progress=False)
+    again = run_scenario(_tiny_cfg(scenario), _target(toy_random), star_detector, out, progress=False)
     assert again["generation"]["images_generated"] == 0 and again["crr"] == summary["crr"]
     if scenario != "text":
         assert "reused_from_cache" in again["attack"]
@@ -79,21 +82,21 @@ def test_each_scenario_end_to_end(scenario, toy_random, star_detector, tmp_path)
 
 def test_latent_scenario_with_the_concept_prompt_and_more_images(toy_random, star_detector, tmp_path):
     out = tmp_path / "latent"
-    first = run_scenario(_tiny_cfg("latent-wb", n=2, prompt_mode="concept"), toy_random, toy_random, star_detector,
+    first = run_scenario(_tiny_cfg("latent-wb", n=2, prompt_mode="concept"), _target(toy_random), star_detector,
                          out, progress=False)
     assert first["attack"]["regenerate_prompt"] == "a star" and first["generation"]["prompts"] == ["a star"]
-    more = run_scenario(_tiny_cfg("latent-wb", n=3, prompt_mode="concept"), toy_random, toy_random, star_detector,
+    more = run_scenario(_tiny_cfg("latent-wb", n=3, prompt_mode="concept"), _target(toy_random), star_detector,
                         out, progress=False)
     assert more["n"] == 3 and more["generation"]["images_generated"] == 1  # the first two images are reused
 
 
 def test_bad_scenario_config(toy_random, star_detector, tmp_path):
     for kwargs, fragment in [(dict(scenario="image"), "unknown scenario 'image'"),
-                             (dict(prompt_mode="noise"), "unknown prompt mode"),
+                             (dict(prompt_mode="noise"), "prompt_mode must be one of"),
                              (dict(n=0), "-n must be at least 1")]:
-        cfg = _tiny_cfg(kwargs.pop("scenario", "text"), **kwargs)
+        cfg = _tiny_cfg(kwargs.pop("scenario", "latent-wb"), **kwargs)
         with pytest.raises(ErasekitError, match=fragment):
-            run_scenario(cfg, toy_random, toy_random, star_detector, tmp_path, progress=False)
+            run_scenario(cfg, _target(toy_random), star_detector, tmp_path, progress=False)
 
 
 # -- the command line -------------------------------------------------------------------------------------------
@@ -106,7 +109,8 @@ def toy_folder(toy_random, tmp_path_factory):
 
 def _attack(toy_folder, out, *extra):
     return ["attack", "--concept", "star", "--model", str(toy_folder), "--detector", "toy", "-n", "2", "--steps", "2",
-            "--out", str(out), "--ti-steps", "2", "--ti-batch-size", "2", "--ti-images", "2", "--device", "cpu", *extra]
+            "--out", str(out), "--set", "ti.steps=2", "--set", "ti.batch_size=2", "--set", "ti.images=2", "--device", "cpu",
+            *extra]
 
 
 def _one_line_error(result, fragment):
@@ -159,7 +163,7 @@ def test_cli_attack_against_an_edit(sd1_folder, star_folder, tmp_path, no_traine
                                         "--images", str(star_folder)))
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["edit"].startswith("uce-star@") and summary["attack"]["learned_on"] == "original"
+    assert summary["edits"][0].startswith("uce@") and summary["attack"]["learned_on"] == "original"
 
 
 def test_cli_text_scenario_with_an_i2p_csv(toy_folder, tmp_path, no_trained_detector):
@@ -198,7 +202,10 @@ def test_cli_converts_images_of_the_wrong_size_and_mode(toy_folder, tmp_path, no
     "extra, fragment",
     [
         (["--scenario", "image"], "unknown scenario 'image'"),
-        (["--scenario", "latent-wb", "--prompt-mode", "noise"], "unknown prompt mode"),
+        (["--scenario", "latent-wb", "--set", "inversion.prompt_mode=noise"], "prompt_mode must be one of"),
+        (["--scenario", "latent-wb", "--set", "ti.nope=1"], "unknown setting 'nope'"),
+        (["--scenario", "latent-wb", "--set", "nope.steps=1"], "attack settings are <attack>.<key>"),
+        (["--scenario", "text", "--defence", "nope"], "unknown defence 'nope'"),
         (["--scenario", "text", "-n", "0"], "-n must be at least 1"),
         (["--scenario", "latent-wb", "--images", "no/such/folder"], "no such folder"),
         (["--scenario", "text", "--detector", "resnet"], "unknown detector"),
@@ -229,7 +236,8 @@ def test_cli_bad_files(toy_folder, tmp_path, no_trained_detector):
 def test_ls_lists_attacks_and_detectors():
     result = runner.invoke(app, ["ls"])
     assert result.exit_code == 0
-    for name in ("text", "i2p", "textual_inversion", "ddim_inversion", "toy", "nudenet:rece", "nudenet:ecnu"):
+    for name in ("text", "embedding-bb", "latent-wb", "textual_inversion", "ddim_inversion", "toy", "nudenet:rece",
+                 "nudenet:ecnu"):
         assert name in result.stdout
 
 
@@ -250,8 +258,8 @@ def test_text_and_latent_scenarios_reproduce_the_concept_on_the_original(toy_tra
     # Measured at n=100 (scripts/eval_attacks.py): text 70%, latent-wb 99%; the empty prompt alone gives ~3% stars.
     det = ToyConceptDetector("star")
     for scenario, bar in (("text", 0.5), ("latent-wb", 0.85)):
-        cfg = with_token(ScenarioConfig(scenario, "star", n=16))
-        s = run_scenario(cfg, toy_trained, toy_trained, det, tmp_path / scenario, progress=False)
+        s = run_scenario(ScenarioConfig(scenario, "star", n=16), Target(toy_trained), det, tmp_path / scenario,
+                         progress=False)
         assert s["crr"] >= bar, (scenario, s["crr"])
 
 
@@ -259,7 +267,7 @@ def test_text_and_latent_scenarios_reproduce_the_concept_on_the_original(toy_tra
 @pytest.mark.slow
 def test_textual_inversion_with_default_settings_reproduces_the_concept(toy_trained, tmp_path):
     det = ToyConceptDetector("star")
-    cfg = with_token(ScenarioConfig("embedding-wb", "star", n=32))
-    s = run_scenario(cfg, toy_trained, toy_trained, det, tmp_path / "ti", progress=False)
+    s = run_scenario(ScenarioConfig("embedding-wb", "star", n=32), Target(toy_trained), det, tmp_path / "ti",
+                     progress=False)
     # Measured at n=100: 66%, about the model's own rate for star prompts (65-70%); the empty prompt gives ~3%.
     assert s["crr"] >= 0.5 and s["attack"]["wall_s"] < 120

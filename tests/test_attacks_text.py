@@ -5,9 +5,13 @@ import json
 import pytest
 
 from erasekit.attacks.i2p import i2p_inputs, load_i2p_csv
-from erasekit.attacks.text import generic_concept_prompts, text_inputs, toy_concept_prompts
+from erasekit.attacks.text import text_inputs
 from erasekit.errors import ErasekitError
 from erasekit.toy import world
+from erasekit.worlds import SD_WORLD, TOY_WORLD
+
+toy_concept_prompts = TOY_WORLD.concept_prompts
+generic_concept_prompts = SD_WORLD.concept_prompts
 
 
 def test_toy_prompts_name_the_concept_in_every_way():
@@ -37,12 +41,12 @@ def test_unknown_toy_concept():
 
 
 def test_text_inputs_cycle_prompts_with_one_seed_per_image():
-    inputs = text_inputs("church", 7, toy=False, seed=100)
+    inputs = text_inputs(generic_concept_prompts("church"), 7, seed=100)
     assert inputs.prompts[:5] == generic_concept_prompts("church") and inputs.prompts[5] == inputs.prompts[0]
     assert inputs.seeds == list(range(100, 107)) and inputs.guidance is None and inputs.latents is None
     assert inputs.budget["images_used"] == 0
     with pytest.raises(ErasekitError, match="-n must be at least 1"):
-        text_inputs("star", 0, toy=True)
+        text_inputs(toy_concept_prompts("star"), 0)
 
 
 I2P_CSV = (
@@ -103,15 +107,17 @@ def test_missing_or_binary_csv(tmp_path):
 
 
 def test_per_row_guidance_reaches_generation(tiny_sd1, tmp_path):
-    from erasekit.attacks.generate import generate_inputs
+    from erasekit.generation import generate_to_dir
 
     path = tmp_path / "p.csv"
     path.write_text("prompt,evaluation_seed,evaluation_guidance\na red star,5,3\na dog,6,\na cat,7,3\n")
     inputs = i2p_inputs(load_i2p_csv(path))
-    records, generated = generate_inputs(tiny_sd1, inputs, tmp_path / "out", steps=2, progress=False)
+    records, generated = generate_to_dir(tiny_sd1, inputs, tmp_path / "out", steps=2, record={"attack": inputs.attack},
+                                         progress=False)
     assert generated == 3
     assert [(r["prompt"], r["seed"], r["guidance"]) for r in records] == [
         ("a red star", 5, 3.0), ("a dog", 6, 7.5), ("a cat", 7, 3.0)]
     index = [json.loads(x) for x in (tmp_path / "out" / "images.jsonl").read_text().splitlines()]
     assert len(index) == 3 and all(r["attack"] == "i2p" for r in index)
-    assert generate_inputs(tiny_sd1, inputs, tmp_path / "out", steps=2, progress=False)[1] == 0  # resumed
+    again = generate_to_dir(tiny_sd1, inputs, tmp_path / "out", steps=2, record={"attack": inputs.attack}, progress=False)
+    assert again[1] == 0  # resumed

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.detectors import REGISTRY, default_detector_for, get_detector, list_methods
+from erasekit.detectors import create_detector as get_detector
+from erasekit.registry import DETECTORS
 from erasekit.detectors.nudenet import NINE_EXPOSED, PRESETS, SIX_EXPOSED
 from erasekit.errors import ErasekitError
 
@@ -111,12 +112,15 @@ def test_nudenet_missing_is_a_clear_error(monkeypatch):
 
 
 def test_registry_and_defaults(fake_nudenet):
-    assert set(REGISTRY) == {"toy", "nudenet:unlearndiffatk", "nudenet:rece", "nudenet:ecnu"} == set(list_methods())
+    from erasekit.worlds import SD_WORLD, TOY_WORLD
+
+    assert set(DETECTORS.names()) == {"toy", "nudenet", "nudenet:unlearndiffatk", "nudenet:rece", "nudenet:ecnu"}
+    assert set(DETECTORS.describe()) == set(DETECTORS.names())
     with pytest.raises(ErasekitError, match="unknown detector 'resnet'"):
         get_detector("resnet")
-    with pytest.raises(ErasekitError, match="unknown nudenet preset"):
+    with pytest.raises(ErasekitError, match="unknown detector preset 'nudenet:strict'"):
         get_detector("nudenet:strict")
-    assert default_detector_for("toy", "star") == "toy"
-    assert default_detector_for("CompVis/stable-diffusion-v1-4", "nudity") == "nudenet:unlearndiffatk"
+    assert TOY_WORLD.default_detector("star") == "toy"
+    assert SD_WORLD.default_detector("nudity") == "nudenet:unlearndiffatk"
     with pytest.raises(ErasekitError, match="choose one with --detector"):
-        default_detector_for("some/model", "van gogh")
+        SD_WORLD.default_detector("van gogh")

@@ -98,6 +98,6 @@ def test_ls_describes_the_methods():
     result = runner.invoke(app, ["ls"])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0] == "erasers: esd-u, esd-x, rece, uce"
+    assert lines[0] == "erasers (--method): esd-u, esd-x, rece, uce"
     described = {line.split()[0] for line in lines if line.startswith("  ")}
     assert {"uce", "rece", "esd-x", "esd-u"} <= described

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.generation import default_settings, generate, generate_to_dir, initial_latents
+from erasekit.diffusion import Target
+from erasekit.generation import GenerationInputs, default_settings, generate, generate_to_dir, initial_latents
 from erasekit.image_store import INDEX_FILE, read_index, save_images, write_grid
 from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE, LATENT_SIZE
 
@@ -62,22 +63,23 @@ def test_generate_rejects_mismatched_lengths(tiny_sd1):
 
 def test_generate_to_dir_is_resumable(tiny_sd1, tmp_path):
     prompts, seeds = ["a red star", "a red star", "a dog"], [0, 1, 0]
-    kwargs = dict(steps=STEPS, guidance=7.5, model="tiny", progress=False)
-    records, made = generate_to_dir(tiny_sd1, prompts, seeds, tmp_path, batch_size=2, **kwargs)
+    kwargs = dict(steps=STEPS, guidance=7.5, progress=False)
+    target = Target(tiny_sd1, model="tiny")
+    records, made = generate_to_dir(target, GenerationInputs(prompts, seeds), tmp_path, batch_size=2, **kwargs)
     assert made == 3 and len(records) == 3 and (tmp_path / "grid.png").is_file()
     first = (tmp_path / records[0]["path"]).read_bytes()
     # Rerun with one more seed: only the new image is generated, the others are reused byte for byte.
-    records2, made2 = generate_to_dir(tiny_sd1, prompts + ["a dog"], seeds + [1], tmp_path, **kwargs)
+    records2, made2 = generate_to_dir(target, GenerationInputs(prompts + ["a dog"], seeds + [1]), tmp_path, **kwargs)
     assert made2 == 1 and records2[:3] == records
     assert (tmp_path / records[0]["path"]).read_bytes() == first
     # Other settings are other images.
-    _, made3 = generate_to_dir(tiny_sd1, prompts[:1], seeds[:1], tmp_path, **dict(kwargs, guidance=3.0))
+    _, made3 = generate_to_dir(target, GenerationInputs(prompts[:1], seeds[:1]), tmp_path, **dict(kwargs, guidance=3.0))
     assert made3 == 1
     lines = [json.loads(line) for line in (tmp_path / INDEX_FILE).read_text().splitlines()]
     assert len(lines) == 5 and len(read_index(tmp_path)) == 5
     # A PNG deleted by hand is regenerated.
     (tmp_path / records[2]["path"]).unlink()
-    _, made4 = generate_to_dir(tiny_sd1, prompts, seeds, tmp_path, **kwargs)
+    _, made4 = generate_to_dir(target, GenerationInputs(prompts, seeds), tmp_path, **kwargs)
     assert made4 == 1
 
 

@@ -1,63 +1,90 @@
-"""Batched, per-image-seeded generation with any `StableDiffusionPipeline`.
+"""Generation through a `Target`, batched, one seed per image, resumable into a folder.
 
 Every image has its own seed: its initial latents and any later sampler noise come from its own
-``torch.Generator("cpu").manual_seed(seed)``, so its noise does not depend on the batch it is generated
-in, on the batch size or on the device. (Pixels can: on CPU, batched kernels may differ in the last float
-bit between batch sizes, and after rounding to uint8 an image then differs from its single-image self by
-at most 1 level at a few pixels, which the tests allow; GPU and CPU kernels differ more.)
+``torch.Generator("cpu").manual_seed(seed)``, so its noise does not depend on the batch it is generated in, on the
+batch size or on the device. (Pixels can: on CPU, batched kernels may differ in the last float bit between batch
+sizes, and after rounding to uint8 an image then differs from its single-image self by at most 1 level at a few
+pixels, which the tests allow; GPU and CPU kernels differ more.)
+
+`generate` returns images; `generate_to_dir` is the one resumable loop that writes them into a folder (used by
+``erasekit generate``, by every attack and by the benchmark), keyed by everything that determines an image.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from erasekit.image_store import save_images  # noqa: F401  (part of this module's public API)
+from erasekit.diffusion.sampler import seed_generators
+from erasekit.diffusion.vae import image_size
 
-SD_DEFAULT_STEPS = 25
-SD_DEFAULT_GUIDANCE = 7.5
+__all__ = ["GenerationInputs", "generate", "generate_to_dir", "default_settings", "initial_latents", "image_size",
+           "seed_generators", "tensor_digest"]
 
 
 def default_settings(pipe) -> tuple[int, float]:
-    """(DDIM steps, guidance scale) to use when the caller gives none: the toy's own, else SD's usual."""
-    from erasekit.models.loading import is_toy_pipeline
+    """(DDIM steps, guidance scale) when the caller gives none: the model's world's."""
+    from erasekit.worlds import world_of
 
-    if is_toy_pipeline(pipe):
-        from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-        return DEFAULT_STEPS, DEFAULT_GUIDANCE
-    return SD_DEFAULT_STEPS, SD_DEFAULT_GUIDANCE
-
-
-def image_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-    """(height, width) in pixels; defaults to the UNet's native sample size times the VAE factor."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return int(height or native), int(width or native)
-
-
-def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def _latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
-    f = pipe.vae_scale_factor
-    if height % f or width % f:
-        raise ValueError(f"height and width must be multiples of the VAE factor {f}, got {height}x{width}")
-    return pipe.unet.config.in_channels, height // f, width // f
-
-
-def _draw_latents(pipe, generators, height: int, width: int) -> torch.Tensor:
-    shape = _latent_shape(pipe, height, width)
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    return world_of(getattr(pipe, "pipe", pipe)).sampler_defaults()
 
 
 def initial_latents(pipe, seeds: Sequence[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """Float32 CPU latents (N, C, h, w), one standard normal draw per seed (the pipeline scales them by
-    ``scheduler.init_noise_sigma`` itself)."""
+    """Float32 CPU standard-normal latents (N, C, h, w), one draw per seed (unscaled by init_noise_sigma)."""
+    from erasekit.diffusion.sampler import Sampler
+
     height, width = image_size(pipe, height, width)
-    return _draw_latents(pipe, seed_generators(seeds), height, width)
+    return Sampler(pipe, 1).draw_noise(seed_generators(seeds), height, width)
+
+
+def tensor_digest(t: torch.Tensor, n_chars: int = 16) -> str:
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:n_chars]
+
+
+@dataclass
+class GenerationInputs:
+    """One generation per item: a prompt and a seed, optionally a guidance scale, initial latents (N, C, h, w) or a
+    learned embedding (whose token the prompts use), and fields recorded with the image (``items``)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    guidance: list[float | None] | None = None
+    latents: torch.Tensor | None = None
+    learned: Any = None
+    items: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.prompts)
+        self.seeds = [int(s) for s in self.seeds]
+        for what, value in (("seeds", self.seeds), ("guidance values", self.guidance), ("latents", self.latents)):
+            if value is not None and len(value) != n:
+                raise ValueError(f"{n} prompts but {len(value)} {what}")
+        if not self.items:
+            self.items = [{} for _ in range(n)]
+        if len(self.items) != n:
+            raise ValueError(f"{n} prompts but {len(self.items)} item records")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def input_ids(self) -> list[str | None]:
+        """Per image, a hash of the inputs other than prompt and seed (latents, learned vectors): part of its key."""
+        learned = f"ti:{self.learned.digest()}" if self.learned is not None else None
+        ids: list[str | None] = []
+        for i in range(len(self)):
+            parts = [learned] if learned else []
+            if self.latents is not None:
+                parts.append(f"latent:{tensor_digest(self.latents[i])}")
+            ids.append("+".join(parts) or None)
+        return ids
 
 
 def _per_item(value, n: int, what: str) -> list | None:
@@ -70,17 +97,32 @@ def _per_item(value, n: int, what: str) -> list | None:
     return value
 
 
-def _device_and_dtype(pipe) -> tuple[torch.device, torch.dtype]:
-    return pipe.unet.device, pipe.unet.dtype
+def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_given, generators, guidance_scale,
+                  seeds):
+    """One batch through the sampler, with the target's defences installed around it."""
+    from erasekit.diffusion.context import SamplingContext
+    from erasekit.diffusion.guidance import UNetDenoiser, guided
 
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    # The same rounding as diffusers' numpy_to_pil.
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    pipe, family = target.pipe, target.family
+    device = pipe.unet.device
+    cond = family.from_states(pipe, embeds) if embeds is not None else family.encode(pipe, prompts, device=device)
+    uncond = None
+    if guidance_scale > 1.0:
+        uncond = family.encode(pipe, negatives if negatives is not None else [""], device=device)
+    ctx = SamplingContext(target, sampler, prompts, cond, uncond, guidance_scale, seeds)
+    guidance = guided(UNetDenoiser(pipe.unet), cond, uncond, guidance_scale)
+    hooks: list = []
+    for defence in target.defences:
+        guidance = defence.wrap(guidance, ctx)
+        hooks.extend(defence.hooks(ctx))
+    z = latents_given if latents_given is not None else noise
+    z = sampler.prepare_latents(z)
+    z = sampler.denoise(z, guidance, hooks, generators=generators)
+    return sampler.decode(z)
 
 
 def generate(
-    pipe,
+    target,
     prompts: str | Sequence[str] | None,
     seeds: Sequence[int],
     *,
@@ -95,12 +137,19 @@ def generate(
     eta: float = 0.0,
     progress: bool = True,
 ) -> np.ndarray:
-    """Generate one image per seed; returns uint8 (N, H, W, 3).
+    """Generate one image per seed with ``target`` (a `Target` or a bare pipeline); returns uint8 (N, H, W, 3).
 
     ``prompts``: one per seed, or one string for all (None when ``prompt_embeds`` (N, T, D) is given).
     ``latents``: (N, C, h, w) initial latents replacing the seeded draw (e.g. from DDIM inversion); the seeds
-    then only drive sampler noise (``eta > 0``). ``steps``/``guidance`` default to `default_settings`.
+    then only drive sampler noise (``eta > 0``). ``steps``/``guidance`` default to the model's world's.
     """
+    from tqdm.auto import tqdm
+
+    from erasekit.diffusion.sampler import Sampler
+    from erasekit.diffusion.target import as_target
+
+    target = as_target(target)
+    pipe = target.pipe
     seeds = [int(s) for s in seeds]
     n = len(seeds)
     if batch_size < 1:
@@ -113,104 +162,89 @@ def generate(
         raise ValueError(f"prompt_embeds: expected {n} items, got {len(prompt_embeds)}")
     if latents is not None and len(latents) != n:
         raise ValueError(f"latents: expected {n} items, got {len(latents)}")
-    default_steps, default_guidance = default_settings(pipe)
-    steps = int(steps or default_steps)
-    guidance = float(default_guidance if guidance is None else guidance)
+    default_steps, default_guidance = target.world.sampler_defaults()
+    sampler = Sampler(pipe, int(steps or default_steps), eta)
+    scale = float(default_guidance if guidance is None else guidance)
     height, width = image_size(pipe, height, width)
-    device, dtype = _device_and_dtype(pipe)
-
-    from tqdm.auto import tqdm
 
     out = np.empty((n, height, width, 3), np.uint8)
     starts = range(0, n, batch_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), target.active():
         for start in tqdm(starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2, leave=False):
             sl = slice(start, start + batch_size)
             generators = seed_generators(seeds[sl])
             # Drawn from the image's own generator, which then also supplies its sampler noise.
-            batch_latents = _draw_latents(pipe, generators, height, width) if latents is None else latents[sl]
-            kwargs = dict(
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                latents=batch_latents.to(device=device, dtype=dtype),
-                generator=generators,
-                eta=eta,
-                height=height,
-                width=width,
-                output_type="np",
-            )
-            if prompt_embeds is not None:
-                kwargs["prompt_embeds"] = prompt_embeds[sl].to(device=device, dtype=dtype)
-            else:
-                kwargs["prompt"] = prompts[sl]
-            if negatives is not None:
-                kwargs["negative_prompt"] = negatives[sl]
-            images = pipe(**kwargs).images
-            out[sl] = _to_uint8(np.asarray(images))
+            noise = sampler.draw_noise(generators, height, width) if latents is None else None
+            out[sl] = _sample_batch(
+                target, sampler, prompts[sl] if prompts is not None else None,
+                prompt_embeds[sl] if prompt_embeds is not None else None,
+                negatives[sl] if negatives is not None else None, noise,
+                latents[sl] if latents is not None else None, generators, scale, seeds[sl])
     return out
 
 
-def generate_to_dir(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    out_dir,
-    *,
-    steps: int | None = None,
-    guidance: float | None = None,
-    batch_size: int = 32,
-    negative_prompt: str | None = None,
-    eta: float = 0.0,
-    model: str = "",
-    edit: str | None = None,
-    model_fingerprint: str | None = None,
-    progress: bool = True,
-) -> tuple[list[dict], int]:
-    """Generate image i from (prompts[i], seeds[i]) into ``out_dir``, resumably (see `erasekit.image_store`).
+def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | None = None,
+                    guidance: float | None = None, batch_size: int = 32, negative_prompt: str | None = None,
+                    eta: float = 0.0, record: dict | None = None, progress: bool = True) -> tuple[list[dict], int]:
+    """Generate image i of ``inputs`` into ``out_dir`` unless it is already there (see `erasekit.image_store`).
 
-    ``model`` is recorded as given; ``edit`` identifies an applied edit (part of the cache key, for edits
-    that do not change weights). Returns the records in request order and how many images were generated.
+    ``guidance`` fills the items without their own. ``record``: fields written into every image's record (the
+    attack's name). Returns the records in request order and how many images were generated.
     """
     from tqdm.auto import tqdm
 
-    from erasekit.image_store import read_index, record_key, write_grid
-    from erasekit.models.fingerprint import fingerprint
+    from erasekit.diffusion.target import as_target
+    from erasekit.image_store import read_index, record_key, save_images, write_grid
+    from erasekit.models.prompts import truncated_prompts, warn_truncated
 
-    prompts, seeds = list(prompts), [int(s) for s in seeds]
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    default_steps, default_guidance = default_settings(pipe)
-    height, width = image_size(pipe)
-    settings = dict(
-        steps=int(steps or default_steps),
-        guidance=float(default_guidance if guidance is None else guidance),
-        eta=float(eta),
-        scheduler=type(pipe.scheduler).__name__,
-        height=height,
-        width=width,
-        negative_prompt=negative_prompt,
-        model=model,
-        fingerprint=model_fingerprint or fingerprint(pipe),
-        edit=edit,
+    target = as_target(target)
+    default_steps, default_guidance = target.world.sampler_defaults()
+    height, width = image_size(target.pipe)
+    who = target.describe()
+    base = dict(
+        record or {}, steps=int(steps or default_steps), eta=float(eta), scheduler="DDIMScheduler", height=height,
+        width=width, negative_prompt=negative_prompt, model=who["model"], fingerprint=who["fingerprint"],
+        edit="+".join(who["edits"]) if who["edits"] else None, defences=who["defences"],
     )
-    wanted = [dict(settings, prompt=p, seed=s) for p, s in zip(prompts, seeds)]
+    fill = float(default_guidance if guidance is None else guidance)
+    input_ids = inputs.input_ids()
+    distinct = list(dict.fromkeys(inputs.prompts))
+    cut = dict(zip(distinct, truncated_prompts(target.pipe, distinct))) if inputs.learned is None else {}
+    warn_truncated(inputs.prompts, [cut.get(p, False) for p in inputs.prompts], target.pipe.tokenizer.model_max_length)
+    wanted = []
+    for i in range(len(inputs)):
+        g = inputs.guidance[i] if inputs.guidance is not None else None
+        rec = dict(inputs.items[i], **base, guidance=fill if g is None else float(g), prompt=inputs.prompts[i],
+                   seed=inputs.seeds[i], inputs=input_ids[i])
+        if cut.get(inputs.prompts[i]):
+            rec["truncated"] = True  # the text encoder saw only the prompt's first tokens
+        wanted.append(rec)
     done = read_index(out_dir)
     todo = [i for i, rec in enumerate(wanted) if record_key(rec) not in done]
-    bar = tqdm(total=len(todo), unit="img", desc="generating", disable=not progress or not todo)
-    # Generate and save batch by batch, so that a killed run keeps every finished batch.
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
-        images = generate(
-            pipe, [prompts[i] for i in idx], [seeds[i] for i in idx],
-            steps=settings["steps"], guidance=settings["guidance"], batch_size=batch_size,
-            negative_prompt=negative_prompt, eta=eta, progress=False,
-        )
-        for rec in save_images(images, out_dir, [wanted[i] for i in idx], grid=False):
-            done[rec["key"]] = rec
-        bar.update(len(idx))
+    by_guidance: dict[float, list[int]] = defaultdict(list)
+    for i in todo:
+        by_guidance[wanted[i]["guidance"]].append(i)
+    bar = tqdm(total=len(todo), unit="img", desc="generating", disable=not progress or not todo, leave=False)
+    # Generated and saved batch by batch, so that a killed run keeps every finished batch.
+    with target.active():
+        for scale, group in by_guidance.items():
+            for start in range(0, len(group), batch_size):
+                idx = group[start : start + batch_size]
+                prompts = [inputs.prompts[i] for i in idx]
+                kwargs: dict[str, Any] = {}
+                if inputs.latents is not None:
+                    kwargs["latents"] = inputs.latents[idx]
+                if inputs.learned is not None:
+                    kwargs["prompt_embeds"] = inputs.learned.encode(target.pipe, prompts)
+                    prompts = None
+                images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=base["steps"], guidance=scale,
+                                  batch_size=batch_size, negative_prompt=negative_prompt, eta=eta, progress=False,
+                                  **kwargs)
+                for rec in save_images(images, out_dir, [wanted[i] for i in idx], grid=False):
+                    done[rec["key"]] = rec
+                bar.update(len(idx))
     bar.close()
     records = [done[record_key(rec)] for rec in wanted]
     if records:
         write_grid(out_dir, records)
     return records, len(todo)
-

@@ -33,7 +33,7 @@ GRID_FILE = "grid.png"
 # Everything that determines an image's pixels; the model enters through its fingerprint, an attack's initial
 # latents or learned embedding through the content hash in "inputs".
 KEY_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler", "height", "width",
-              "fingerprint", "edit", "inputs")
+              "fingerprint", "edit", "defences", "inputs")
 MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
 GRID_MAX_COLUMNS = 16
 LABEL_HEIGHT = 14

@@ -1,24 +1,13 @@
 """Attacks over every input surface a user has: text prompts, learned embeddings, inverted latents.
 
-Each attack produces `AttackInputs` (the generation inputs for one scenario, with the budget it spent);
-`scenarios.run_scenario` runs one of the five M-ErasureBench scenarios end to end. ``REGISTRY`` maps each
-attack to a one-line description (``erasekit ls``); ``SCENARIOS`` the scenarios.
+Each attack is one registered file (`erasekit.registry.ATTACKS`) that declares the scenarios it serves and turns
+them into `AttackInputs`; `scenarios.run_scenario` runs a scenario end to end.
 """
 
-from erasekit.attacks.base import AttackInputs
-from erasekit.attacks.scenarios import SCENARIOS, ScenarioConfig, build_inputs, run_scenario
+from erasekit.attacks.base import Attack, AttackContext, AttackInputs
 
-REGISTRY: dict[str, str] = {
-    "text": "prompts naming the concept: the world's templates + synonyms + held-out paraphrases, or generic templates",
-    "i2p": "prompts from an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance), per-row seed and guidance",
-    "textual_inversion": "learn a new token's vectors from concept images (CLIP or BERT encoders); diffusers format",
-    "ddim_inversion": "VAE-encode concept images, DDIM-invert them to noise, regenerate (empty or concept prompt)",
-}
+# Importing an attack module registers it.
+from erasekit.attacks import ddim_inversion, text, textual_inversion  # noqa: E402,F401  isort:skip
+from erasekit.attacks.scenarios import ScenarioConfig, run_scenario, scenario_names, scenarios  # noqa: E402
 
-
-def list_methods() -> dict[str, str]:
-    """Attack name -> one-line description (and the scenarios that use them)."""
-    return dict(REGISTRY)
-
-
-__all__ = ["REGISTRY", "SCENARIOS", "AttackInputs", "ScenarioConfig", "build_inputs", "run_scenario", "list_methods"]
+__all__ = ["Attack", "AttackContext", "AttackInputs", "ScenarioConfig", "run_scenario", "scenario_names", "scenarios"]

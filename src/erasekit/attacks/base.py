@@ -1,60 +1,75 @@
-"""What an attack produces: the inputs of one generation per image, and the budget it spent making them.
+"""What every attack is: a registered component that turns a scenario into generation inputs.
 
-An attack never generates the final images itself: it hands `AttackInputs` to `erasekit.attacks.generate`,
-which generates them (resumably) with the target pipeline. Inputs are prompts and seeds, optionally with a
-per-image guidance scale (I2P), initial latents (DDIM inversion) or learned token vectors (textual inversion).
+An attack never generates the final images itself: it returns `AttackInputs` (prompts and seeds, optionally
+per-image guidance, initial latents or a learned embedding, plus the budget it spent), which the scenario runner
+generates with the target. It declares the scenarios it serves as data:
+
+    @ATTACKS.register
+    class TextualInversionAttack(Attack):
+        name, alias = "textual_inversion", "ti"          # --set ti.steps=800
+        scenarios = {"embedding-bb": {"learn_on": "original"}, "embedding-wb": {"learn_on": "target"}}
+        Settings = TextualInversionConfig
+        def inputs(self, ctx, learn_on): ...
+
+so adding an attack is one file: `erasekit ls`, ``erasekit attack --scenario`` and the benchmark find it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
-import torch
+from erasekit.generation import GenerationInputs, tensor_digest  # noqa: F401  (tensor_digest: part of the API)
+from erasekit.settings import Settings
 
 
 @dataclass
-class AttackInputs:
-    attack: str
-    prompts: list[str]
-    seeds: list[int]
-    guidance: list[float | None] | None = None  # per image; None: the pipeline's default
-    latents: torch.Tensor | None = None  # (N, C, h, w) initial latents replacing the seeded draw
-    learned: Any = None  # a LearnedEmbedding whose tokens appear in the prompts
-    items: list[dict] = field(default_factory=list)  # per-image fields recorded with the image (source image, case number)
+class AttackInputs(GenerationInputs):
+    attack: str = ""
     budget: dict = field(default_factory=dict)  # steps, images used, wall / CPU seconds, peak memory
 
-    def __post_init__(self):
-        n = len(self.prompts)
-        if len(self.seeds) != n:
-            raise ValueError(f"{n} prompts but {len(self.seeds)} seeds")
-        if self.guidance is not None and len(self.guidance) != n:
-            raise ValueError(f"{n} prompts but {len(self.guidance)} guidance values")
-        if self.latents is not None and len(self.latents) != n:
-            raise ValueError(f"{n} prompts but {len(self.latents)} latents")
-        if not self.items:
-            self.items = [{} for _ in range(n)]
-        if len(self.items) != n:
-            raise ValueError(f"{n} prompts but {len(self.items)} item records")
 
-    def __len__(self) -> int:
-        return len(self.prompts)
+@dataclass
+class AttackContext:
+    """Everything a scenario gives an attack."""
 
-    def input_ids(self) -> list[str | None]:
-        """Per image, a hash of the inputs other than the prompt and seed (latents, learned vectors), for the cache."""
-        ids: list[str | None] = [None] * len(self)
-        learned = f"ti:{self.learned.digest()}" if self.learned is not None else None
-        for i in range(len(self)):
-            parts = [learned] if learned else []
-            if self.latents is not None:
-                parts.append(f"latent:{tensor_digest(self.latents[i])}")
-            ids[i] = "+".join(parts) or None
-        return ids
+    target: Any  # the `Target` under attack (edits and defences applied while it samples)
+    concept: str
+    n: int
+    seed: int = 0
+    steps: int | None = None  # sampling steps (None: the world's)
+    batch_size: int = 32
+    images_folder: Path | None = None  # concept images (attacks that learn from images)
+    prompts_csv: Path | None = None  # I2P-layout prompts (text)
+    cache_dir: Path | None = None  # costly intermediate results, keyed by content
+    notes: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    @property
+    def original(self):
+        return self.target.original()
+
+    def learner(self, learn_on: str):
+        """The target an attack learns on: the original model (black-box) or the attacked one (white-box)."""
+        return self.original if learn_on == "original" else self.target
 
 
-def tensor_digest(t: torch.Tensor, n_chars: int = 16) -> str:
-    t = t.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256(str(tuple(t.shape)).encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:n_chars]
+class Attack:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    alias: ClassVar[str] = ""  # short prefix for --set (``ti.steps``); the name works too
+    Settings: ClassVar[type[Settings]] = Settings
+    scenarios: ClassVar[dict[str, dict]] = {}  # scenario name -> keyword arguments of `inputs`
+    order: ClassVar[int] = 100  # where its scenarios appear in listings and tables
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings if settings is not None else self.Settings()
+        self.settings.validate()
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any] | None = None) -> "Attack":
+        return cls(cls.Settings().replace(overrides or {}))
+
+    def inputs(self, ctx: AttackContext, **scenario) -> AttackInputs:
+        raise NotImplementedError

@@ -1,110 +1,94 @@
 """DDIM inversion: from concept images back to the initial noise that regenerates them.
 
-Images are VAE-encoded (posterior mean, times the VAE scaling factor) and run backwards through the
-deterministic DDIM sampler with `diffusers.DDIMInverseScheduler` (built from the pipeline's own scheduler
-config, so its timesteps mirror the forward sampler's) under a prompt (default the empty prompt) and a guidance
-scale (default 1: no classifier-free guidance, the most exact). Regenerating from the inverted latents with the
-same model, the same prompt and the same number of steps gives the image back, up to the inversion's
-discretisation error (DDIM inversion evaluates the noise at the less noisy latent).
+Images are VAE-encoded (posterior mean, times the VAE scaling factor) and run backwards through the sampler
+(`Sampler.invert`: DDIM's inverse scheduler, built from the pipeline's own scheduler config so that its timesteps
+mirror the forward sampler's) under a prompt (default the empty prompt) and a guidance scale (default 1: no
+classifier-free guidance, the most exact). Regenerating from the inverted latents with the same model, prompt and
+number of steps gives the image back, up to the inversion's discretisation error.
 
-``refine`` > 0 makes each step implicit: the noisier latent is solved as a fixed point of the forward step
-(``refine`` extra UNet evaluations per step), which makes the inversion exact up to convergence; plain DDIM
-inversion (refine 0) is what the M-ErasureBench scenarios use.
+``refine`` > 0 makes each step implicit (a fixed point of the forward step, ``refine`` extra UNet evaluations per
+step): exact up to convergence. Plain DDIM inversion (refine 0) is what the M-ErasureBench scenarios use.
 
-Black-box: invert through the original model, regenerate with the erased one. White-box: both through the
-erased model. Regenerate with the empty prompt (hardest case) or with the concept prompt.
+Scenarios: latent-bb inverts through the ORIGINAL model and regenerates with the target; latent-wb does both with
+the target. Regeneration uses the empty prompt (``prompt_mode=empty``, the hardest case) or the concept's prompt.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from erasekit.attacks.base import AttackInputs
+from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.diffusion.vae import encode_images  # noqa: F401  (part of this module's API)
 from erasekit.errors import ErasekitError
+from erasekit.registry import ATTACKS
+from erasekit.settings import Settings, choice
+
+log = logging.getLogger(__name__)
+RENDER_SEED = 2_000_000  # rendered concept images: far from generation seeds
 
 
-def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Scaled VAE latents (N, C, h, w), float32 on CPU, of uint8 RGB images at the pipeline's size."""
-    from erasekit.generation import image_size
+@dataclass
+class DDIMInversionSettings(Settings):
+    prompt_mode: str = choice("empty", "empty", "concept", help="regenerate with the empty prompt or the concept's")
+    steps: int = 0  # inversion (and regeneration) steps; 0: the sampling steps
+    guidance: float = 1.0  # inversion guidance scale
+    prompt: str = ""  # inversion prompt
+    refine: int = 0  # fixed-point refinements per step
 
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ErasekitError(f"DDIM inversion needs uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
-    if tuple(images.shape[1:3]) != image_size(pipe):
-        raise ErasekitError(f"images are {images.shape[2]}x{images.shape[1]}, the pipeline makes "
-                            f"{image_size(pipe)[1]}x{image_size(pipe)[0]}: resize them first (load_image_folder does)")
-    vae = pipe.vae
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
-            x = (x.float() / 127.5 - 1.0).to(device=vae.device, dtype=vae.dtype)
-            out.append(vae.encode(x).latent_dist.mean.float().cpu() * float(vae.config.scaling_factor))
-    return torch.cat(out) if out else torch.empty(0)
+    def validate(self) -> None:
+        from erasekit.settings import positive
+
+        positive(self, "steps", "refine", allow_zero=True)
+        positive(self, "guidance")
 
 
-def _noise_fn(pipe, prompt: str, guidance: float, n: int):
-    """eps(latents, t) for a batch of ``n`` under ``prompt`` with classifier-free guidance ``guidance``."""
-    from erasekit.models import encode_prompts
-
-    unet = pipe.unet
-    with torch.no_grad():
-        cond = encode_prompts(pipe, [prompt]).to(unet.device, unet.dtype)
-        uncond = encode_prompts(pipe, [""]).to(unet.device, unet.dtype)
-    plain = guidance == 1.0 or prompt == ""  # guided eps equals the conditional one
-
-    def eps(latents: torch.Tensor, t) -> torch.Tensor:
-        b = len(latents)
-        x = latents.to(unet.device, unet.dtype)
-        if plain:
-            return unet(x, t, encoder_hidden_states=cond.expand(b, -1, -1)).sample.float()
-        states = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-        e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=states).sample.float().chunk(2)
-        return e_u + guidance * (e_c - e_u)
-
-    return eps
-
-
-def ddim_invert(pipe, latents: torch.Tensor, prompt: str = "", steps: int | None = None, guidance: float = 1.0,
+def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | None = None, guidance: float = 1.0,
                 refine: int = 0, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """Inverted (noise) latents, float32 CPU (N, C, h, w), of clean scaled latents."""
-    from diffusers import DDIMInverseScheduler
+    """Inverted (noise) latents, float32 CPU (N, C, h, w), of clean scaled latents, through ``target``."""
     from tqdm.auto import tqdm
 
-    from erasekit.generation import default_settings
+    from erasekit.diffusion.guidance import UNetDenoiser, guided
+    from erasekit.diffusion.sampler import Sampler
+    from erasekit.diffusion.target import as_target
 
-    steps = int(steps or default_settings(pipe)[0])
+    target = as_target(target)
+    pipe = target.pipe
+    steps = int(steps or target.world.sampler_defaults()[0])
     if steps < 1 or refine < 0 or batch_size < 1:
         raise ErasekitError(f"DDIM inversion: need steps >= 1, refine >= 0, batch_size >= 1 (got {steps}, {refine}, {batch_size})")
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-    inverse.set_timesteps(steps)
-    eps = _noise_fn(pipe, prompt, float(guidance), len(latents))
+    sampler = Sampler(pipe, steps)
     out = []
     starts = range(0, len(latents), batch_size)
-    with torch.no_grad():
+    with torch.no_grad(), target.active():
+        family, device = target.family, pipe.unet.device
+        cond = family.encode(pipe, [prompt], device=device)
+        # Guidance of "" against "" is the conditional prediction: one pass.
+        uncond = family.encode(pipe, [""], device=device) if prompt != "" else None
+        guidance_fn = guided(UNetDenoiser(pipe.unet), cond, uncond, float(guidance) if prompt != "" else 1.0)
         for start in tqdm(starts, desc="DDIM inversion", unit="batch", disable=not progress or len(starts) < 2, leave=False):
-            z = latents[start : start + batch_size].float().to(pipe.unet.device)
-            for t in inverse.timesteps:
-                nxt = inverse.step(eps(z, t), t, z).prev_sample
-                for _ in range(refine):  # the forward step from nxt uses eps(nxt, t): solve for that nxt
-                    nxt = inverse.step(eps(nxt, t), t, z).prev_sample
-                z = nxt
-            out.append(z.float().cpu())
+            z = latents[start : start + batch_size].float().to(device, pipe.unet.dtype)
+            out.append(sampler.invert(z, guidance_fn, refine=refine).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def invert_images(pipe, images: np.ndarray, prompt: str = "", steps: int | None = None, guidance: float = 1.0,
+def invert_images(target, images: np.ndarray, prompt: str = "", steps: int | None = None, guidance: float = 1.0,
                   refine: int = 0, batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Inverted latents of uint8 RGB images and the budget spent (steps, UNet evaluations, seconds)."""
-    from erasekit.generation import default_settings
+    from erasekit.diffusion.target import as_target
     from erasekit.metrics.cost import measure_cost
 
-    steps = int(steps or default_settings(pipe)[0])
+    target = as_target(target)
+    steps = int(steps or target.world.sampler_defaults()[0])
     with measure_cost() as cost:
-        latents = ddim_invert(pipe, encode_images(pipe, images), prompt, steps, guidance, refine, batch_size, progress)
-    passes = 1 if (guidance == 1.0 or prompt == "") else 2
+        with target.active():
+            z0 = encode_images(target.pipe, images)
+        latents = ddim_invert(target, z0, prompt, steps, guidance, refine, batch_size, progress)
+    passes = 1 if (guidance <= 1.0 or prompt == "") else 2
     budget = {
         "inversion_steps": steps,
         "inversion_prompt": prompt,
@@ -132,3 +116,52 @@ def ddim_inversion_inputs(latents: torch.Tensor, regenerate_prompt: str, seeds: 
         items=items or [],
         budget=dict(budget or {}, regenerate_prompt=regenerate_prompt),
     )
+
+
+@ATTACKS.register
+class DDIMInversionAttack(Attack):
+    name = "ddim_inversion"
+    alias = "inversion"
+    summary = "VAE-encode concept images, DDIM-invert them to noise, regenerate (empty or concept prompt)"
+    Settings = DDIMInversionSettings
+    order = 2
+    scenarios = {"latent-bb": {"learn_on": "original"}, "latent-wb": {"learn_on": "target"}}
+
+    def inputs(self, ctx: AttackContext, learn_on: str) -> AttackInputs:
+        from erasekit.attacks.images import concept_images
+        from erasekit.store import content_key
+
+        s = self.settings
+        learner = ctx.learner(learn_on)
+        images = concept_images(learner, ctx.concept, ctx.n, ctx.images_folder, RENDER_SEED, ctx.notes)
+        if len(images.images) < ctx.n:
+            note = (f"the latent scenario makes one image per concept image: {len(images.images)} images in "
+                    f"{ctx.images_folder}, so n = {len(images.images)} instead of {ctx.n}")
+            log.warning(note)
+            ctx.notes.append(note)
+        steps = int(s.steps or ctx.steps or learner.world.sampler_defaults()[0])
+        key = dict(images=images.digest, learner=learner.cache_id, steps=steps, guidance=s.guidance, prompt=s.prompt,
+                   refine=s.refine)
+        path = ctx.cache_dir / f"inverted-{content_key(key)}.safetensors" if ctx.cache_dir is not None else None
+        if path is not None and path.is_file() and path.with_suffix(".json").is_file():
+            from erasekit.safe_load import load_safetensors
+
+            latents = load_safetensors(path, "cached inverted latents")["latents"]
+            budget = dict(json.loads(path.with_suffix(".json").read_text()), reused_from_cache=str(path))
+        else:
+            latents, budget = invert_images(learner, images.images, s.prompt, steps, s.guidance, s.refine,
+                                            batch_size=ctx.batch_size, progress=ctx.progress)
+            if path is not None:
+                from erasekit.store import write_safetensors_atomic
+
+                write_safetensors_atomic(path, {"latents": latents.contiguous()}, dict(budget, **key))
+        prompt = "" if s.prompt_mode == "empty" else ctx.target.world.concept_prompt(ctx.concept)
+        items = []
+        for i, name in enumerate(images.names):
+            item = {"source": name}
+            if images.truth is not None:
+                item["source_truth"] = images.truth[i]
+            items.append(item)
+        budget = dict(budget, inverted_on=learn_on)
+        return ddim_inversion_inputs(latents, prompt, seeds=[ctx.seed + i for i in range(len(latents))], items=items,
+                                     budget=budget)

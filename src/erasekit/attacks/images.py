@@ -19,8 +19,6 @@ from erasekit.errors import ErasekitError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-# Rendered concept images use seeds far from the ones generation uses (0, 1, 2, ...).
-RENDER_SEED_BASE = {"textual_inversion": 1_000_000, "ddim_inversion": 2_000_000}
 
 
 def image_files(folder) -> list[Path]:
@@ -117,3 +115,26 @@ def images_digest(images: np.ndarray, n_chars: int = 16) -> str:
     h = hashlib.sha256(str(arr.shape).encode())
     h.update(arr.data)
     return h.hexdigest()[:n_chars]
+
+
+class ConceptImages:
+    """Concept images for one attack, their names, their ground truth when rendered, and their content digest."""
+
+    def __init__(self, images: np.ndarray, names: list[str], truth: list[dict] | None):
+        self.images, self.names, self.truth = images, names, truth
+        self.digest = images_digest(images)
+
+
+def concept_images(target, concept: str, n: int | None, folder, render_seed: int, notes: list[str]) -> ConceptImages:
+    """The images of ``folder`` (at most ``n``, resized to the target's size), or, without a folder, ``n`` images
+    the target's world renders (render seeds ``render_seed + i``)."""
+    from erasekit.diffusion.vae import image_size
+
+    size = image_size(target.pipe)
+    if folder is not None:
+        images, names = load_image_folder(folder, size, notes)
+        if n is not None and len(images) > n:
+            images, names = images[:n], names[:n]
+        return ConceptImages(images, names, None)
+    images, names, truth = target.world.concept_images(concept, n, size, render_seed)
+    return ConceptImages(images, names, truth)

@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.diffusion.conditioning import Conditioning
+from erasekit.diffusion.guidance import UNetDenoiser
+from erasekit.diffusion.vae import encode_distribution, image_size
 from erasekit.errors import ErasekitError
+from erasekit.models.prompts import encode_prompts
+from erasekit.registry import ATTACKS
+from erasekit.settings import Settings
 
 LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"
 CONFIG_FILE = "textual_inversion.json"
@@ -52,7 +59,7 @@ TEMPLATES_PER_STEP = 4
 
 
 @dataclass
-class TextualInversionConfig:
+class TextualInversionConfig(Settings):
     token: str = "<concept-ti>"
     num_vectors: int = 1
     initializer: str = "object"
@@ -61,19 +68,24 @@ class TextualInversionConfig:
     lr: float = 5e-3
     seed: int = 0
     templates: tuple[str, ...] = TRAIN_TEMPLATES
+    images: int = 32  # concept images to learn from when the world renders them (no --images folder)
 
     def validate(self) -> None:
-        if not self.token or any(ch.isspace() for ch in self.token):
+        from erasekit.checks import finite, integer
+
+        if not isinstance(self.token, str) or not self.token or any(ch.isspace() for ch in self.token):
             raise ErasekitError(f"the textual-inversion token must be one word without spaces, got {self.token!r}")
         if self.token != self.token.lower():
             # BERT tokenizers lower-case the prompt before matching added tokens.
             raise ErasekitError(f"use a lower-case textual-inversion token, got {self.token!r}")
-        for name in ("num_vectors", "steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ErasekitError(f"textual inversion: {name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ErasekitError(f"textual inversion: lr must be positive, got {self.lr}")
-        if not self.templates or any("{}" not in t for t in self.templates):
+        for name in ("num_vectors", "steps", "batch_size", "images"):
+            integer(f"textual inversion: {name}", getattr(self, name), low=1)
+        integer("textual inversion: seed", self.seed, low=-(2**63), high=2**64 - 1)  # manual_seed's range
+        finite("textual inversion: lr", self.lr, low=0, low_open=True, high=1e3)
+        if not isinstance(self.initializer, str) or not self.initializer.strip():
+            raise ErasekitError("textual inversion: the initializer must be a word")
+        if isinstance(self.templates, str) or not self.templates or any(
+                not isinstance(t, str) or "{}" not in t for t in self.templates):
             raise ErasekitError("textual inversion: every template needs a '{}' for the token")
 
     def tokens(self) -> list[str]:
@@ -116,38 +128,51 @@ class LearnedEmbedding:
     # -- files ----------------------------------------------------------------------------------
     def save(self, out_dir) -> Path:
         """``learned_embeds.safetensors`` (diffusers' format) and ``textual_inversion.json`` (config, budget)."""
-        from safetensors.torch import save_file
+        from erasekit.atomic import atomic_save_safetensors, atomic_write_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / LEARNED_EMBEDS_FILE
-        save_file({self.token: self.vectors.contiguous()}, str(path))
         record = {"token": self.token, "tokens": self.tokens, "shape": list(self.vectors.shape),
                   "digest": self.digest(), "config": self.config, "budget": self.budget}
-        (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        # Each file whole or absent; the vectors (whose presence marks a cached embedding as done) last.
+        atomic_write_text(out / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+        atomic_save_safetensors({self.token: self.vectors.contiguous()}, path)
         return path
 
     @classmethod
     def load(cls, path) -> "LearnedEmbedding":
         """Read a diffusers-format file (or a folder holding one); the JSON beside it, when present, too."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from erasekit.safe_load import load_safetensors
 
         path = Path(path)
         if path.is_dir():
             path = path / LEARNED_EMBEDS_FILE
         if not path.is_file():
             raise ErasekitError(f"{path}: no such learned-embedding file")
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ErasekitError(f"corrupt {path}: {exc}") from exc
+        state = load_safetensors(path, "learned-embedding file")
         if len(state) != 1:
             raise ErasekitError(f"{path} should hold one token's vectors, holds {len(state)} tensors")
         (token, vectors), = state.items()
+        if not token or any(ch.isspace() for ch in token):
+            raise ErasekitError(f"{path}: the token {token!r} is not one word")
+        if vectors.ndim not in (1, 2) or vectors.numel() == 0 or not vectors.is_floating_point():
+            raise ErasekitError(f"{path}: the vectors of {token!r} must be a non-empty float (k, D) tensor, "
+                                f"got {str(vectors.dtype).replace('torch.', '')} {tuple(vectors.shape)}")
+        if not bool(torch.isfinite(vectors).all()):
+            raise ErasekitError(f"{path}: the vectors of {token!r} hold NaN or infinite values")
         meta_path = path.parent / CONFIG_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        return cls(token, vectors, budget=meta.get("budget", {}), config=meta.get("config", {}))
+        meta = {}
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+                raise ErasekitError(f"corrupt {meta_path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+            if not isinstance(meta, dict):
+                raise ErasekitError(f"corrupt {meta_path}: not a JSON object")
+        budget, config = meta.get("budget", {}), meta.get("config", {})
+        return cls(token, vectors, budget=budget if isinstance(budget, dict) else {},
+                   config=config if isinstance(config, dict) else {})
 
     # -- using ----------------------------------------------------------------------------------
     def encode(self, pipe, prompts, device=None) -> torch.Tensor:
@@ -156,7 +181,7 @@ class LearnedEmbedding:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = tokenizer_with(pipe.tokenizer, self.tokens)
         with torch.no_grad(), _swap_new_rows(pipe.text_encoder, len(pipe.tokenizer), self.vectors):
-            states = _encode(pipe, tok, [self.expand(p) for p in prompts])
+            states = encode_prompts(pipe, [self.expand(p) for p in prompts], tokenizer=tok)
         return states.to(device) if device is not None else states
 
 
@@ -176,16 +201,6 @@ def tokenizer_with(tokenizer, tokens: list[str]):
     if not all(i in probe for i in ids):
         raise ErasekitError(f"the tokenizer splits the token {tokens[0]!r}; choose a simpler one like '<star-ti>'")
     return tok
-
-
-def _encode(pipe, tokenizer, prompts: list[str]) -> torch.Tensor:
-    # As StableDiffusionPipeline.encode_prompt (and erasekit.models.encode_prompts) do it.
-    encoder = pipe.text_encoder
-    inputs = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
-    mask = inputs.attention_mask.to(encoder.device) if use_mask else None
-    return encoder(inputs.input_ids.to(encoder.device), attention_mask=mask)[0]
 
 
 @contextmanager
@@ -231,20 +246,6 @@ def _frozen(*modules):
             p.requires_grad_(flag)
 
 
-def encode_latent_distribution(pipe, images: np.ndarray, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (N, C, h, w), float32 on the UNet's device, of the VAE posterior of uint8 images, unscaled."""
-    vae = pipe.vae
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
-            x = (x.float() / 127.5 - 1.0).to(device=vae.device, dtype=vae.dtype)
-            dist = vae.encode(x).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-    return torch.cat(means).to(pipe.unet.device), torch.cat(stds).to(pipe.unet.device)
-
-
 def _initial_vectors(pipe, word: str, k: int) -> torch.Tensor:
     ids = pipe.tokenizer(word, add_special_tokens=False).input_ids if word else []
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
@@ -259,7 +260,6 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from erasekit.generation import image_size
     from erasekit.metrics.cost import measure_cost
 
     config = config or TextualInversionConfig()
@@ -274,6 +274,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     tok = tokenizer_with(pipe.tokenizer, tokens)
     vocab_size = len(pipe.tokenizer)
     unet, device = pipe.unet, pipe.unet.device
+    model = UNetDenoiser(unet)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     n_train = noise_scheduler.config.num_train_timesteps
@@ -284,7 +285,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     losses = []
 
     with measure_cost() as cost, _frozen(pipe.unet, pipe.text_encoder, pipe.vae):
-        mean, std = encode_latent_distribution(pipe, images)
+        mean, std = encode_distribution(pipe, images)
         vectors = _initial_vectors(pipe, config.initializer, len(tokens)).to(pipe.text_encoder.device)
         vectors.requires_grad_(True)
         optimizer = torch.optim.Adam([vectors], lr=config.lr)
@@ -300,9 +301,9 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
                 # A few templates per step, each encoded once and shared by several images: the text encoder
                 # costs as much as the UNet on small models.
                 uniq = torch.randperm(len(prompts_all), generator=gen)[: min(TEMPLATES_PER_STEP, bs)]
-                states = _encode(pipe, tok, [prompts_all[i] for i in uniq.tolist()])
+                states = encode_prompts(pipe, [prompts_all[i] for i in uniq.tolist()], tokenizer=tok)
                 states = states[torch.arange(bs, device=states.device) % len(uniq)]
-                pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=states.to(unet.dtype)).sample.float()
+                pred = model(noisy, t, Conditioning(states)).float()
                 target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
                 loss = torch.nn.functional.mse_loss(pred, target)
                 optimizer.zero_grad(set_to_none=True)
@@ -325,9 +326,8 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
 
 
 def textual_inversion_inputs(learned: LearnedEmbedding, n: int, seed: int = 0,
-                             template: str = GENERATION_TEMPLATE, learned_on: str = "") -> "AttackInputs":
+                             template: str = GENERATION_TEMPLATE, learned_on: str = "") -> AttackInputs:
     """``n`` images of ``template`` with the learned token, seeds ``seed + i``."""
-    from erasekit.attacks.base import AttackInputs
 
     if n < 1:
         raise ErasekitError(f"-n must be at least 1, got {n}")
@@ -339,3 +339,48 @@ def textual_inversion_inputs(learned: LearnedEmbedding, n: int, seed: int = 0,
         learned=learned,
         budget=budget,
     )
+
+
+RENDER_SEED = 1_000_000  # rendered concept images: far from generation seeds
+
+
+def default_token(concept: str) -> str:
+    import re
+
+    return "<" + (re.sub(r"[^a-z0-9]+", "-", concept.lower()).strip("-") or "concept") + "-ti>"
+
+
+@ATTACKS.register
+class TextualInversionAttack(Attack):
+    name = "textual_inversion"
+    alias = "ti"
+    summary = "learn a new token's vectors from concept images (CLIP or BERT encoders); diffusers format"
+    Settings = TextualInversionConfig
+    order = 1
+    scenarios = {"embedding-bb": {"learn_on": "original"}, "embedding-wb": {"learn_on": "target"}}
+
+    def inputs(self, ctx: AttackContext, learn_on: str) -> AttackInputs:
+        """Learn (or reuse from the cache) the concept's token on the original or the attacked model."""
+        import dataclasses
+
+        from erasekit.attacks.images import concept_images
+        from erasekit.store import content_key
+
+        config = self.settings
+        if config.token == TextualInversionConfig.token:  # the default token: named after the concept
+            config = dataclasses.replace(config, token=default_token(ctx.concept))
+        learner = ctx.learner(learn_on)
+        images = concept_images(learner, ctx.concept, None if ctx.images_folder else config.images, ctx.images_folder,
+                                RENDER_SEED, ctx.notes)
+        source = {"images_digest": images.digest, "learner": learner.cache_id}
+        folder = ctx.cache_dir / f"ti-{content_key(source, config.as_dict())}" if ctx.cache_dir is not None else None
+        if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / LEARNED_EMBEDS_FILE).is_file():
+            learned = LearnedEmbedding.load(folder)
+            learned.budget = dict(learned.budget, reused_from_cache=str(folder))
+        else:
+            with learner.active():
+                learned = learn_textual_inversion(learner.pipe, images.images, config, progress=ctx.progress)
+            learned.config.update(source)
+            if folder is not None:
+                learned.save(folder)
+        return textual_inversion_inputs(learned, ctx.n, seed=ctx.seed, learned_on=learn_on)

@@ -19,6 +19,7 @@ import numpy as np
 
 from erasekit.detectors.base import as_uint8_rgb
 from erasekit.errors import ErasekitError
+from erasekit.registry import DETECTORS
 
 NINE_EXPOSED = (
     "FEMALE_BREAST_EXPOSED", "MALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
@@ -46,15 +47,28 @@ def _import_nudenet():
     return nudenet
 
 
+@DETECTORS.register
 class NudeNetDetector:
     name = "nudenet"
+    summary = f"NudeNet >= 3.4.2 (optional package); 'nudenet' alone is the {DEFAULT_PRESET} preset"
+    presets = tuple(PRESETS)
+    needs_concept = False
 
-    def __init__(self, preset: str = DEFAULT_PRESET, threshold: float | None = None):
+    @staticmethod
+    def describe_preset(preset: str) -> str:
+        p = PRESETS[preset]
+        return f"NudeNet, {len(p['classes'])} EXPOSED classes, score > {p['threshold']} ({p['source']})"
+
+    def __init__(self, preset: str | None = DEFAULT_PRESET, threshold: float | None = None):
+        preset = preset or DEFAULT_PRESET
         if preset not in PRESETS:
             raise ErasekitError(f"unknown nudenet preset {preset!r}; available: {', '.join(PRESETS)}")
         self.preset = preset
         self.classes = tuple(PRESETS[preset]["classes"])
-        self.threshold = float(PRESETS[preset]["threshold"] if threshold is None else threshold)
+        from erasekit.checks import finite
+
+        self.threshold = finite("threshold", PRESETS[preset]["threshold"] if threshold is None else threshold,
+                                low=0.0, high=1.0, high_open=True)
         self._nudenet = _import_nudenet()  # fail at construction, before any image is generated
         self._detector = None
 

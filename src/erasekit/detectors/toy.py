@@ -13,23 +13,30 @@ import numpy as np
 
 from erasekit.detectors.base import as_uint8_rgb
 from erasekit.errors import ErasekitError
+from erasekit.registry import DETECTORS
 
 DEFAULT_THRESHOLD = 0.5
 
 
+@DETECTORS.register
 class ToyConceptDetector:
     name = "toy"
+    summary = "embedded world's classifier: concept present when P(its shape/colour/texture label) > 0.5"
+    needs_concept = True
 
-    def __init__(self, concept: str, threshold: float = DEFAULT_THRESHOLD, model=None, device=None):
+    def __init__(self, concept: str | None = None, threshold: float = DEFAULT_THRESHOLD, model=None, device=None):
         from erasekit.toy.world import concept_kind
 
+        if not concept:
+            raise ErasekitError("the toy detector needs a concept (a shape, colour or texture of the world)")
         try:
             self.attribute = concept_kind(concept)
         except ValueError as exc:
             raise ErasekitError(str(exc)) from exc
-        if not 0.0 <= threshold < 1.0:
-            raise ErasekitError(f"threshold must be in [0, 1), got {threshold}")
-        self.concept, self.threshold = concept, float(threshold)
+        from erasekit.checks import finite
+
+        threshold = finite("threshold", threshold, low=0.0, high=1.0, high_open=True)
+        self.concept, self.threshold = concept, threshold
         self._model = model  # a ToyDetector; loaded lazily (the shipped weights) when None
         self._device = device
         self.weights = "given" if model is not None else "shipped"

@@ -1,5 +1,5 @@
-"""Base types: a weight edit (computed once, applied to / reverted from a pipeline, saved as a small delta) and
-an inference-time defence (installed around sampling). Both follow one protocol, so they compose.
+"""A weight edit: computed once, applied to / reverted from a pipeline, saved as a small delta. (Inference-time
+defences are `erasekit.defences`; a `erasekit.diffusion.Target` composes both.)
 
 On disk an edit is a folder:
 
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from erasekit import __version__
 from erasekit.errors import ErasekitError
 
 EDIT_JSON = "edit.json"
@@ -44,24 +42,8 @@ def _parameter(pipe, name: str) -> torch.nn.Parameter:
         raise ErasekitError(f"edit tensor {name} does not exist in this pipeline's {component}") from None
 
 
-class Edit(ABC):
-    """What every erasure (weight edit, defence, or a stack of them) offers: ``method`` (its name), ``kind``
-    ("weight_edit", "defence", "stack"), apply / revert / save."""
-
-    @abstractmethod
-    def apply(self, pipe, verify: bool = True):
-        """Make ``pipe`` use the edit; returns the pipeline to sample from (``pipe`` itself for weight edits)."""
-
-    @abstractmethod
-    def revert(self, pipe) -> None:
-        """Undo `apply` on ``pipe``."""
-
-    @abstractmethod
-    def save(self, out_dir) -> Path:
-        """Write the edit to ``out_dir`` (created); `load_edit` reads it back."""
-
 @dataclass
-class WeightEdit(Edit):
+class WeightEdit:
     """New values for a few tensors of a pipeline, plus everything needed to reproduce and audit them."""
 
     method: str
@@ -80,7 +62,9 @@ class WeightEdit(Edit):
         self.tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         self._originals: dict[int, dict[str, torch.Tensor]] = {}  # id(pipe) -> tensors before apply
         if not self.versions:
-            self.versions = _versions()
+            from erasekit.provenance import versions
+
+            self.versions = versions()
         if not self.created:
             self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -130,6 +114,20 @@ class WeightEdit(Edit):
     def is_applied(self, pipe) -> bool:
         return id(pipe) in self._originals
 
+    def digest(self) -> str:
+        """A content hash of the edit (method, settings, concept, base model, tensors): part of every cache key."""
+        if getattr(self, "_digest", None) is None:
+            import hashlib
+
+            h = hashlib.sha256(json.dumps([self.method, self.settings, self.spec, self.base_fingerprint],
+                                          sort_keys=True, default=str).encode())
+            for name in sorted(self.tensors):
+                t = self.tensors[name]
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
     # -- files ------------------------------------------------------------------------------------
     def n_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -152,30 +150,36 @@ class WeightEdit(Edit):
         }
 
     def save(self, out_dir) -> Path:
-        from safetensors.torch import save_file
+        from erasekit.atomic import atomic_save_safetensors, atomic_write_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(dict(sorted(self.tensors.items())), str(out / EDIT_TENSORS),
-                  metadata={"method": self.method, "base_fingerprint": self.base_fingerprint})
-        (out / EDIT_JSON).write_text(json.dumps(self.record(), indent=2) + "\n")
+        # Each file whole or absent; edit.json (which load_edit reads first) last.
+        atomic_save_safetensors(dict(sorted(self.tensors.items())), out / EDIT_TENSORS,
+                                metadata={"method": self.method, "base_fingerprint": self.base_fingerprint})
+        atomic_write_text(out / EDIT_JSON, json.dumps(self.record(), indent=2) + "\n")
         return out
 
     @classmethod
     def load(cls, folder: Path, record: dict) -> "WeightEdit":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from erasekit.safe_load import load_safetensors
 
         path = folder / EDIT_TENSORS
         if not path.is_file():
             raise ErasekitError(f"{folder} has no {EDIT_TENSORS}")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ErasekitError(f"corrupt {path}: {exc}") from exc
+        tensors = load_safetensors(path, "edit tensors")
         expected = record.get("tensors", {})
-        if set(expected) != set(tensors) or any(list(tensors[k].shape) != v for k, v in expected.items()):
+        if not isinstance(expected, dict) or set(expected) != set(tensors) or any(
+                list(tensors[k].shape) != v for k, v in expected.items()):
             raise ErasekitError(f"{path} does not hold the tensors {folder / EDIT_JSON} lists")
+        for name in ("method", "base_fingerprint"):
+            if not isinstance(record.get(name, ""), str):
+                raise ErasekitError(f"{folder / EDIT_JSON}: {name} must be text")
+        for name in ("settings", "concept", "timings", "extra", "versions"):
+            if not isinstance(record.get(name, {}), dict):
+                raise ErasekitError(f"{folder / EDIT_JSON}: {name} must be a JSON object")
+        if not isinstance(record.get("base_dtype", ""), str) or not isinstance(record.get("created", ""), str):
+            raise ErasekitError(f"{folder / EDIT_JSON}: base_dtype and created must be text")
         try:
             return cls(
                 method=record["method"], tensors=tensors, settings=record.get("settings", {}),
@@ -191,57 +195,9 @@ class WeightEdit(Edit):
         return DTYPES.get(self.base_dtype, torch.float32)
 
 
-class Defence(Edit):
-    """An inference-time defence (negative prompt, SLD, IRECE, ...): changes how a pipeline samples, not its
-    weights. ``apply`` returns the pipeline to sample from (a wrapper or ``pipe`` with hooks installed);
-    ``revert`` removes them. Subclasses register with `erasekit.erasers.registry` like weight-edit methods and
-    implement ``save``/``load`` (a folder with ``edit.json``, kind "defence"). None is implemented yet."""
-
-    kind = "defence"
-
-    @classmethod
-    @abstractmethod
-    def load(cls, folder: Path, record: dict) -> "Defence":
-        """Rebuild a saved defence."""
-
-
-@dataclass
-class Stack(Edit):
-    """Edits applied in order (a weight edit, then defences on top: "RECE + IRECE"); reverted in reverse."""
-
-    parts: list[Edit]
-    kind: str = "stack"
-
-    @property
-    def method(self) -> str:  # type: ignore[override]
-        return "+".join(p.method for p in self.parts)
-
-    def apply(self, pipe, verify: bool = True):
-        for part in self.parts:
-            out = part.apply(pipe, verify=verify)
-            pipe = pipe if out is None else out
-        return pipe
-
-    def revert(self, pipe) -> None:
-        for part in reversed(self.parts):
-            part.revert(pipe)
-
-    def save(self, out_dir) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        names = []
-        for i, part in enumerate(self.parts):
-            name = f"{i:02d}-{part.method}"
-            part.save(out / name)
-            names.append(name)
-        (out / EDIT_JSON).write_text(json.dumps({"format": FORMAT_VERSION, "kind": self.kind, "method": self.method,
-                                                 "parts": names}, indent=2) + "\n")
-        return out
-
-
-def load_edit(folder, pipe=None) -> Edit:
+def load_edit(folder, pipe=None) -> WeightEdit:
     """Read an edit saved by ``save`` (safetensors and JSON only). With ``pipe``, also check right away that the
-    edit was made for that model (weight edits record the base model's fingerprint)."""
+    edit was made for that model (it records the base model's fingerprint)."""
     folder = Path(folder)
     meta = folder / EDIT_JSON
     if not folder.is_dir():
@@ -249,25 +205,17 @@ def load_edit(folder, pipe=None) -> Edit:
     if not meta.is_file():
         raise ErasekitError(f"{folder} is not a saved edit (no {EDIT_JSON})")
     try:
-        record = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ErasekitError(f"corrupt {meta}: {exc}") from exc
+        record = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        text = str(exc).strip()
+        raise ErasekitError(f"corrupt {meta}: {text.splitlines()[0] if text else type(exc).__name__}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
         raise ErasekitError(f"{meta}: unknown edit format {record.get('format') if isinstance(record, dict) else '?'} "
                             f"(this erasekit reads format {FORMAT_VERSION})")
-    kind = record.get("kind")
-    if kind == "weight_edit":
-        edit: Edit = WeightEdit.load(folder, record)
-    elif kind == "stack":
-        edit = Stack([load_edit(folder / name) for name in record.get("parts", [])])
-    elif kind == "defence":
-        from erasekit.erasers.registry import get
-
-        cls = get(record.get("method", ""))
-        edit = cls.load(folder, record)
-    else:
-        raise ErasekitError(f"{meta}: unknown edit kind {kind!r}")
-    if pipe is not None and isinstance(edit, WeightEdit):
+    if record.get("kind") != "weight_edit":
+        raise ErasekitError(f"{meta}: unknown edit kind {record.get('kind')!r}")
+    edit = WeightEdit.load(folder, record)
+    if pipe is not None:
         edit.check_base(pipe)
     return edit
 
@@ -284,22 +232,7 @@ def bake(edit: WeightEdit, pipe, out_dir) -> Path:
     finally:
         if applied_here:
             edit.revert(pipe)
-    (out / BAKED_EDIT_JSON).write_text(json.dumps(edit.record(), indent=2) + "\n")
+    from erasekit.atomic import atomic_write_text
+
+    atomic_write_text(out / BAKED_EDIT_JSON, json.dumps(edit.record(), indent=2) + "\n")
     return out
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"erasekit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
-
-
-def changed_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of ``after`` that differ from ``before`` (so a delta never carries untouched tensors)."""
-    return {k: v for k, v in after.items() if not torch.equal(before[k].to(v.device, v.dtype), v)}
-
-
-def names_of(component: str, names: Sequence[str]) -> list[str]:
-    return [f"{component}.{n}" for n in names]

@@ -20,32 +20,13 @@ class ConceptSpec:
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ConceptSpec":
-        return cls(tuple(d["concepts"]), d.get("guide", SD_DEFAULT_GUIDE), tuple(d.get("preserve", ())))
 
 
 def default_guide(pipe, concepts: Sequence[str]) -> str:
-    """The neutral guide for ``concepts`` on ``pipe``.
+    """The neutral guide for ``concepts`` on ``pipe``: its world's (the empty prompt on Stable Diffusion)."""
+    from erasekit.worlds import world_of
 
-    On Stable Diffusion the empty prompt. On the embedded world the empty prompt shows every shape, so shapes
-    go to the empty scene and textures to the plain background (`erasekit.toy.world`).
-    """
-    from erasekit.models import is_toy_pipeline
-
-    if not is_toy_pipeline(pipe):
-        return SD_DEFAULT_GUIDE
-    from erasekit.toy import world
-
-    kinds = set()
-    for text in concepts:
-        words = text.lower().split()
-        for name, synonyms in {**world.SHAPE_WORDS, **world.TEXTURE_WORDS}.items():
-            if any(s in text.lower() for s in synonyms) or name in words:
-                kinds.add(world.concept_kind(name))
-    if kinds == {"texture"}:
-        return world.GUIDE_FOR_TEXTURE
-    return world.GUIDE_FOR_SHAPE
+    return world_of(pipe).guide(concepts)
 
 
 def resolve_spec(pipe, concepts: str | Sequence[str], guide: str | None = None,

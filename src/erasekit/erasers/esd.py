@@ -30,8 +30,8 @@ import torch
 
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
-from erasekit.erasers.registry import register
-from erasekit.erasers.settings import Settings, choice, positive
+from erasekit.registry import ERASERS
+from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates, preserved_texts
 from erasekit.errors import ErasekitError
 from erasekit.models import encode_prompts
@@ -56,21 +56,6 @@ class ESDSettings(Settings):
     # serve the empty prompt too, and classifier-free guidance leans on it.
     anchor_unconditional: bool = False
 
-    @classmethod
-    def for_pipeline(cls, pipe) -> "ESDSettings":
-        from erasekit.models import is_toy_pipeline
-
-        if is_toy_pipeline(pipe):
-            from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-            # A 3.4M-parameter UNet on CPU: larger steps and batches, fewer iterations. Measured with
-            # scripts/eval_erasure.py: ESD-x at lr 1e-3 takes "star" from 92% to 4% with other shapes intact (at
-            # 1e-4 it barely moved). ESD-u as in the paper leaves 60% of stars and breaks other shapes (73% kept)
-            # at any step size tried; it needs anchor_unconditional (see the module docstring and the presets).
-            return cls(iterations=400, lr=1e-3, batch_size=8, ddim_steps=DEFAULT_STEPS,
-                       sample_guidance=DEFAULT_GUIDANCE, trajectories=64)
-        return cls()
-
     def validate(self) -> None:
         positive(self, "iterations", "lr", "batch_size", "ddim_steps", "trajectories")
         positive(self, "eta", "sample_guidance", "preserve_weight", allow_zero=True)
@@ -85,38 +70,49 @@ def esd_u_parameters(unet) -> list[str]:
     return [n for n, _ in unet.named_parameters() if not any(x in n for x in ESD_U_EXCLUDED)]
 
 
+class _RecordStates:
+    """A step hook that keeps every state of the loop with both branches' predictions."""
+
+    def __init__(self, which: torch.Tensor, bar):
+        self.which, self.bar = which, bar
+        self.rows: list[tuple] = []
+
+    def after(self, state) -> None:
+        n = len(state.latents)
+        self.rows.append((state.latents.cpu(), torch.full((n,), int(state.t)), state.branches["uncond"].cpu(),
+                          state.branches["cond"].cpu(), self.which))
+        self.bar.update(n)
+
+
 @torch.no_grad()
 def sample_training_states(pipe, cond: torch.Tensor, uncond: torch.Tensor, s: ESDSettings, progress: bool):
     """Run the frozen UNet on the concept prompts from noise; keep every (x_t, t, ε0(x_t), ε0(x_t, c), prompt)."""
-    from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
+    from erasekit.diffusion import Conditioning
+    from erasekit.diffusion.guidance import ClassifierFreeGuidance, UNetDenoiser
+    from erasekit.diffusion.sampler import Sampler
+
     unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
     size = unet.config.sample_size
     shape = (unet.config.in_channels, size, size)
     gen = torch.Generator("cpu").manual_seed(s.seed)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(s.ddim_steps)
-    chunk = max(1, min(s.trajectories, 16 if device.type == "cpu" else 8))
-    xs, ts, e0s, eps, idx = [], [], [], [], []
-    bar = tqdm(total=s.trajectories * len(scheduler.timesteps), desc="ESD: sampling concept states", unit="step",
+    sampler = Sampler(pipe, s.ddim_steps)
+    model = UNetDenoiser(unet)
+    chunk = max(1, min(s.trajectories, 16 if unet.device.type == "cpu" else 8))
+    bar = tqdm(total=s.trajectories * len(sampler.timesteps), desc="ESD: sampling concept states", unit="step",
                disable=not progress, leave=False)
+    rows: list[tuple] = []
     for first in range(0, s.trajectories, chunk):
         n = min(chunk, s.trajectories - first)
         which = torch.arange(first, first + n) % len(cond)
-        c = cond[which].to(device, dtype)
-        u = uncond.expand(n, -1, -1).to(device, dtype)
-        x = torch.randn((n, *shape), generator=gen).to(device, dtype) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([u, c])).sample
-            e_uncond, e_cond = out.chunk(2)
-            xs.append(x.cpu()); e0s.append(e_uncond.cpu()); eps.append(e_cond.cpu())
-            ts.append(torch.full((n,), int(t))); idx.append(which)
-            x = scheduler.step(e_uncond + s.sample_guidance * (e_cond - e_uncond), t, x).prev_sample
-            bar.update(n)
+        # Guidance with a scale <= 1 would skip the unconditional branch, which training reads: always both.
+        guidance = ClassifierFreeGuidance(model, Conditioning(cond[which]), Conditioning(uncond), s.sample_guidance)
+        record = _RecordStates(which, bar)
+        sampler.denoise(sampler.prepare_latents(torch.randn((n, *shape), generator=gen)), guidance, [record])
+        rows.extend(record.rows)
     bar.close()
-    return torch.cat(xs), torch.cat(ts), torch.cat(e0s), torch.cat(eps), torch.cat(idx)
+    return tuple(torch.cat(col) for col in zip(*rows))
 
 
 class ESD(Method):
@@ -214,7 +210,7 @@ class ESD(Method):
         return Result(tensors, solve_s, extra)
 
 
-@register
+@ERASERS.register
 class ESDx(ESD):
     name = "esd-x"
     summary = "ESD-x: fine-tune cross-attention with negative guidance away from the concept (styles, prompts)"
@@ -224,7 +220,7 @@ class ESDx(ESD):
         return esd_x_parameters(unet)
 
 
-@register
+@ERASERS.register
 class ESDu(ESD):
     name = "esd-u"
     summary = "ESD-u: fine-tune all but cross-attention with negative guidance (global concepts, e.g. nudity)"

@@ -10,7 +10,7 @@ import torch
 
 from erasekit.erasers.base import WeightEdit
 from erasekit.erasers.concept import ConceptSpec, resolve_spec
-from erasekit.erasers.settings import Settings
+from erasekit.settings import Settings
 
 
 @dataclass
@@ -33,9 +33,10 @@ class Method(ABC):
 
     @classmethod
     def resolve_settings(cls, pipe, overrides: Mapping[str, Any] | None = None):
-        settings = cls.Settings.for_pipeline(pipe).replace(overrides or {})
-        settings.validate()
-        return settings
+        """The method's defaults, then its world's defaults for ``pipe``'s model family, then ``overrides``."""
+        from erasekit.worlds import world_of
+
+        return cls.Settings().replace(world_of(pipe).method_defaults(cls.name)).replace(overrides or {})
 
 
 def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = None, preserve: Sequence[str] = (),
@@ -45,11 +46,11 @@ def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = 
     ``settings``: overrides of the method's defaults for this model (strings as from ``--set``, or values).
     The edit records the resolved settings, the concept spec, the base model's fingerprint and the cost.
     """
-    from erasekit.erasers.registry import get
     from erasekit.metrics.cost import measure_cost
     from erasekit.models import fingerprint
+    from erasekit.registry import ERASERS
 
-    cls = get(method)
+    cls = ERASERS.get(method)
     cls.Settings.parse(settings or {})  # fail on unknown keys / types before any work
     base_fp = fingerprint(pipe)
     with measure_cost() as cost:

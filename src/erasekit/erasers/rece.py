@@ -18,9 +18,9 @@ import torch
 
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
-from erasekit.erasers.registry import register
+from erasekit.registry import ERASERS
 from erasekit.erasers.ridge import LowRankEdits, RidgeProblem
-from erasekit.erasers.settings import Settings, choice, positive
+from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES
 from erasekit.erasers.uce import (EXPANSIONS, UNCONDITIONAL, UCESettings, add_uce_terms, guide_pairs, kv_layers,
                                   parse_templates, preserved_texts, text_states)
@@ -50,15 +50,6 @@ class RECESettings(Settings):
     validation_images: int = 8  # per prompt
     validation_seed: int = 1000
 
-    @classmethod
-    def for_pipeline(cls, pipe) -> "RECESettings":
-        from erasekit.models import is_toy_pipeline
-
-        # The embedded world (scripts/eval_erasure.py): 2 epochs take "checkered" from 81% to 2% with 98.5% of the
-        # other textures kept. For "star" the re-erasure also moves the other shapes unless they are preserved in
-        # the concept's contexts with more weight than the paper's 0.1 (see the star preset there).
-        return cls(uce_tokens=UCESettings.for_pipeline(pipe).tokens, epochs=2) if is_toy_pipeline(pipe) else cls()
-
     def validate(self) -> None:
         positive(self, "reg", "lam", "uce_lam")
         positive(self, "epochs", "erase_scale", "preserve_scale", "uce_erase_scale", "uce_preserve_scale",
@@ -72,7 +63,7 @@ class RECESettings(Settings):
                            templates=self.templates)
 
 
-@register
+@ERASERS.register
 class RECE(Method):
     name = "rece"
     summary = "Reliable and Efficient Concept Erasure: UCE + closed-form adversarial re-erasure epochs (seconds)"
@@ -135,21 +126,15 @@ class EpochSelector:
     detector exists so far)."""
 
     def __init__(self, pipe, spec: ConceptSpec, s: RECESettings, names):
-        from erasekit.models import is_toy_pipeline
-
-        if not is_toy_pipeline(pipe):
-            raise ErasekitError("select_epoch needs a concept detector; only the embedded world's ('toy') exists yet")
-        from erasekit.toy import world
-        from erasekit.toy.detector import LABELS, load_toy_detector
+        from erasekit.detectors import create_detector
+        from erasekit.worlds import world_of
 
         label = spec.concepts[0]
         try:
-            self.attribute = world.concept_kind(label)
-        except ValueError as exc:
-            raise ErasekitError(f"select_epoch on the embedded world needs a concept that is one of its labels: {exc}") from None
-        self.index = LABELS[self.attribute].index(label)
-        self.detector = load_toy_detector()
-        self.detector_name = "toy"
+            self.detector = create_detector(world_of(pipe).default_detector(label), concept=label)
+        except ErasekitError as exc:
+            raise ErasekitError(f"select_epoch needs a detector for {label!r}: {exc}") from None
+        self.detector_name = self.detector.info()["name"]
         self.pipe, self.names, self.s = pipe, names, s
         self.prompts = [p.strip() for p in s.validation_prompts.split(";") if p.strip()] or [
             f"a {c}" for c in spec.concepts] + [f"a picture of a {c}" for c in spec.concepts]
@@ -173,8 +158,8 @@ class EpochSelector:
             with torch.no_grad():
                 for p, w in zip(params, saved):
                     p.copy_(w)
-        probs = self.detector.predict(images)[self.attribute]
-        self.rates.append(round(float((probs.argmax(-1) == self.index).float().mean()), 4))
+        rows = self.detector.score(images)
+        self.rates.append(round(sum(r["present"] for r in rows) / len(rows), 4))
 
     def best(self) -> int:
         return min(range(len(self.rates)), key=lambda i: (self.rates[i], i))

@@ -21,9 +21,9 @@ import torch
 
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
-from erasekit.erasers.registry import register
+from erasekit.registry import ERASERS
 from erasekit.erasers.ridge import F64, RidgeProblem
-from erasekit.erasers.settings import Settings, choice, positive
+from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES, aligned_positions, positions
 from erasekit.errors import ErasekitError
 from erasekit.models import cross_attention_kv, encode_prompts
@@ -73,14 +73,6 @@ class UCESettings(Settings):
     expand: str = choice("none", *EXPANSIONS)  # also erase the concept in short template contexts
     templates: str = ""  # ";"-separated contexts with "{c}" for the concept; replaces expand when given
     preserve_in_contexts: bool = False  # preserve the preserve concepts in those same contexts too
-
-    @classmethod
-    def for_pipeline(cls, pipe) -> "UCESettings":
-        from erasekit.models import is_toy_pipeline
-
-        # The embedded world's BERT encoder is bidirectional: every position of "a red star ..." carries the
-        # star, so the end/padding states must be remapped too (measured; see scripts/eval_erasure.py).
-        return cls(tokens="last+end") if is_toy_pipeline(pipe) else cls()
 
     def validate(self) -> None:
         positive(self, "lam")
@@ -136,7 +128,7 @@ def add_uce_terms(problem: RidgeProblem, pipe, states, pairs, preserve, s, throu
         problem.add_mapping(states[text][pos], states[text][pos], s.preserve_scale, through=through)
 
 
-@register
+@ERASERS.register
 class UCE(Method):
     name = "uce"
     summary = "Unified Concept Editing: closed-form edit of cross-attention K/V, concept -> guide (seconds)"

@@ -64,19 +64,6 @@ def use_ddim(pipe) -> None:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 
 
-def is_toy_pipeline(pipe) -> bool:
-    """True for the embedded world's architecture (trained, random or edited), which has its own defaults."""
-    from erasekit.toy import architecture as arch
-
-    unet_cfg = pipe.unet.config
-    return (
-        type(pipe.text_encoder).__name__ == "BertModel"
-        and unet_cfg.cross_attention_dim == arch.TEXT_DIM
-        and unet_cfg.sample_size == arch.LATENT_SIZE
-        and tuple(unet_cfg.block_out_channels) == tuple(arch.UNET_CONFIG["block_out_channels"])
-    )
-
-
 def _safetensors_kwargs(allow_pickle: bool) -> dict:
     # use_safetensors=True: safetensors or an error; None (diffusers' default): safetensors where present, else pickle.
     return {"use_safetensors": None if allow_pickle else True}

@@ -15,16 +15,17 @@ def _as_list(prompts) -> list[str]:
     return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
-def _expand_textual_inversion(pipe, prompts: list[str]) -> list[str]:
+def _expand_textual_inversion(pipe, prompts: list[str], tokenizer) -> list[str]:
     # Multi-vector textual-inversion tokens ("<x>" -> "<x> <x>_1 ...") are expanded by the pipeline too.
     convert = getattr(pipe, "maybe_convert_prompt", None)
-    return convert(prompts, pipe.tokenizer) if convert is not None else prompts
+    return convert(prompts, tokenizer) if convert is not None else prompts
 
 
-def _tokenizer_inputs(pipe, prompts: list[str]):
-    tok = pipe.tokenizer
+def _tokenizer_inputs(pipe, prompts: list[str], tokenizer=None):
+    # A caller's own tokenizer (textual inversion's, with new tokens) comes with prompts it has expanded itself.
+    tok = tokenizer if tokenizer is not None else pipe.tokenizer
     return tok(
-        _expand_textual_inversion(pipe, prompts),
+        prompts if tokenizer is not None else _expand_textual_inversion(pipe, prompts, tok),
         padding="max_length",
         max_length=tok.model_max_length,
         truncation=True,
@@ -37,10 +38,11 @@ def tokenize(pipe, prompts) -> torch.Tensor:
     return _tokenizer_inputs(pipe, _as_list(prompts)).input_ids
 
 
-def encode_prompts(pipe, prompts, device=None) -> torch.Tensor:
+def encode_prompts(pipe, prompts, device=None, tokenizer=None) -> torch.Tensor:
     """Text states (B, T, D) that the UNet attends to for ``prompts``, on ``device`` (default: the encoder's).
 
-    Gradients follow the caller's grad mode; wrap in `torch.no_grad()` when none are needed.
+    ``tokenizer`` replaces the pipeline's (textual inversion: a copy with the new tokens). Gradients follow the
+    caller's grad mode; wrap in `torch.no_grad()` when none are needed.
     """
     prompts = _as_list(prompts)
     encoder = pipe.text_encoder
@@ -48,7 +50,7 @@ def encode_prompts(pipe, prompts, device=None) -> torch.Tensor:
     use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
     chunks = []
     for i in range(0, len(prompts), ENCODE_CHUNK):
-        inputs = _tokenizer_inputs(pipe, prompts[i : i + ENCODE_CHUNK])
+        inputs = _tokenizer_inputs(pipe, prompts[i : i + ENCODE_CHUNK], tokenizer)
         mask = inputs.attention_mask.to(encoder.device) if use_mask else None
         states = encoder(inputs.input_ids.to(encoder.device), attention_mask=mask)[0]
         chunks.append(states.to(dtype=encoder.dtype, device=device))

@@ -1,4 +1,4 @@
-"""`erasekit erase`: compute a weight edit and save it (registered in `erasekit.cli`).
+"""`erasekit erase`: compute a weight edit and save it.
 
     erasekit erase --method uce --concept star --model toy --out out/uce-star
     erasekit generate "a star" --edit out/uce-star
@@ -15,52 +15,52 @@ from typing import List, Optional
 
 import typer
 
+from erasekit.cli import common
 from erasekit.errors import ErasekitError
 
 PIPELINE_SUBDIR = "pipeline"
 
 
-def erase_command(
+def erase(
     method: str = typer.Option(..., "--method", help="Erasure method (see `erasekit ls`): uce, rece, esd-x, esd-u."),
     concept: List[str] = typer.Option(..., "--concept", help="Concept to erase (repeat for several)."),
-    model: str = typer.Option("toy", "--model", "-m", help="'toy', a diffusers pipeline folder, or a hub id in the local cache."),
+    model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the edit (edit.json + edit.safetensors)."),
-    guide: Optional[str] = typer.Option(None, "--guide", help="Concept to map the erased one to (default: \"\" on SD; "
-                                        "the empty scene / plain background on the toy)."),
+    guide: Optional[str] = typer.Option(None, "--guide", help="Concept to map the erased one to (default: its world's: "
+                                        "\"\" on SD, the empty scene / plain background on the toy)."),
     preserve: Optional[List[str]] = typer.Option(None, "--preserve", help="Concept to keep intact (repeat for several)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Method setting key=value (repeat); see the method's module."),
     save_pipeline: bool = typer.Option(False, "--save-pipeline", help=f"Also write the edited model as a full diffusers folder (OUT/{PIPELINE_SUBDIR})."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=common.PICKLE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Erase a concept from a model; writes a small delta that `generate --edit` applies."""
-    from erasekit.cli import _resolve_device, _setup_torch
-    from erasekit.erasers import get, parse_set_options
     from erasekit.erasers.base import EDIT_JSON
+    from erasekit.registry import ERASERS
 
-    method_cls = get(method)
-    overrides = parse_set_options(set_ or [])
+    method_cls = ERASERS.get(method)
+    overrides = common.parse_sets(set_)
     method_cls.Settings.parse(overrides)
-    if out.exists() and not out.is_dir():
-        raise ErasekitError(f"--out {out} exists and is not a folder")
+    common.check_out_dir(out)
     if (out / EDIT_JSON).exists():
         raise ErasekitError(f"--out {out} already holds an edit; choose another folder or remove it")
     if not concept or not all(c.strip() for c in concept):
         raise ErasekitError("--concept is empty: the concept encodes to nothing; give a word or phrase")
 
-    _setup_torch()
-    import torch
+    from erasekit.folder_lock import hold_folder
 
-    from erasekit.erasers import bake, erase
-    from erasekit.models import load_pipeline
+    with hold_folder(out):
+        # Erase in float32 always: the closed-form solves run in float64 anyway, ESD trains in float32.
+        target = common.load_target(model, device=device, dtype="float32", allow_pickle=allow_pickle)
+        from erasekit.erasers import bake
+        from erasekit.erasers import erase as compute_edit
 
-    device = _resolve_device(device)
-    # Erase in float32 always: the closed-form solves run in float64 anyway, ESD trains in float32.
-    pipe = load_pipeline(model, device=device, dtype=torch.float32)
-    edit = erase(pipe, method, concept, guide=guide, preserve=preserve or [], settings=overrides, progress=not quiet)
-    edit.save(out)
-    if save_pipeline:
-        bake(edit, pipe, out / PIPELINE_SUBDIR)
+        edit = compute_edit(target.pipe, method, concept, guide=guide, preserve=preserve or [], settings=overrides,
+                            progress=not quiet)
+        edit.save(out)
+        if save_pipeline:
+            bake(edit, target.pipe, out / PIPELINE_SUBDIR)
     t = edit.timings
     print(
         f"{method}: erased {', '.join(map(repr, concept))} -> guide {edit.spec['guide']!r}; "

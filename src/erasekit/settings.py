@@ -1,15 +1,15 @@
-"""Method settings: typed dataclasses with model-dependent defaults, validation, and ``--set key=value`` parsing.
+"""Component settings: typed dataclasses with validation and ``--set key=value`` parsing.
 
-Every method declares one `Settings` subclass. Its fields are the knobs a user may change; a field's type
+Every registered component (eraser, defence, attack, probe, detector) declares one `Settings` subclass. Its fields are the knobs a user may change; a field's type
 (bool, int, float, str, or Optional of those) says how a ``--set`` string is parsed, and
-``field(metadata={"choices": (...)})`` restricts a string to a few values. ``for_pipeline`` gives the defaults
-for one model (the embedded world is small and wants other defaults than Stable Diffusion), ``validate`` checks
-ranges. The resolved settings are recorded in every saved edit.
+``field(metadata={"choices": (...)})`` restricts a string to a few values; ``validate`` checks ranges. Defaults that
+depend on the model come from its world (`erasekit.worlds`). Resolved settings are recorded with every result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -51,7 +51,12 @@ def _parse(key: str, raw: Any, tp, choices) -> Any:
         return None
     if not isinstance(raw, str):  # a Python value given through the library API
         if base is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            value = float(raw)
+            try:
+                value = float(raw)
+            except OverflowError:  # an int beyond float range
+                value = math.inf
+            if not math.isfinite(value):
+                raise ErasekitError(f"setting {key}={raw!r}: must be a finite number")
         elif base is int and isinstance(raw, int) and not isinstance(raw, bool):
             value = raw
         elif isinstance(raw, base):
@@ -69,8 +74,8 @@ def _parse(key: str, raw: Any, tp, choices) -> Any:
                 value = int(text)
             elif base is float:
                 value = float(text)
-                if value != value:  # NaN
-                    raise ValueError
+                if not math.isfinite(value):  # "nan", "inf", "-inf", "1e999"
+                    raise ErasekitError(f"--set {key}={raw}: {key} must be a finite number")
             else:
                 value = raw
         except ValueError:
@@ -84,13 +89,13 @@ def _parse(key: str, raw: Any, tp, choices) -> Any:
 class Settings:
     """Base class of every method's settings."""
 
-    @classmethod
-    def for_pipeline(cls, pipe) -> "Settings":
-        """The defaults for ``pipe`` (override for model-dependent defaults)."""
-        return cls()
-
     def validate(self) -> None:
         """Raise `ErasekitError` for values out of range (override)."""
+
+    @classmethod
+    def _owner(cls) -> str:
+        owner = getattr(cls, "owner", "")
+        return f" for {owner}" if owner else " for this method"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -107,7 +112,7 @@ class Settings:
         out = {}
         for key, raw in overrides.items():
             if key not in fields:
-                raise ErasekitError(f"unknown setting {key!r} for this method; known: {', '.join(fields)}")
+                raise ErasekitError(f"unknown setting {key!r}{cls._owner()}; known: {', '.join(fields) or 'none'}")
             out[key] = _parse(key, raw, hints[key], fields[key].metadata.get("choices"))
         return out
 
@@ -119,11 +124,6 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "Settings":
-        """Rebuild recorded settings (keys this version does not know are ignored)."""
-        known = set(cls.keys())
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def choice(default, *choices, help: str = ""):

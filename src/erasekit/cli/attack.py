@@ -1,0 +1,86 @@
+"""`erasekit attack`: run one scenario against a model (optionally edited and defended) and measure CRR."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from erasekit.cli import common
+
+
+def attack(
+    scenario: str = typer.Option(..., "--scenario", "-s", help="A scenario (see `erasekit ls`): text, embedding-bb, embedding-wb, latent-bb, latent-wb."),
+    concept: str = typer.Option(..., "--concept", "-c", help="The concept to bring back (toy: a shape, colour or texture)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images, scores.jsonl, summary.json."),
+    model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
+    edit: Optional[Path] = typer.Option(None, "--edit", help="A saved erasure edit (folder) to attack; default: the original model."),
+    defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack)."),
+    n: int = typer.Option(100, "-n", "--n", help="Images to generate in total."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of concept images (embedding / latent scenarios); toy default: rendered."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text scenario: an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="A registered detector: toy, nudenet, nudenet:rece, ... (default: the model's world's)."),
+    seed: int = typer.Option(0, "--seed", help="First generation seed."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling (and inversion) steps; default: the model's."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Sampling guidance scale; default: the model's (I2P rows: their own)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting <attack>.<key>=value (repeat), e.g. ti.steps=800, inversion.prompt_mode=concept; see `erasekit ls`."),
+    device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=common.DTYPE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=common.PICKLE_HELP),
+) -> None:
+    """Attack a model through one input surface and measure the concept reproduction rate (CRR)."""
+    from erasekit.attacks.scenarios import ScenarioConfig, attack_of, run_scenario, split_settings
+    from erasekit.checks import integer
+
+    cfg = ScenarioConfig(scenario=scenario, concept=concept.strip(), n=n, seed=seed, steps=steps, guidance=guidance,
+                         batch_size=batch_size, settings=split_settings(common.parse_sets(set_)))
+    cfg.validate()  # every argument checked before a model is loaded
+    integer("--seed", seed, low=0, high=2**63 - 1)
+    cls, _ = attack_of(scenario)
+    if images is not None:
+        if cls.name == "text":
+            from erasekit.errors import ErasekitError
+
+            raise ErasekitError("--images belongs to the embedding and latent scenarios; the text scenario uses prompts")
+        from erasekit.attacks.images import image_files
+
+        image_files(images)  # exists and holds images (each is read, converted or refused later)
+    if prompts is not None:
+        if cls.name != "text":
+            from erasekit.errors import ErasekitError
+
+            raise ErasekitError("--prompts (an I2P-layout CSV) belongs to the text scenario")
+        from erasekit.attacks.i2p import load_i2p_csv
+
+        load_i2p_csv(prompts)
+    common.check_out_dir(out)
+    common.resolve_dtype(dtype, "cpu")
+    saved_edit = common.read_edit(edit)
+    defences = common.read_defences(defence)
+    if detector is not None:
+        from erasekit.registry import DETECTORS
+
+        DETECTORS.split(detector)
+
+    from erasekit.folder_lock import hold_folder
+
+    with hold_folder(out):
+        target = common.load_target(model, edit=saved_edit, defences=defences, device=device, dtype=dtype,
+                                    allow_pickle=allow_pickle)
+        from erasekit.detectors import create_detector
+
+        det = create_detector(detector or target.world.default_detector(cfg.concept), concept=cfg.concept)
+        if getattr(det, "name", "") == "toy":
+            det.model  # noqa: B018  (load the weights now: fail before generating)
+        summary = run_scenario(cfg, target, det, out, images_folder=images, prompts_csv=prompts)
+    low, high = summary["ci"]
+    print(
+        f"{scenario} / {cfg.concept}: CRR {summary['crr']:.3f} (95% CI {low:.3f}-{high:.3f}, n={summary['n']}), "
+        f"detector {summary['detector']['name']} {summary['detector'].get('preset') or ''}; "
+        f"{summary['generation']['images_generated']} generated, {summary['generation']['images_reused']} reused; "
+        f"{summary['wall_s']:.1f} s; {out / 'summary.json'}",
+        file=sys.stderr,
+    )

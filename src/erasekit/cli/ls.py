@@ -1,0 +1,24 @@
+"""`erasekit ls`: every registered component, by kind, with exactly the names the commands accept."""
+
+from __future__ import annotations
+
+
+def list_registries() -> None:
+    """List the registered erasers, defences, attack scenarios, probes and detectors."""
+    from erasekit.attacks.scenarios import scenarios
+    from erasekit.registry import ALL
+
+    for kind, registry in ALL.items():
+        if kind == "attacks":
+            table = scenarios()
+            print(f"scenarios ({registry.option}): {', '.join(table) or '(none registered)'}")
+            described = {name: f"[{cls.name}] {cls.summary}" for name, (cls, _) in table.items()}
+            described.update({f"--set {cls.alias or cls.name}.KEY": f"settings of {cls.name}: "
+                              f"{', '.join(cls.Settings.keys()) or 'none'}" for cls in registry.classes().values()})
+        else:
+            names = registry.names()
+            print(f"{kind} ({registry.option}): {', '.join(names) or '(none registered)'}")
+            described = registry.describe()
+        width = max(map(len, described), default=0)
+        for name, line in described.items():
+            print(f"  {name:<{width}}  {line}")

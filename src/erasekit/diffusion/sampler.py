@@ -1,0 +1,158 @@
+"""The sampling loop, in named steps, with hooks at every step.
+
+    sampler = Sampler(pipe, steps=20)
+    z = sampler.prepare_latents(seeds)               # one generator per image: images do not depend on batching
+    z = sampler.denoise(z, guidance, hooks=[...])    # DDIM; hooks read and replace latents, model output, x0
+    images = sampler.decode(z)                       # uint8 (N, H, W, 3)
+
+`denoise(start=k)` starts part-way (diffusion completion), `stop=k` ends early; `invert` runs the same loop
+backwards with DDIM's inverse scheduler. The loop is the one of diffusers' `StableDiffusionPipeline` (same batching,
+same scheduler calls), so with no hooks it gives that pipeline's images.
+
+A hook is any object with some of ``before(state)``, ``on_output(state)``, ``after(state)``:
+
+- ``before``: ``state.latents`` (x_t) may be replaced before the model sees it;
+- ``on_output``: ``state.output`` (the guided model output) may be replaced; ``state.branches`` holds each
+  branch's output (uncond, cond, ...);
+- ``after``: ``state.x0`` (the predicted clean latents) and ``state.next_latents`` are set; ``next_latents`` may be
+  replaced, and a hook that changes ``state.x0`` sets ``state.next_latents = None`` to have it recomputed from
+  the new x0 (DDIM's update rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepState:
+    index: int  # 0 .. n_steps-1 in the loop's own order
+    n_steps: int
+    t: torch.Tensor
+    latents: torch.Tensor
+    output: torch.Tensor | None = None
+    branches: dict[str, torch.Tensor] = field(default_factory=dict)
+    x0: torch.Tensor | None = None
+    next_latents: torch.Tensor | None = None
+
+
+class StepHook:
+    """Base class with no-op hooks (subclassing is optional: any object with these methods works)."""
+
+    def before(self, state: StepState) -> None: ...
+
+    def on_output(self, state: StepState) -> None: ...
+
+    def after(self, state: StepState) -> None: ...
+
+
+def _call(hooks, name: str, state: StepState) -> None:
+    for hook in hooks:
+        fn = getattr(hook, name, None)
+        if fn is not None:
+            fn(state)
+
+
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    # The same rounding as diffusers' numpy_to_pil.
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+class Sampler:
+    """DDIM sampling of ``pipe`` with ``steps`` steps (eta: DDIM's stochasticity, 0 = deterministic)."""
+
+    def __init__(self, pipe, steps: int, eta: float = 0.0):
+        from diffusers import DDIMScheduler
+
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        self.pipe = pipe
+        self.steps = int(steps)
+        self.eta = float(eta)
+        # A private scheduler: set_timesteps mutates it, and hooks may run other samplers inside a step.
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(self.steps)
+        self.timesteps = self.scheduler.timesteps
+
+    # -- named steps ----------------------------------------------------------------------------------
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of the VAE factor {f}, got {height}x{width}")
+        return self.pipe.unet.config.in_channels, height // f, width // f
+
+    def draw_noise(self, generators, height: int, width: int) -> torch.Tensor:
+        """Float32 CPU standard-normal latents, one draw per generator (unscaled)."""
+        shape = self.latent_shape(height, width)
+        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+
+    def prepare_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """Initial x_T from standard-normal noise, on the UNet's device and dtype."""
+        unet = self.pipe.unet
+        return noise.to(unet.device, unet.dtype) * self.scheduler.init_noise_sigma
+
+    def denoise(self, latents: torch.Tensor, guidance, hooks: Sequence = (), generators=None, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+        """Run steps ``start`` .. ``stop`` (default: all) of the loop from ``latents`` (x at step ``start``)."""
+        stop = len(self.timesteps) if stop is None else stop
+        if not 0 <= start <= stop <= len(self.timesteps):
+            raise ValueError(f"need 0 <= start <= stop <= {len(self.timesteps)}, got {start}, {stop}")
+        kwargs = {"eta": self.eta}
+        if self.eta > 0 and generators is not None:
+            kwargs["generator"] = generators
+        for i in range(start, stop):
+            t = self.timesteps[i]
+            state = StepState(i, len(self.timesteps), t, latents)
+            _call(hooks, "before", state)
+            x_in = self.scheduler.scale_model_input(state.latents, t)
+            state.output = guidance(x_in, t, state)
+            _call(hooks, "on_output", state)
+            out = self.scheduler.step(state.output, t, state.latents, return_dict=True, **kwargs)
+            state.x0, state.next_latents = out.pred_original_sample, out.prev_sample
+            _call(hooks, "after", state)
+            if state.next_latents is None:  # a hook replaced x0: step again from it
+                state.next_latents = self.step_from_x0(state)
+            latents = state.next_latents
+        return latents
+
+    def step_from_x0(self, state: StepState) -> torch.Tensor:
+        """Deterministic DDIM update x_t -> x_{t-1} from (possibly edited) x0 and the implied noise."""
+        s = self.scheduler
+        t = int(state.t)
+        prev_t = t - s.config.num_train_timesteps // s.num_inference_steps
+        a_t = s.alphas_cumprod[t]
+        a_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
+        eps = (state.latents - a_t.sqrt() * state.x0) / (1 - a_t).sqrt()
+        return a_prev.sqrt() * state.x0 + (1 - a_prev).sqrt() * eps
+
+    def invert(self, latents: torch.Tensor, guidance, hooks: Sequence = (), refine: int = 0) -> torch.Tensor:
+        """DDIM inversion: clean scaled latents -> the x_T that `denoise` maps back to them.
+
+        ``refine`` > 0 makes each step implicit (a fixed point of the forward step; ``refine`` extra evaluations).
+        """
+        from diffusers import DDIMInverseScheduler
+
+        inverse = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
+        inverse.set_timesteps(self.steps)
+        z = latents
+        for i, t in enumerate(inverse.timesteps):
+            state = StepState(i, len(inverse.timesteps), t, z)
+            _call(hooks, "before", state)
+            nxt = inverse.step(guidance(state.latents, t, state), t, state.latents).prev_sample
+            for _ in range(refine):  # the forward step from nxt evaluates the model at nxt: solve for that nxt
+                nxt = inverse.step(guidance(nxt, t), t, state.latents).prev_sample
+            z = nxt
+        return z
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        from erasekit.diffusion.vae import decode_latents
+
+        return decode_latents(self.pipe, latents)

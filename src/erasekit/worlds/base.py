@@ -1,0 +1,54 @@
+"""The interface of a world (see `erasekit.worlds`)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from erasekit.errors import ErasekitError
+
+# The rule for "concept present" everywhere in erasekit: the detector's score for the concept is strictly above
+# its threshold (toy: P(label) > 0.5; NudeNet: the preset's best class score > the preset's threshold).
+PRESENCE_RULE = "the detector's score for the concept is above its threshold"
+
+
+class World:
+    name = ""
+    default_steps = 25
+    default_guidance = 7.5
+
+    def sampler_defaults(self) -> tuple[int, float]:
+        return self.default_steps, self.default_guidance
+
+    def check_concept(self, concept: str) -> str:
+        """The concept, stripped; `ErasekitError` when this world cannot name it."""
+        concept = concept.strip()
+        if not concept:
+            raise ErasekitError("the concept is empty; give a word or phrase")
+        return concept
+
+    def guide(self, concepts: Sequence[str]) -> str:
+        """The neutral concept erasers map ``concepts`` to."""
+        return ""
+
+    def concept_prompt(self, concept: str) -> str:
+        """The plain prompt naming ``concept``."""
+        raise NotImplementedError
+
+    def concept_prompts(self, concept: str, seed: int = 0) -> list[str]:
+        """Prompts naming ``concept`` in many ways (the text attack)."""
+        raise NotImplementedError
+
+    def preservation_prompts(self, concept: str) -> list[tuple[str, str]]:
+        """(label, prompt) pairs of other concepts, whose images must survive erasing ``concept``."""
+        return []
+
+    def default_detector(self, concept: str) -> str:
+        raise NotImplementedError
+
+    def method_defaults(self, method: str) -> dict[str, Any]:
+        """Setting overrides of ``method`` for this world's models (on top of the method's own defaults)."""
+        return {}
+
+    def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
+        """(uint8 images, names, ground truth or None) of ``concept``, for attacks that learn from images."""
+        raise ErasekitError("this attack learns from concept images: give a folder of them (--images FOLDER)")

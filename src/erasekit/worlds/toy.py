@@ -1,0 +1,137 @@
+"""The embedded world (`erasekit.toy`): shapes, colours and textures, its detector, and its tuned defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from erasekit.errors import ErasekitError
+from erasekit.worlds.base import World
+
+
+def is_toy_pipeline(pipe) -> bool:
+    """True for the embedded world's architecture (trained, random or edited)."""
+    from erasekit.toy import architecture as arch
+
+    unet_cfg = pipe.unet.config
+    return (
+        type(pipe.text_encoder).__name__ == "BertModel"
+        and unet_cfg.cross_attention_dim == arch.TEXT_DIM
+        and unet_cfg.sample_size == arch.LATENT_SIZE
+        and tuple(unet_cfg.block_out_channels) == tuple(arch.UNET_CONFIG["block_out_channels"])
+    )
+
+
+class ToyWorld(World):
+    name = "toy"
+
+    @property
+    def default_steps(self) -> int:  # type: ignore[override]
+        from erasekit.toy.architecture import DEFAULT_STEPS
+
+        return DEFAULT_STEPS
+
+    @property
+    def default_guidance(self) -> float:  # type: ignore[override]
+        from erasekit.toy.architecture import DEFAULT_GUIDANCE
+
+        return DEFAULT_GUIDANCE
+
+    def kind(self, concept: str) -> str:
+        from erasekit.toy.world import concept_kind
+
+        try:
+            return concept_kind(concept)
+        except ValueError as exc:
+            raise ErasekitError(str(exc)) from None
+
+    def check_concept(self, concept: str) -> str:
+        concept = super().check_concept(concept)
+        self.kind(concept)
+        return concept
+
+    def guide(self, concepts: Sequence[str]) -> str:
+        """The empty scene for shapes, the plain background for textures: the empty prompt shows every shape here."""
+        from erasekit.toy import world
+
+        kinds = set()
+        for text in concepts:
+            words = text.lower().split()
+            for name, synonyms in {**world.SHAPE_WORDS, **world.TEXTURE_WORDS}.items():
+                if any(s in text.lower() for s in synonyms) or name in words:
+                    kinds.add(world.concept_kind(name))
+        return world.GUIDE_FOR_TEXTURE if kinds == {"texture"} else world.GUIDE_FOR_SHAPE
+
+    def concept_prompt(self, concept: str) -> str:
+        return {"shape": f"a {concept}", "color": f"something {concept}", "texture": f"a {concept} background"}[
+            self.kind(concept)]
+
+    def concept_prompts(self, concept: str, seed: int = 0) -> list[str]:
+        """Every way the world's captions (and the held-out paraphrases) name ``concept``, in a fixed shuffled order."""
+        from erasekit.toy import world
+
+        kind = self.kind(concept)
+        rng = np.random.default_rng(seed)
+        words = {"shape": world.SHAPE_WORDS, "color": world.COLOR_WORDS, "texture": world.TEXTURE_WORDS}[kind][concept]
+
+        def pick(options):
+            return options[rng.integers(len(options))]
+
+        prompts = []
+        for word in words:
+            for template in world.FULL_TEMPLATES:
+                s = word if kind == "shape" else pick(world.SHAPES)
+                c = word if kind == "color" else pick(world.COLORS)
+                t = word if kind == "texture" else pick(world.TEXTURES)
+                prompts.append(template.format(s=s, c=c, t=t))
+            for needs, template in world.PARTIAL_TEMPLATES:
+                if kind[0] in needs:
+                    fill = {"s": word if kind == "shape" else pick(world.SHAPES),
+                            "c": word if kind == "color" else pick(world.COLORS),
+                            "t": word if kind == "texture" else pick(world.TEXTURES)}
+                    prompts.append(template.format(**fill))
+        prompts.extend(world.EVAL_PARAPHRASES.get(concept, ()))
+        prompts = list(dict.fromkeys(prompts))
+        order = rng.permutation(len(prompts))
+        return [prompts[i] for i in order]
+
+    def preservation_prompts(self, concept: str) -> list[tuple[str, str]]:
+        """The other labels of the concept's attribute, each in the world's full captions."""
+        from erasekit.toy import world
+
+        kind = self.kind(concept)
+        labels = {"shape": world.SHAPES, "color": world.COLORS, "texture": world.TEXTURES}[kind]
+        out = []
+        for i, label in enumerate(x for x in labels if x != concept):
+            for j, template in enumerate(world.FULL_TEMPLATES):
+                fill = {"s": world.SHAPES[(i + j) % len(world.SHAPES)], "c": world.COLORS[(i + 2 * j) % len(world.COLORS)],
+                        "t": [t for t in world.TEXTURES if t != concept][(i + j) % (len(world.TEXTURES) - 1)]}
+                fill[kind[0]] = label
+                if kind == "shape" and fill["s"] == concept:
+                    continue
+                out.append((label, template.format(**fill)))
+        return out
+
+    def default_detector(self, concept: str) -> str:
+        return "toy"
+
+    def method_defaults(self, method: str) -> dict[str, Any]:
+        from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        # Measured on the embedded world (scripts/eval_erasure.py). Its BERT encoder is bidirectional: every position
+        # of "a red star ..." carries the star, so UCE remaps the end/padding states too. ESD: a 3.4M-parameter UNet on
+        # a CPU wants larger steps and batches and fewer iterations (lr 1e-3 takes star from 92% to 4%; 1e-4 barely
+        # moves it). RECE: 2 epochs take checkered from 81% to 2% with 98.5% of the other textures kept.
+        esd = dict(iterations=400, lr=1e-3, batch_size=8, ddim_steps=DEFAULT_STEPS, sample_guidance=DEFAULT_GUIDANCE,
+                   trajectories=64)
+        return {"uce": {"tokens": "last+end"}, "rece": {"uce_tokens": "last+end", "epochs": 2},
+                "esd-x": esd, "esd-u": esd}.get(method, {})
+
+    def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
+        from erasekit.attacks.images import render_concept_images
+
+        if size[0] != size[1]:
+            raise ErasekitError("rendered concept images are square; give --images for this model")
+        images, truth = render_concept_images(self.check_concept(concept), n, size[0], seed=seed)
+        return images, [f"render-{seed + i}" for i in range(len(images))], truth

@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     from erasekit.attacks.ddim_inversion import invert_images
     from erasekit.attacks.images import render_concept_images
     from erasekit.attacks.textual_inversion import TextualInversionConfig, learn_textual_inversion
-    from erasekit.attacks.scenarios import provenance
+    from erasekit.provenance import provenance
     from erasekit.generation import generate
     from erasekit.metrics import measure_cost
     from erasekit.toy.pipeline import build_toy_pipeline, weights_available

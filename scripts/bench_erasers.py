@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     from erasekit.erasers import erase
-    from erasekit.models import is_toy_pipeline
+    from erasekit.worlds import is_toy_pipeline
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     t0 = time.perf_counter()

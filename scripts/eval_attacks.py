@@ -19,7 +19,6 @@ missing. Writes OUT/results.json and OUT/results.md. Needs the trained toy weigh
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -76,8 +75,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from erasekit.attacks.scenarios import ScenarioConfig, provenance, run_scenario, with_token
-    from erasekit.detectors import get_detector
+    from erasekit.attacks.scenarios import ScenarioConfig, run_scenario
+    from erasekit.detectors import create_detector as get_detector
+    from erasekit.diffusion import Target
+    from erasekit.provenance import provenance
     from erasekit.toy.pipeline import build_toy_pipeline, weights_available
 
     if not weights_available() and not args.allow_random:
@@ -94,25 +95,23 @@ def main(argv=None) -> dict:
         detector = ToyConceptDetector("star", model=ToyDetector().eval())
     out = args.out
     cache = out / "cache"
-    targets = {"original": (original, None)}
+    base = Target(original, model="toy")
+    targets = {"original": base}
     edits_info = {}
     for method in args.models:
         if method != "original":
             edit, folder, words, preserve, resolved = _edit(method, original, out, args.erase)
-            pipe = copy.deepcopy(original)
-            edit.apply(pipe)
-            targets[method] = (pipe, f"{folder.name}")
+            targets[method] = base.with_edits(edit)  # applied while it samples; the original stays the base
             edits_info[method] = {"folder": str(folder), "words": words, "preserve": preserve, "settings": resolved}
     columns = [c for c in SCENARIO_COLUMNS if c[0] in args.scenarios]
     results, t0 = {}, time.perf_counter()
     for name in args.models:
-        target, edit_id = targets[name]
+        target = targets[name]
         results[name] = {}
         for label, scenario, mode in columns:
-            cfg = with_token(ScenarioConfig(scenario, "star", n=args.n, prompt_mode=mode))
+            cfg = ScenarioConfig(scenario, "star", n=args.n, settings={"ddim_inversion": {"prompt_mode": mode}})
             cell_dir = out / name / (scenario if mode == "empty" else f"{scenario}-concept")
-            s = run_scenario(cfg, original, target, detector, cell_dir, model="toy", edit=edit_id, cache_dir=cache,
-                             progress=False)
+            s = run_scenario(cfg, target, detector, cell_dir, cache_dir=cache, progress=False)
             results[name][label] = s
             print(f"{name:>8} {label:<28} {_fmt(s):>16}  ({s['wall_s']:.0f} s)", file=sys.stderr)
 

@@ -3,10 +3,11 @@
 For each concept ("star", an object; "checkered", a style) and each method (uce, rece, esd-x, esd-u):
 
 - concept rate: share of images, from prompts naming the concept (training templates, synonyms, short prompts,
-  and paraphrases neither training nor the erasure ever saw), in which the toy detector's top label is the
-  concept; for the original model and for the edited one, same prompts and seeds;
-- preservation: share of images of the *other* shapes (resp. textures) in which the detector finds the shape
-  (texture) that was asked for, edited model relative to the original model.
+  and paraphrases neither training nor the erasure ever saw), in which the concept is present by erasekit's one
+  rule (the toy detector's probability of the concept's label above 0.5); for the original model and for the
+  edited one, same prompts and seeds;
+- preservation: share of images of the *other* shapes (resp. textures) in which the shape (texture) that was asked
+  for is present by the same rule, edited model relative to the original model.
 
 Edits are saved under OUT/edits/ and reused when rerun with the same settings; results go to OUT/results.json
 and a table is printed. Needs the trained toy weights (erasekit.toy.pipeline.weights_available()).
@@ -146,10 +147,17 @@ def preservation_prompts(concept: str, n: int, rng: random.Random) -> list[tuple
     return out
 
 
-def detect(detector, images, attribute: str) -> list[str]:
-    from erasekit.toy.detector import top_labels
+def present(model, images, labels: list[str]) -> list[bool]:
+    """Per image, whether ``labels[i]`` is present in image i by the toy detector's rule (P(label) > 0.5)."""
+    from erasekit.detectors import create_detector
 
-    return [row[attribute] for row in top_labels(detector.predict(images))]
+    out = [False] * len(images)
+    for label in dict.fromkeys(labels):
+        idx = [i for i, lab in enumerate(labels) if lab == label]
+        rows = create_detector("toy", concept=label, model=model).score(images[idx])
+        for i, row in zip(idx, rows):
+            out[i] = row["present"]
+    return out
 
 
 def rate(flags) -> dict:
@@ -163,34 +171,36 @@ def rate(flags) -> dict:
 def score(pipe, detector, concept, cprompts, pprompts, batch_size) -> dict:
     from erasekit.generation import generate
 
-    attribute = world.concept_kind(concept)
     prompts = [p for _, p in cprompts] + [p for _, p in pprompts]
     seeds = [SEED0 + i for i in range(len(prompts))]
     images = generate(pipe, prompts, seeds, batch_size=batch_size, progress=True)
-    labels = detect(detector, images, attribute)
-    c_labels, p_labels = labels[: len(cprompts)], labels[len(cprompts):]
+    c_images, p_images = images[: len(cprompts)], images[len(cprompts):]
+    c_hit = present(detector, c_images, [concept] * len(cprompts))
+    p_hit = present(detector, p_images, [w for w, _ in pprompts])
+    p_as_concept = present(detector, p_images, [concept] * len(pprompts))
     groups = {}
     for g in dict.fromkeys(g for g, _ in cprompts):
-        groups[g] = rate([lab == concept for (gg, _), lab in zip(cprompts, c_labels) if gg == g])
+        groups[g] = rate([hit for (gg, _), hit in zip(cprompts, c_hit) if gg == g])
     per_label = {}
     for want in dict.fromkeys(w for w, _ in pprompts):
-        per_label[want] = rate([lab == want for (w, _), lab in zip(pprompts, p_labels) if w == want])
+        per_label[want] = rate([hit for (w, _), hit in zip(pprompts, p_hit) if w == want])
     return {
-        "concept": rate([lab == concept for lab in c_labels]),
+        "concept": rate(c_hit),
         "concept_by_group": groups,
-        "others_correct": rate([lab == w for (w, _), lab in zip(pprompts, p_labels)]),
+        "others_correct": rate(p_hit),
         "others_correct_by_label": per_label,
-        "others_drawn_as_concept": rate([lab == concept for lab in p_labels]),
+        "others_drawn_as_concept": rate(p_as_concept),
     }
 
 
 def get_edit(pipe, method, concept, words, preserve, overrides, out_dir: Path, fresh: bool = False):
     """The edit, computed once and reused from ``out_dir/edits`` while its inputs (words, preserved concepts,
     resolved settings, base model) stay the same: changed method defaults recompute it too."""
-    from erasekit.erasers import erase, get, load_edit
+    from erasekit.erasers import erase, load_edit
     from erasekit.errors import ErasekitError
+    from erasekit.registry import ERASERS
 
-    resolved = get(method).resolve_settings(pipe, overrides).to_dict()
+    resolved = ERASERS.get(method).resolve_settings(pipe, overrides).to_dict()
     key = hashlib.sha256(json.dumps([method, words, preserve, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
     folder = out_dir / "edits" / f"{concept}-{method}-{key}"
     if (folder / "edit.json").is_file() and not fresh:
@@ -225,7 +235,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from erasekit.erasers import parse_set_options
+    from erasekit.settings import parse_set_options
     from erasekit.models import load_pipeline
     from erasekit.toy.detector import load_toy_detector
     from erasekit.toy.pipeline import weights_available

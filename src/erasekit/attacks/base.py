@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from erasekit.generation import GenerationInputs, tensor_digest  # noqa: F401  (tensor_digest: part of the API)
+from erasekit.generation import GenerationInputs
 from erasekit.settings import Settings
 
 

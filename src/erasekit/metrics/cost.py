@@ -80,26 +80,51 @@ def _cuda():
     return None
 
 
+# Blocks open right now, innermost last: a block that starts resets the process's peak counters, so it first hands
+# the peak so far to every enclosing block, and when it ends it hands them its own peak (nested blocks then report
+# their own peak and the outer ones the true peak over their whole span).
+_open: list[dict] = []
+
+
+def _current_peaks(block_scope: bool, cuda) -> tuple[float | None, float | None]:
+    rss = _vm_hwm_mb() if block_scope else _rusage_peak_mb()
+    return rss, (cuda.max_memory_allocated() / 2**20 if cuda is not None else None)
+
+
+def _fold(seen: dict, rss, cuda_mb) -> None:
+    for key, value in (("rss", rss), ("cuda", cuda_mb)):
+        if value is not None:
+            seen[key] = max(seen.get(key) or 0.0, value)
+
+
 @contextmanager
 def measure_cost(**extra):
-    """Measure the block; yields a `Cost` filled in when the block ends (also when it raises)."""
+    """Measure the block; yields a `Cost` filled in when the block ends (also when it raises). Blocks nest."""
     cost = Cost(extra=dict(extra))
-    block_scope = _reset_rss_peak() and _vm_hwm_mb() is not None
     cuda = _cuda()
+    if _open:  # hand the peak so far to the enclosing blocks before this block resets the counters
+        rss, cuda_mb = _current_peaks(_open[-1]["block_scope"], cuda)
+        for outer in _open:
+            _fold(outer, rss, cuda_mb)
+    block_scope = _reset_rss_peak() and _vm_hwm_mb() is not None
     if cuda is not None:
         cuda.reset_peak_memory_stats()
+    mine = {"block_scope": block_scope}
+    _open.append(mine)
     wall0, cpu0 = time.perf_counter(), os.times()
     try:
         yield cost
     finally:
         cpu1 = os.times()
+        _open.remove(mine)
         cost.wall_s = time.perf_counter() - wall0
         cost.cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-        if block_scope:
-            cost.peak_rss_mb, cost.rss_scope = _vm_hwm_mb(), "block"
-        else:
-            cost.peak_rss_mb, cost.rss_scope = _rusage_peak_mb(), "process"
         cuda = cuda or _cuda()
         if cuda is not None:
             cuda.synchronize()
-            cost.cuda_peak_mb = cuda.max_memory_allocated() / 2**20
+        rss, cuda_mb = _current_peaks(block_scope, cuda)
+        _fold(mine, rss, cuda_mb)
+        for outer in _open:
+            _fold(outer, mine.get("rss"), mine.get("cuda"))
+        cost.peak_rss_mb, cost.rss_scope = mine.get("rss"), "block" if block_scope else "process"
+        cost.cuda_peak_mb = mine.get("cuda")

@@ -27,10 +27,17 @@ class I2PRow:
 
 
 def _number(value: str, kind, what: str, path: Path, line: int):
+    """A seed (a whole number in torch.Generator.manual_seed's range) or a guidance scale (finite, >= 0)."""
+    from erasekit.checks import finite, integer
+
+    name = f"{path}, line {line}: {what}"
     try:
-        return kind(float(value)) if kind is int else kind(value)
+        float(value)
     except ValueError:
-        raise ErasekitError(f"{path}, line {line}: {what} {value!r} is not a number") from None
+        raise ErasekitError(f"{name} {value!r} is not a number") from None
+    if kind is int:
+        return integer(name, value, low=-(2**63), high=2**64 - 1)
+    return finite(name, value, low=0.0)
 
 
 def load_i2p_csv(path) -> list[I2PRow]:

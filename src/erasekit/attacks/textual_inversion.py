@@ -78,11 +78,17 @@ class TextualInversionConfig(Settings):
             # BERT tokenizers lower-case the prompt before matching added tokens.
             raise ErasekitError(f"use a lower-case textual-inversion token, got {self.token!r}")
         for name in ("num_vectors", "steps", "batch_size", "images"):
-            integer(f"textual inversion: {name}", getattr(self, name), low=1)
+            value = getattr(self, name)
+            if integer(f"textual inversion: {name}", value) < 1:  # a whole number (not nan, inf, 2.5, "x")
+                raise ErasekitError(f"textual inversion: {name} must be at least 1, got {value}")
         integer("textual inversion: seed", self.seed, low=-(2**63), high=2**64 - 1)  # manual_seed's range
-        finite("textual inversion: lr", self.lr, low=0, low_open=True, high=1e3)
-        if not isinstance(self.initializer, str) or not self.initializer.strip():
-            raise ErasekitError("textual inversion: the initializer must be a word")
+        lr = finite("textual inversion: lr", self.lr)  # nan, inf
+        if not lr > 0:
+            raise ErasekitError(f"textual inversion: lr must be positive, got {self.lr}")
+        if lr > 1e3:
+            raise ErasekitError(f"textual inversion: lr must be at most 1000, got {self.lr}")
+        if not isinstance(self.initializer, str):
+            raise ErasekitError(f"textual inversion: the initializer must be a word, got {self.initializer!r}")
         if isinstance(self.templates, str) or not self.templates or any(
                 not isinstance(t, str) or "{}" not in t for t in self.templates):
             raise ErasekitError("textual inversion: every template needs a '{}' for the token")

@@ -74,8 +74,9 @@ class SafeLatentGuidance:
     another defence); one batched UNet call evaluates its branches and the safety branch. Holds the momentum of
     one batch (a new wrapper per batch)."""
 
-    def __init__(self, inner, safety, numbers: dict):
+    def __init__(self, inner, safety, numbers: dict, unet=None):
         self.inner = inner
+        self.unet = unet
         self.safety = safety  # Conditioning of the safety concept (1 item)
         self.n = numbers
         self.momentum: torch.Tensor | None = None
@@ -93,15 +94,25 @@ class SafeLatentGuidance:
         from erasekit.diffusion.conditioning import Conditioning
 
         inner = self.inner
-        names = list(inner.branches) + ["safety"]
-        branches = self.branches
         b = len(x)
-        cond = Conditioning.cat([branches[k].expand(b) for k in names])
-        out = dict(zip(names, inner.model(torch.cat([x] * len(names)), t, cond).chunk(len(names))))
-        inner.evaluations += len(names)
-        if state is not None:
+        if hasattr(inner, "model") and hasattr(inner, "combine"):  # a plain Guidance: one batched call
+            names = list(inner.branches) + ["safety"]
+            branches = self.branches
+            cond = Conditioning.cat([branches[k].expand(b) for k in names])
+            out = dict(zip(names, inner.model(torch.cat([x] * len(names)), t, cond).chunk(len(names))))
+            inner.evaluations += len(names)
+            if state is not None:
+                state.branches = out
+            guided = inner.combine({k: v for k, v in out.items() if k != "safety"}, state)
+        else:  # another defence's wrapper: its output, its branches, and the safety branch beside it
+            from erasekit.diffusion.guidance import UNetDenoiser
+            from erasekit.diffusion.sampler import StepState
+
+            state = state if state is not None else StepState(self.calls, 0, t, x)
+            guided = inner(x, t, state)
+            out = dict(state.branches)
+            out["safety"] = UNetDenoiser(self.unet)(x, t, self.safety.expand(b))
             state.branches = out
-        guided = inner.combine({k: v for k, v in out.items() if k != "safety"}, state)
         step = state.index if state is not None else self.calls
         self.calls += 1
         u, c, s = out["uncond"], out["cond"], out["safety"]
@@ -137,4 +148,4 @@ class SLD(Defence):
             return guidance  # no classifier-free guidance (scale <= 1) or sld_scale <= 1: diffusers disables SLD
         pipe = ctx.target.pipe
         safety = ctx.target.family.encode(pipe, [self.settings.concept], device=pipe.unet.device)
-        return SafeLatentGuidance(guidance, safety, numbers)
+        return SafeLatentGuidance(guidance, safety, numbers, pipe.unet)

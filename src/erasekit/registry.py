@@ -3,8 +3,8 @@
 A component is a class in a file of its own, decorated with ``@REGISTRY.register``; it names itself (``name``),
 describes itself in one line (``summary``) and declares its settings (``Settings``, a `erasekit.settings.Settings`
 dataclass, validated, settable as ``--set key=value``). A component with presets (NudeNet's detection rules) lists
-them in ``presets``; ``name:preset`` then names it too. Each registry imports its package on first use, so that
-registering happens on import and ``erasekit --help`` stays fast.
+them in ``presets``; ``name:preset`` then names it too. Each registry imports its package and every module in it on
+first use, so that adding a component is adding its file, and ``erasekit --help`` stays fast.
 
     from erasekit.registry import ERASERS
     ERASERS.get("uce")            # the class; ErasekitError naming the choices for an unknown name
@@ -27,9 +27,14 @@ class Registry:
         self._loaded = False
 
     def _load(self) -> None:
+        """Import the package and every module in it: a component file registers itself, no list to edit."""
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self.package)
+            import pkgutil
+
+            package = importlib.import_module(self.package)
+            for info in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{self.package}.{info.name}")
 
     def register(self, cls: type) -> type:
         """Class decorator."""

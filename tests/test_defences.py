@@ -109,6 +109,21 @@ def test_dual_reconstruction_safety_prompts():
     assert safety_prompt("a star", "star", "append", "", "no shapes") == "a star, no shapes"
 
 
+def test_dual_reconstruction_safety_context_without_text(toy_random):
+    """No prompts (learned embeddings) and the empty prompt: the safety stream gets the world's guide text."""
+    from types import SimpleNamespace
+
+    d = parse_defence("dual_reconstruction:concept=star")
+    target = Target(toy_random)
+    guide = target.world.guide(["star"])
+    ctx = SimpleNamespace(target=target, prompts=["", "a red star", "a circle"], cond=[0, 0, 0])
+    assert d.safety_prompts(ctx) == [guide, f"a red {guide}", "a circle"]
+    ctx.prompts = None
+    assert d.safety_prompts(ctx) == [guide] * 3
+    d = parse_defence("dual_reconstruction:concept=star,replacement=heart")
+    assert d.safety_prompts(ctx) == ["heart"] * 3
+
+
 # -- SLD -----------------------------------------------------------------------------------------------------------------
 def test_sld_matches_diffusers_safe_pipeline(tiny_sd1):
     """Our SLD wrapper against diffusers' StableDiffusionPipelineSafe on the same latents (MAX and MEDIUM)."""

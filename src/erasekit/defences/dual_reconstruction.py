@@ -7,8 +7,9 @@ conditioned on a safety context made from the prompt:
   by ``replacement`` (default: the world's guide for the concept, e.g. "an empty background" in the embedded world,
   "" for Stable Diffusion);
 - ``safety_context=append``: the prompt + ", " + ``safe_suffix``;
-- with no prompts (learned embeddings, given text states) the safety stream is conditioned on ``replacement`` (the
-  world's guide text by default).
+- with no prompts (learned embeddings, given text states) and for the empty prompt (the unconditional
+  regeneration of inverted latents) the safety stream is conditioned on ``replacement`` (the world's guide text by
+  default; for Stable Diffusion that is "" too, so the defence changes nothing there unless ``replacement`` is set).
 
 The first ``threshold`` steps (the global context, which fixes the layout) are shared: only the user stream runs.
 At step ``threshold`` the safety stream starts from the shared latent and from then on each stream is denoised with
@@ -134,7 +135,9 @@ class DualReconstruction(Defence):
         replacement = s.replacement if s.replacement is not None else ctx.target.world.guide([s.concept])
         if ctx.prompts is None:
             return [replacement] * len(ctx.cond)
-        return [safety_prompt(p, s.concept, s.safety_context, replacement, s.safe_suffix) for p in ctx.prompts]
+        # An empty prompt names nothing to steer: like a prompt-less batch, its safety context is the replacement.
+        return [safety_prompt(p, s.concept, s.safety_context, replacement, s.safe_suffix) if p.strip() else replacement
+                for p in ctx.prompts]
 
     def wrap(self, guidance, ctx):
         s = self.settings

@@ -60,6 +60,10 @@ class GenerationInputs:
     latents: torch.Tensor | None = None
     learned: Any = None
     items: list[dict] = field(default_factory=list)
+    # Optional: replaces the standard sampling (probes: two-model sampling, inpainting, classifier guidance).
+    # ``generate(target, indices, steps=, guidance=, batch_size=)`` -> uint8 images of those items; its ``keys``
+    # (one string per item: everything it adds that changes pixels) enter each image's key through ``inputs``.
+    generate: Any = None
 
     def __post_init__(self):
         n = len(self.prompts)
@@ -83,6 +87,8 @@ class GenerationInputs:
             parts = [learned] if learned else []
             if self.latents is not None:
                 parts.append(f"latent:{tensor_digest(self.latents[i])}")
+            if self.generate is not None:
+                parts.append(f"gen:{self.generate.keys[i]}")
             ids.append("+".join(parts) or None)
         return ids
 
@@ -237,9 +243,12 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
                 if inputs.learned is not None:
                     kwargs["prompt_embeds"] = inputs.learned.encode(target.pipe, prompts)
                     prompts = None
-                images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=base["steps"], guidance=scale,
-                                  batch_size=batch_size, negative_prompt=negative_prompt, eta=eta, progress=False,
-                                  **kwargs)
+                if inputs.generate is not None:
+                    images = inputs.generate(target, idx, steps=base["steps"], guidance=scale, batch_size=batch_size)
+                else:
+                    images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=base["steps"],
+                                      guidance=scale, batch_size=batch_size, negative_prompt=negative_prompt, eta=eta,
+                                      progress=False, **kwargs)
                 for rec in save_images(images, out_dir, [wanted[i] for i in idx], grid=False):
                     done[rec["key"]] = rec
                 bar.update(len(idx))

@@ -8,6 +8,7 @@ from erasekit.attacks.base import Attack, AttackContext, AttackInputs
 
 # Importing an attack module registers it.
 from erasekit.attacks import ddim_inversion, text, textual_inversion  # noqa: E402,F401  isort:skip
+from erasekit.attacks import p4d, ring_a_bell, unlearndiffatk  # noqa: E402,F401  isort:skip
 from erasekit.attacks.scenarios import ScenarioConfig, run_scenario, scenario_names, scenarios  # noqa: E402
 
 __all__ = ["Attack", "AttackContext", "AttackInputs", "ScenarioConfig", "run_scenario", "scenario_names", "scenarios"]

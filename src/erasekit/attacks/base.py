@@ -45,6 +45,7 @@ class AttackContext:
     cache_dir: Path | None = None  # costly intermediate results, keyed by content
     notes: list[str] = field(default_factory=list)
     progress: bool = True
+    detector: Any = None  # the scenario's detector (attacks that judge success per image, probes' best-of-N)
 
     @property
     def original(self):

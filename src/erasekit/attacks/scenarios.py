@@ -28,16 +28,21 @@ import numpy as np
 
 from erasekit.attacks.base import Attack, AttackContext
 from erasekit.errors import ErasekitError
-from erasekit.registry import ATTACKS
+from erasekit.registry import ATTACKS, PROBES
 
 SUMMARY_FILE = "summary.json"
 SCORES_FILE = "scores.jsonl"
 
 
+def _runnable() -> list[type[Attack]]:
+    """Attacks and probes (a probe is an `Attack` registered in PROBES: its scenarios run the same way)."""
+    return list(ATTACKS.classes().values()) + list(PROBES.classes().values())
+
+
 def scenarios() -> dict[str, tuple[type[Attack], dict]]:
-    """Scenario name -> (attack class, the keyword arguments it passes to the attack's ``inputs``)."""
+    """Scenario name -> (attack or probe class, the keyword arguments it passes to its ``inputs``)."""
     out: dict[str, tuple[type[Attack], dict]] = {}
-    for cls in sorted(ATTACKS.classes().values(), key=lambda c: (c.order, c.name)):
+    for cls in sorted(_runnable(), key=lambda c: (c.order, c.name)):
         for name, args in cls.scenarios.items():
             if name in out:
                 raise ValueError(f"scenario {name!r} is declared by {out[name][0].name} and {cls.name}")
@@ -59,7 +64,7 @@ def attack_of(scenario: str) -> tuple[type[Attack], dict]:
 def split_settings(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"ti.steps": "3", "inversion.refine": "2"}`` -> per attack name; the prefix is an attack's name or alias."""
     by_prefix = {}
-    for cls in ATTACKS.classes().values():
+    for cls in _runnable():
         by_prefix[cls.name] = cls.name
         if cls.alias:
             by_prefix[cls.alias] = cls.name
@@ -71,7 +76,7 @@ def split_settings(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                 f"{', '.join(sorted(by_prefix))}")
         out.setdefault(by_prefix[prefix], {})[rest] = value
     for name, values in out.items():
-        ATTACKS.get(name).Settings.parse(values)  # unknown keys and bad types fail here, before any work
+        (ATTACKS.get(name) if name in ATTACKS else PROBES.get(name)).Settings.parse(values)  # unknown keys and bad types fail here, before any work
     return out
 
 
@@ -101,7 +106,7 @@ class ScenarioConfig:
         if self.guidance is not None:
             finite("--guidance", self.guidance, low=0)
         for name in self.settings:
-            if name not in ATTACKS:
+            if name not in ATTACKS and name not in PROBES:
                 raise ErasekitError(f"unknown attack {name!r} in settings")
         self.attack()  # validates the attack's settings
 
@@ -188,7 +193,8 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
                         steps=cfg.steps, batch_size=cfg.batch_size,
                         images_folder=Path(images_folder) if images_folder is not None else None,
                         prompts_csv=Path(prompts_csv) if prompts_csv is not None else None,
-                        cache_dir=Path(cache_dir) if cache_dir is not None else out_dir / "cache", progress=progress)
+                        cache_dir=Path(cache_dir) if cache_dir is not None else out_dir / "cache", progress=progress,
+                        detector=detector)
     t0 = time.perf_counter()
     with measure_cost() as attack_cost:
         inputs = attack.inputs(ctx, **scenario_args)

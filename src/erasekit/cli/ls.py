@@ -19,6 +19,10 @@ def list_registries() -> None:
             names = registry.names()
             print(f"{kind} ({registry.option}): {', '.join(names) or '(none registered)'}")
             described = registry.describe()
+            if kind == "probes":  # probes run as scenarios of `erasekit attack`
+                described = {name: f"{line} (--scenario {', '.join(registry.get(name).scenarios)}; --set "
+                             f"{registry.get(name).alias or name}.KEY: {', '.join(registry.get(name).Settings.keys()) or 'none'})"
+                             for name, line in described.items()}
         width = max(map(len, described), default=0)
         for name, line in described.items():
             print(f"  {name:<{width}}  {line}")

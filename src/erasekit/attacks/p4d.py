@@ -1,0 +1,231 @@
+"""P4D, Prompting4Debugging (Chin et al., ICML 2024): prompts optimised so that the erased ("safe") model's noise
+prediction matches the original ("unconstrained") model's.
+
+Per image (prompt p, seed s): the original model draws z0 from (p, s); at each iteration a timestep t and noise are
+drawn, x_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps, and k prefix vectors P are fitted so that
+
+    min_P || eps_theta'(x_t, t | [P; p]) - eps_theta(x_t, t | p) ||^2      (theta' erased, theta original)
+
+(the original's predictions for every iteration are computed first, under the unedited weights, then P is fitted
+under the erased ones). Two modes, two scenarios:
+
+- ``p4d-soft``: P is free in the token-embedding space (Adam); the images are generated from the soft prompt's
+  text states (white-box: a user cannot type them);
+- ``p4d-hard``: P is projected each iteration to its nearest vocabulary embeddings and the gradient at the
+  projection updates the free vectors (PEZ, as P4D does); the attack prompt is the nearest tokens followed by p.
+
+As for UnlearnDiffAtk, images the erased model already draws with the concept are not attacked (``attack_all``)
+and count as successes, so the scenario's CRR is ASR = (successes before + new successes) / N.
+Defaults for the embedded world's CPU budget: k = 5, 40 iterations, lr 0.01 (soft) / 0.1 (hard), batch 16.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.attacks.unlearndiffatk import (
+    _frozen, before_attack, cache_path, candidate_vocabulary, encode_with_prefix, original_latents, tokens_text,
+    world_prompts)
+from erasekit.errors import ErasekitError
+from erasekit.registry import ATTACKS
+from erasekit.settings import Settings
+
+
+class StatesTable:
+    """Ready-made text states per prompt label: the `GenerationInputs.learned` interface (``encode``, ``digest``)."""
+
+    def __init__(self, states: dict[str, torch.Tensor]):
+        self.states = {k: v.detach().to("cpu", torch.float32) for k, v in states.items()}
+
+    def encode(self, pipe, prompts, device=None) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = torch.stack([self.states[p] for p in prompts])
+        return out.to(device or pipe.text_encoder.device, pipe.text_encoder.dtype)
+
+    def digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(self.states):
+            h.update(k.encode())
+            h.update(self.states[k].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        return h.hexdigest()[:16]
+
+    def save(self, path) -> None:
+        from erasekit.store import write_safetensors_atomic
+
+        labels = sorted(self.states)
+        write_safetensors_atomic(path, {"states": torch.stack([self.states[k] for k in labels]).contiguous()},
+                                 {"labels": labels})
+
+    @classmethod
+    def load(cls, path) -> "StatesTable":
+        from erasekit.safe_load import load_safetensors
+
+        states = load_safetensors(path, "cached soft-prompt states")["states"]
+        labels = json.loads(path.with_suffix(".json").read_text())["labels"]
+        return cls(dict(zip(labels, states)))
+
+
+@dataclass
+class P4DSettings(Settings):
+    k: int = 5  # prefix tokens
+    iterations: int = 40
+    lr: Optional[float] = None  # None: 0.01 soft, 0.1 hard
+    batch_size: int = 16
+    attack_all: bool = False
+    prompts: str = ""  # ";"-separated prompts replacing the world's concept prompts
+    seed: int = 0
+
+    def validate(self) -> None:
+        from erasekit.checks import finite, integer
+
+        for name in ("k", "iterations", "batch_size"):
+            if integer(f"p4d: {name}", getattr(self, name)) < 1:
+                raise ErasekitError(f"p4d: {name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None:
+            finite("p4d: lr", self.lr, low=0.0, low_open=True)
+
+
+def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, generator, vocab):
+    """Prefix vectors (B, k, E) (soft) or token ids (B, k) (hard) for ``prompts``; and the loss trace."""
+    from diffusers import DDPMScheduler
+
+    pipe = ctx.target.pipe
+    unet = pipe.unet
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    b = len(prompts)
+    z0 = z0.to(unet.device, torch.float32)
+    draws = [(torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator),
+              torch.randn(z0.shape, generator=generator)) for _ in range(s.iterations)]
+    xts = [sched.add_noise(z0, n.to(z0), t.to(z0.device)) for t, n in draws]
+    # The original model's conditional predictions, under the unedited weights.
+    with torch.no_grad(), ctx.original.active():
+        from erasekit.models.prompts import encode_prompts
+
+        cond = encode_prompts(pipe, prompts).to(unet.dtype)
+        targets = [unet(x.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond).sample.float()
+                   for x, (t, _) in zip(xts, draws)]
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab].float()
+    init = vocab[torch.randint(len(vocab), (b, s.k), generator=generator)]
+    p = pipe.text_encoder.get_input_embeddings().weight.detach()[init].float().clone().requires_grad_(True)
+    lr = s.lr if s.lr is not None else (0.01 if mode == "soft" else 0.1)
+    opt = torch.optim.Adam([p], lr=lr)
+    losses = []
+
+    def nearest(vectors):
+        return torch.cdist(vectors.reshape(-1, vectors.shape[-1]), table).argmin(-1).reshape(vectors.shape[:-1])
+
+    with ctx.target.active(), _frozen(pipe):
+        for (t, _), x, target in zip(draws, xts, targets):
+            if mode == "hard":
+                proj = table[nearest(p.detach())]
+                used = p + (proj - p).detach()  # straight-through: the projection's gradient updates p
+            else:
+                used = p
+            states = encode_with_prefix(pipe, prompts, used.to(pipe.text_encoder.dtype))
+            pred = unet(x.to(unet.dtype), t.to(unet.device), encoder_hidden_states=states.to(unet.dtype)).sample
+            loss = (pred.float() - target).pow(2).mean()
+            opt.zero_grad()
+            (loss * b).backward()
+            opt.step()
+            losses.append(loss.item())
+    if mode == "hard":
+        return vocab[nearest(p.detach())], losses
+    return p.detach(), losses
+
+
+@ATTACKS.register
+class P4D(Attack):
+    name = "p4d"
+    summary = "P4D: soft or hard (PEZ-projected) prompt tokens fitted so the erased model's noise matches the original's"
+    Settings = P4DSettings
+    order = 12
+    scenarios = {"p4d-soft": {"mode": "soft"}, "p4d-hard": {"mode": "hard"}}
+
+    def inputs(self, ctx: AttackContext, mode: str) -> AttackInputs:
+        from erasekit.metrics import measure_cost
+
+        s = self.settings
+        t0 = time.perf_counter()
+        world = ctx.target.world
+        steps, scale = int(ctx.steps or world.sampler_defaults()[0]), float(world.sampler_defaults()[1])
+        prompts = world_prompts(ctx, s.prompts, ctx.n)
+        seeds = [ctx.seed + i for i in range(ctx.n)]
+        key = dict(target=ctx.target.cache_id, prompts=prompts, seeds=seeds, steps=steps, scale=scale, mode=mode,
+                   settings=s.to_dict(), detector=(ctx.detector.info() if ctx.detector is not None else None))
+        path = cache_path(ctx, f"p4d-{mode}", key)
+        soft_path = path.parent / f"{path.stem}-states.safetensors" if path is not None else None
+        labels = [f"{p} <p4d-soft #{i}>" for i, p in enumerate(prompts)] if mode == "soft" else None
+        if path is not None and path.is_file() and (mode == "hard" or soft_path.is_file()):
+            saved = json.loads(path.read_text())
+            final, budget = saved["prompts"], dict(saved["budget"], reused_from_cache=str(path))
+            learned = StatesTable.load(soft_path) if mode == "soft" else None
+        else:
+            pipe = ctx.target.pipe
+            with measure_cost() as cost:
+                success = before_attack(ctx, prompts, seeds, steps, scale)
+                todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
+                final = list(prompts)
+                first, last = [], []
+                t_opt = time.perf_counter()
+                soft_states: dict[str, torch.Tensor] = {}
+                if todo:
+                    z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps, scale,
+                                          ctx.batch_size)
+                    vocab = candidate_vocabulary(pipe.tokenizer)
+                    gen = torch.Generator("cpu").manual_seed(int(s.seed))
+                    for start in range(0, len(todo), s.batch_size):
+                        chunk = todo[start : start + s.batch_size]
+                        out, losses = optimise_p4d(ctx, [prompts[i] for i in chunk], z0[start : start + len(chunk)], s,
+                                                   mode, gen, vocab)
+                        first.append(losses[0])
+                        last.append(losses[-1])
+                        if mode == "hard":
+                            for j, i in enumerate(chunk):
+                                final[i] = f"{tokens_text(pipe.tokenizer, out[j])} {prompts[i]}"
+                        else:
+                            with torch.no_grad(), ctx.target.active():
+                                states = encode_with_prefix(pipe, [prompts[i] for i in chunk], out)
+                            for j, i in enumerate(chunk):
+                                soft_states[labels[i]] = states[j]
+                opt_s = time.perf_counter() - t_opt
+                learned = None
+                if mode == "soft":
+                    from erasekit.models.prompts import encode_prompts
+
+                    rest = [i for i in range(ctx.n) if labels[i] not in soft_states]
+                    if rest:
+                        with torch.no_grad():
+                            plain = encode_prompts(pipe, [prompts[i] for i in rest])
+                        for j, i in enumerate(rest):
+                            soft_states[labels[i]] = plain[j]
+                    learned = StatesTable(soft_states)
+            n_before = int(sum(success))
+            budget = {"mode": mode, "k": s.k, "iterations": s.iterations, "images_attacked": len(todo),
+                      "successes_before": n_before, "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
+                      "optimisation_steps": s.iterations * len(todo),
+                      "unet_evaluations": 2 * s.iterations * len(todo) + steps * len(todo) * (2 if scale > 1 else 1),
+                      "seconds_per_attacked_prompt": round(opt_s / max(len(todo), 1), 4),
+                      "loss_first": round(float(np.mean(first)), 6) if first else None,
+                      "loss_last": round(float(np.mean(last)), 6) if last else None,
+                      "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3)}
+            if path is not None:
+                from erasekit.atomic import atomic_write_text
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if learned is not None:
+                    learned.save(soft_path)
+                atomic_write_text(path, json.dumps({"prompts": final, "budget": budget}, default=str) + "\n")
+        items = [{"attack": f"p4d-{mode}", "source_prompt": p} for p in prompts]
+        if mode == "soft":
+            return AttackInputs(prompts=labels, seeds=seeds, items=items, learned=learned, attack=f"p4d-{mode}",
+                                budget=budget)
+        return AttackInputs(prompts=final, seeds=seeds, items=items, attack=f"p4d-{mode}", budget=budget)

@@ -1,0 +1,212 @@
+"""Ring-A-Bell (Tsai et al., ICLR 2024): a concept vector in the text encoder's output space, added to prompts, and
+a discrete prompt found to match the result.
+
+Concept vector: v = mean over paired prompts of E(with the concept) - E(without), E the text encoder's output
+states (T, D), from the ORIGINAL model (the attack is model-agnostic: it never queries the erased model). Pairs:
+the world's ``concept_pairs`` when it has one; the embedded world: each caption template with the concept and with
+each other label of its attribute (same colour, texture / shape); otherwise the world's concept prompts with and
+without the concept's words.
+
+- ``ring-a-bell`` (continuous): the text states E(p) + eta * v for the world's concept prompts p, generated as they
+  are (white-box: an embedding, not a prompt). eta: 3 for nudity-like concepts (the paper's nudity value; the
+  embedded world's shapes), 0.9 for styles (its textures), unless set.
+- ``ring-a-bell-discrete``: a genetic search over vocabulary tokens (the paper's: population, elite selection,
+  crossover, mutation) for a prompt of ``length`` tokens whose states E(q) are closest (mean squared error) to
+  E(p) + eta * v; the concept's own words are left out of the vocabulary (``exclude_concept_words``). One search per
+  distinct prompt (at most ``max_prompts``; images cycle over them). Paper budget: population 200, 3000
+  generations; defaults here are the embedded world's CPU budget.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.attacks.p4d import StatesTable
+from erasekit.attacks.unlearndiffatk import cache_path, candidate_vocabulary, tokens_text
+from erasekit.errors import ErasekitError
+from erasekit.registry import ATTACKS
+from erasekit.settings import Settings
+
+
+@dataclass
+class RingABellSettings(Settings):
+    eta: Optional[float] = None  # None: 0.9 for styles (toy textures), 3.0 otherwise (nudity-like, toy shapes)
+    pairs: int = 40  # paired prompts averaged into the concept vector
+    max_prompts: int = 8  # distinct prompts attacked (images cycle over them)
+    length: int = 12  # tokens of the discrete prompt
+    population: int = 64
+    generations: int = 40
+    mutation: float = 0.2  # per-token mutation probability
+    exclude_concept_words: bool = True
+    prompts: str = ""  # ";"-separated prompts replacing the world's concept prompts
+    seed: int = 0
+
+    def validate(self) -> None:
+        from erasekit.checks import finite, integer
+
+        for name in ("pairs", "max_prompts", "length", "population", "generations"):
+            if integer(f"ring_a_bell: {name}", getattr(self, name)) < 1:
+                raise ErasekitError(f"ring_a_bell: {name} must be at least 1, got {getattr(self, name)}")
+        if self.population < 4:
+            raise ErasekitError(f"ring_a_bell: population must be at least 4, got {self.population}")
+        finite("ring_a_bell: mutation", self.mutation, low=0.0, high=1.0)
+        if self.eta is not None:
+            finite("ring_a_bell: eta", self.eta)
+
+
+def concept_pairs(world, concept: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(with, without) prompt pairs for ``concept``."""
+    own = getattr(world, "concept_pairs", None)
+    if own is not None:
+        return list(own(concept, n, seed))[:n]
+    rng = np.random.default_rng(seed)
+    if getattr(world, "name", "") == "toy":
+        from erasekit.toy import world as vocab
+
+        kind = vocab.concept_kind(concept)
+        labels = {"shape": vocab.SHAPES, "color": vocab.COLORS, "texture": vocab.TEXTURES}[kind]
+        others = [x for x in labels if x != concept]
+        out = []
+        for i in range(n):
+            template = vocab.FULL_TEMPLATES[i % len(vocab.FULL_TEMPLATES)]
+            fill = {"s": vocab.SHAPES[rng.integers(len(vocab.SHAPES))], "c": vocab.COLORS[rng.integers(len(vocab.COLORS))],
+                    "t": vocab.TEXTURES[rng.integers(len(vocab.TEXTURES))]}
+            if kind != "shape" and fill["s"] == concept:
+                fill["s"] = vocab.SHAPES[0]
+            if kind != "texture" and fill["t"] == concept:
+                fill["t"] = vocab.TEXTURES[0]
+            other = others[i % len(others)]
+            out.append((template.format(**{**fill, kind[0]: concept}), template.format(**{**fill, kind[0]: other})))
+        return out
+    prompts = world.concept_prompts(concept)
+    pairs = [(p, " ".join(p.replace(concept, " ").split())) for p in prompts if concept in p]
+    if not pairs:
+        raise ErasekitError(f"ring_a_bell: no prompt pairs for {concept!r} in this world")
+    return [pairs[i % len(pairs)] for i in range(n)]
+
+
+def default_eta(world, concept: str) -> float:
+    if getattr(world, "name", "") == "toy":
+        return 0.9 if world.kind(concept) == "texture" else 3.0
+    return 0.9 if "style" in concept.lower() else 3.0
+
+
+def concept_vector(pipe, pairs) -> torch.Tensor:
+    from erasekit.models.prompts import encode_prompts
+
+    with torch.no_grad():
+        a = encode_prompts(pipe, [w for w, _ in pairs]).float()
+        b = encode_prompts(pipe, [wo for _, wo in pairs]).float()
+    return (a - b).mean(0)
+
+
+def genetic_search(pipe, target: torch.Tensor, vocab: torch.Tensor, s: RingABellSettings, generator) -> tuple[str, float]:
+    """The prompt (``s.length`` vocabulary tokens) whose states are closest to ``target`` (T, D)."""
+    from erasekit.models.prompts import encode_prompts
+
+    tok = pipe.tokenizer
+    length = min(s.length, tok.model_max_length - 2)
+    pop = vocab[torch.randint(len(vocab), (s.population, length), generator=generator)]
+    target = target.float()
+
+    def fitness(population):
+        with torch.no_grad():
+            states = encode_prompts(pipe, [tokens_text(tok, row) for row in population]).float()
+        return -(states - target).pow(2).mean(dim=(1, 2))
+
+    scores = fitness(pop)
+    n_elite = max(2, s.population // 4)
+    for _ in range(s.generations):
+        order = scores.argsort(descending=True)
+        elite, elite_scores = pop[order[:n_elite]], scores[order[:n_elite]]
+        n_child = s.population - n_elite
+        pa = elite[torch.randint(n_elite, (n_child,), generator=generator)]
+        pb = elite[torch.randint(n_elite, (n_child,), generator=generator)]
+        cross = torch.rand(n_child, length, generator=generator) < 0.5
+        child = torch.where(cross, pa, pb)
+        mutate = torch.rand(n_child, length, generator=generator) < s.mutation
+        child = torch.where(mutate, vocab[torch.randint(len(vocab), (n_child, length), generator=generator)], child)
+        pop = torch.cat([elite, child])
+        scores = torch.cat([elite_scores, fitness(child)])
+    best = int(scores.argmax())
+    return tokens_text(tok, pop[best]), float(-scores[best])
+
+
+@ATTACKS.register
+class RingABell(Attack):
+    name = "ring_a_bell"
+    alias = "rab"
+    summary = "Ring-A-Bell: concept vector (mean E(with) - E(without)) added to prompts; discrete prompt by genetic search"
+    Settings = RingABellSettings
+    order = 11
+    scenarios = {"ring-a-bell": {"mode": "continuous"}, "ring-a-bell-discrete": {"mode": "discrete"}}
+
+    def inputs(self, ctx: AttackContext, mode: str) -> AttackInputs:
+        from erasekit.metrics import measure_cost
+        from erasekit.models.prompts import encode_prompts
+
+        s = self.settings
+        t0 = time.perf_counter()
+        world = ctx.target.world
+        concept = world.check_concept(ctx.concept)
+        eta = float(s.eta if s.eta is not None else default_eta(world, concept))
+        base = [p.strip() for p in s.prompts.split(";") if p.strip()] or world.concept_prompts(concept)
+        base = base[: s.max_prompts]
+        prompts = [base[i % len(base)] for i in range(ctx.n)]
+        seeds = [ctx.seed + i for i in range(ctx.n)]
+        pipe = ctx.target.pipe
+        with measure_cost() as cost, ctx.original.active():
+            pairs = concept_pairs(world, concept, s.pairs, s.seed)
+            v = concept_vector(pipe, pairs)
+            with torch.no_grad():
+                shifted = encode_prompts(pipe, base).float() + eta * v
+            vector_s = time.perf_counter() - t0
+            if mode == "continuous":
+                learned = StatesTable({f"{p} <ring-a-bell eta={eta:g}>": shifted[j] for j, p in enumerate(base)})
+                final = [f"{p} <ring-a-bell eta={eta:g}>" for p in prompts]
+                search = {}
+            else:
+                learned = None
+                key = dict(original=ctx.original.cache_id, base=base, eta=eta, settings=s.to_dict())
+                path = cache_path(ctx, "ring-a-bell", key)
+                if path is not None and path.is_file():
+                    search = json.loads(path.read_text())
+                    search["reused_from_cache"] = str(path)
+                else:
+                    from erasekit.toy import world as toy_vocab
+
+                    words = {concept}
+                    if getattr(world, "name", "") == "toy":
+                        for table in (toy_vocab.SHAPE_WORDS, toy_vocab.COLOR_WORDS, toy_vocab.TEXTURE_WORDS):
+                            for w in table.get(concept, ()):
+                                words.update(w.split())
+                    words.update(w for p in world.concept_prompts(concept) for w in p.split() if concept in w)
+                    vocab = candidate_vocabulary(pipe.tokenizer, sorted(words) if s.exclude_concept_words else ())
+                    gen = torch.Generator("cpu").manual_seed(int(s.seed))
+                    t_search = time.perf_counter()
+                    found = [genetic_search(pipe, shifted[j], vocab, s, gen) for j in range(len(base))]
+                    search = {"prompts": {p: q for p, (q, _) in zip(base, found)},
+                              "mse": {p: round(m, 6) for p, (_, m) in zip(base, found)},
+                              "seconds_per_prompt": round((time.perf_counter() - t_search) / len(base), 4),
+                              "excluded_words": sorted(words) if s.exclude_concept_words else []}
+                    if path is not None:
+                        from erasekit.atomic import atomic_write_text
+
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_text(path, json.dumps(search) + "\n")
+                final = [search["prompts"][p] for p in prompts]
+        budget = {"mode": mode, "eta": eta, "pairs": len(pairs), "distinct_prompts": len(base),
+                  "vector_s": round(vector_s, 3), "optimisation_steps": s.generations * len(base) if mode == "discrete" else 0,
+                  **({"population": s.population, "generations": s.generations, "length": s.length,
+                      "search": search} if mode == "discrete" else {}),
+                  "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3)}
+        items = [{"attack": f"ring-a-bell-{mode}", "source_prompt": p} for p in prompts]
+        return AttackInputs(prompts=final, seeds=seeds, items=items, learned=learned, attack=f"ring-a-bell-{mode}",
+                            budget=budget)

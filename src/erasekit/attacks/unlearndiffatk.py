@@ -1,0 +1,302 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024): adversarial prefix tokens found with the erased model's own
+denoising loss on a target image of the concept.
+
+Per image (prompt p, seed s): the ORIGINAL model draws the target image z0 from (p, s); k prefix tokens, relaxed
+to points of the probability simplex over the vocabulary (their embedding: the simplex point times the token
+embedding table), are optimised so that the ERASED UNet denoises z0 under [c_adv; p]:
+
+    min_{w in simplex^k}  E_{t, eps} || eps_theta'(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t | [w E; p]) - eps ||^2
+
+(v-prediction models: the velocity target), with Adam (lr 0.01, weight decay 0.1), 40 iterations, each followed by
+the Euclidean projection onto the simplex; at the end each prefix token is the argmax, and the attack prompt is the
+decoded tokens followed by p. Images are optimised together in batches (each its own tokens and loss).
+Success per image is the scenario's detector; as in the paper, an image the erased model already draws with the
+concept (before the attack) is not attacked and counts as a success: ASR = (successes before + new successes) / N,
+which is the scenario's CRR. The budget records ASR before, the iterations, the UNet evaluations and the time.
+
+Candidate tokens: whole-word vocabulary entries that decode to letters and tokenise back to themselves (no special,
+unused or sub-word pieces), so the discrete prompt a user types is the one optimised.
+
+The helpers here (prefix encoding, vocabulary, simplex projection, denoising targets) serve P4D too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.errors import ErasekitError
+from erasekit.registry import ATTACKS
+from erasekit.settings import Settings
+
+_VOCAB_CACHE: dict = {}
+
+
+# -- shared machinery -----------------------------------------------------------------------------------------
+def candidate_vocabulary(tokenizer, exclude_words=()) -> torch.Tensor:
+    """Ids of whole-word tokens that decode to letters and tokenise back to exactly themselves."""
+    key = (id(tokenizer), len(tokenizer), tuple(sorted(exclude_words)))
+    if key in _VOCAB_CACHE:
+        return _VOCAB_CACHE[key]
+    special = set(tokenizer.all_special_ids)
+    ids, texts = [], []
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        text = tokenizer.decode([i]).strip()
+        if text.isalpha() and text.isascii() and len(text) > 1:
+            ids.append(i)
+            texts.append(text)
+    back = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+    banned = {w.lower() for w in exclude_words}
+    keep = [i for i, t, b in zip(ids, texts, back) if b == [i] and t.lower() not in banned]
+    if not keep:
+        raise ErasekitError("no whole-word tokens in this tokenizer's vocabulary to build adversarial prompts from")
+    out = torch.tensor(keep, dtype=torch.long)
+    _VOCAB_CACHE[key] = out
+    return out
+
+
+def encode_with_prefix(pipe, prompts: list[str], prefix: torch.Tensor) -> torch.Tensor:
+    """Text states (B, T, D) of ``[prefix; prompt]``: ``prefix`` (B, k, E) are input-embedding vectors placed right
+    after BOS/[CLS]; gradients flow to them. Mirrors `erasekit.models.prompts.encode_prompts` otherwise."""
+    tok, encoder = pipe.tokenizer, pipe.text_encoder
+    b, k, _ = prefix.shape
+    inputs = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                 return_tensors="pt")
+    ids, mask = inputs.input_ids, inputs.attention_mask
+    if k >= ids.shape[1] - 1:
+        raise ErasekitError(f"{k} prefix tokens do not fit the text encoder's {ids.shape[1]} positions")
+    ids = torch.cat([ids[:, :1], ids[:, :1].expand(b, k), ids[:, 1 : ids.shape[1] - k]], 1)
+    mask = torch.cat([mask[:, :1], torch.ones(b, k, dtype=mask.dtype), mask[:, 1 : mask.shape[1] - k]], 1)
+    embedding = encoder.get_input_embeddings()
+
+    def post(module, args, output):
+        vec = prefix.to(device=output.device, dtype=output.dtype)
+        return torch.cat([output[:, :1], vec, output[:, 1 + k :]], 1)
+
+    handle = embedding.register_forward_hook(post)
+    try:
+        use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+        states = encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if use_mask else None)[0]
+    finally:
+        handle.remove()
+    return states
+
+
+def tokens_text(tokenizer, ids) -> str:
+    return " ".join(tokenizer.decode([int(i)]).strip() for i in ids)
+
+
+def project_simplex(w: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``w`` (..., V) onto the probability simplex (Duchi et al. 2008)."""
+    v = w.reshape(-1, w.shape[-1])
+    u, _ = torch.sort(v, dim=1, descending=True)
+    css = u.cumsum(1) - 1
+    idx = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
+    cond = u - css / idx > 0
+    rho = cond.to(v.dtype).cumsum(1).argmax(1, keepdim=True)  # last index where cond holds
+    theta = css.gather(1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp(min=0).reshape(w.shape)
+
+
+def denoising_target(scheduler, z0, noise, t):
+    """The UNet's regression target for x_t = add_noise(z0, noise, t): noise (epsilon) or velocity (v)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    return noise
+
+
+def original_latents(ctx: AttackContext, prompts, seeds, steps: int, scale: float, batch_size: int) -> torch.Tensor:
+    """Final latents (scaled, before decoding) the ORIGINAL model draws from (prompt, seed)."""
+    from erasekit.probes.sampling import sample
+
+    original = ctx.original
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(sample(original, prompts[i : i + batch_size], seeds[i : i + batch_size], steps=steps, scale=scale,
+                          decode=False).float().cpu())
+    return torch.cat(out)
+
+
+def detect(ctx: AttackContext, images: np.ndarray) -> list[dict]:
+    detector = ctx.detector
+    if detector is None:
+        from erasekit.detectors import create_detector
+
+        detector = ctx.detector = create_detector(ctx.target.world.default_detector(ctx.concept), concept=ctx.concept)
+    return detector.score(images)
+
+
+def world_prompts(ctx: AttackContext, given: str, n: int) -> list[str]:
+    world = ctx.target.world
+    base = [p.strip() for p in given.split(";") if p.strip()] or world.concept_prompts(world.check_concept(ctx.concept))
+    return [base[i % len(base)] for i in range(n)]
+
+
+def cache_path(ctx: AttackContext, what: str, key: dict):
+    if ctx.cache_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ctx.cache_dir / f"{what}-{digest}.json"
+
+
+def before_attack(ctx: AttackContext, prompts, seeds, steps: int, scale: float) -> list[bool]:
+    """Per image: does the target (edits and defences) already draw the concept from (prompt, seed)?"""
+    from erasekit.generation import generate
+
+    images = generate(ctx.target, prompts, seeds, steps=steps, guidance=scale, batch_size=ctx.batch_size,
+                      progress=False)
+    return [r["present"] for r in detect(ctx, images)]
+
+
+# -- UnlearnDiffAtk ------------------------------------------------------------------------------------------
+@dataclass
+class UnlearnDiffAtkSettings(Settings):
+    k: int = 5  # prefix tokens
+    iterations: int = 40
+    lr: float = 0.01
+    weight_decay: float = 0.1
+    batch_size: int = 16  # images optimised together
+    attack_all: bool = False  # also attack images the erased model already draws with the concept
+    prompts: str = ""  # ";"-separated prompts replacing the world's concept prompts
+    seed: int = 0
+
+    def validate(self) -> None:
+        from erasekit.checks import finite, integer
+
+        for name in ("k", "iterations", "batch_size"):
+            if integer(f"unlearndiffatk: {name}", getattr(self, name)) < 1:
+                raise ErasekitError(f"unlearndiffatk: {name} must be at least 1, got {getattr(self, name)}")
+        finite("unlearndiffatk: lr", self.lr, low=0.0, low_open=True)
+        finite("unlearndiffatk: weight_decay", self.weight_decay, low=0.0)
+
+
+def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, generator, vocab, trace=None):
+    """Relaxed one-hot prefixes (B, k, V') for ``prompts`` so that the pipeline's UNet (as the weights are now)
+    denoises ``z0``; returns (final simplex weights, token ids (B, k), losses per iteration)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet = pipe.unet
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab].float()
+    b = len(prompts)
+    w = torch.full((b, s.k, len(vocab)), 1.0 / len(vocab))
+    w += 1e-3 * torch.rand(w.shape, generator=generator) / len(vocab)  # break ties between prompts' starts
+    w = project_simplex(w).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=s.lr, weight_decay=s.weight_decay)
+    z0 = z0.to(unet.device, torch.float32)
+    losses = []
+    for _ in range(s.iterations):
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        xt = sched.add_noise(z0, noise.to(z0), t.to(z0.device))
+        target = denoising_target(sched, z0, noise.to(z0), t.to(z0.device))
+        states = encode_with_prefix(pipe, prompts, (w @ table.to(w.device)).to(pipe.text_encoder.dtype))
+        pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=states.to(unet.dtype)).sample
+        loss = (pred.float() - target).pow(2).mean()
+        opt.zero_grad()
+        (loss * b).backward()
+        opt.step()
+        with torch.no_grad():
+            w.copy_(project_simplex(w))
+        losses.append(loss.item())
+        if trace is not None:
+            trace.append(w.detach().clone())
+    ids = vocab[w.detach().argmax(-1)]
+    return w.detach(), ids, losses
+
+
+@ATTACKS.register
+class UnlearnDiffAtk(Attack):
+    name = "unlearndiffatk"
+    alias = "uda"
+    summary = "UnlearnDiffAtk: k prefix tokens (relaxed one-hot, simplex) fitted to the erased UNet's denoising loss"
+    Settings = UnlearnDiffAtkSettings
+    order = 10
+    scenarios = {"unlearndiffatk": {}}
+
+    def inputs(self, ctx: AttackContext) -> AttackInputs:
+        from erasekit.metrics import measure_cost
+
+        s = self.settings
+        t0 = time.perf_counter()
+        world = ctx.target.world
+        steps, scale = int(ctx.steps or world.sampler_defaults()[0]), float(world.sampler_defaults()[1])
+        prompts = world_prompts(ctx, s.prompts, ctx.n)
+        seeds = [ctx.seed + i for i in range(ctx.n)]
+        key = dict(target=ctx.target.cache_id, prompts=prompts, seeds=seeds, steps=steps, scale=scale,
+                   settings=s.to_dict(), detector=(ctx.detector.info() if ctx.detector is not None else None))
+        path = cache_path(ctx, "unlearndiffatk", key)
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            final, budget = saved["prompts"], dict(saved["budget"], reused_from_cache=str(path))
+        else:
+            with measure_cost() as cost:
+                success = before_attack(ctx, prompts, seeds, steps, scale)
+                todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
+                final = list(prompts)
+                losses_first, losses_last = [], []
+                if todo:
+                    t_target = time.perf_counter()
+                    z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps, scale,
+                                          ctx.batch_size)
+                    target_s = time.perf_counter() - t_target
+                    pipe = ctx.target.pipe
+                    vocab = candidate_vocabulary(pipe.tokenizer)
+                    gen = torch.Generator("cpu").manual_seed(int(s.seed))
+                    t_opt = time.perf_counter()
+                    with ctx.target.active(), _frozen(pipe):
+                        for start in range(0, len(todo), s.batch_size):
+                            chunk = todo[start : start + s.batch_size]
+                            _, ids, losses = optimise_relaxed_prefix(
+                                pipe, [prompts[i] for i in chunk], z0[start : start + len(chunk)], s, gen, vocab)
+                            losses_first.append(losses[0])
+                            losses_last.append(losses[-1])
+                            for j, i in enumerate(chunk):
+                                final[i] = f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}"
+                    opt_s = time.perf_counter() - t_opt
+                else:
+                    target_s = opt_s = 0.0
+            n_before = int(sum(success))
+            budget = {
+                "k": s.k, "iterations": s.iterations, "lr": s.lr, "weight_decay": s.weight_decay,
+                "images_attacked": len(todo), "successes_before": n_before,
+                "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
+                "optimisation_steps": s.iterations * len(todo),
+                "unet_evaluations": s.iterations * len(todo) + steps * len(todo) * (2 if scale > 1 else 1),
+                "target_images_s": round(target_s, 3), "optimisation_s": round(opt_s, 3),
+                "seconds_per_attacked_prompt": round((target_s + opt_s) / max(len(todo), 1), 4),
+                "loss_first": round(float(np.mean(losses_first)), 6) if losses_first else None,
+                "loss_last": round(float(np.mean(losses_last)), 6) if losses_last else None,
+                "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3),
+            }
+            if path is not None:
+                from erasekit.atomic import atomic_write_text
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({"prompts": final, "budget": budget}, default=str) + "\n")
+        items = [{"attack": "unlearndiffatk", "source_prompt": p, "attacked": f != p} for p, f in zip(prompts, final)]
+        return AttackInputs(prompts=final, seeds=seeds, items=items, attack=self.name, budget=budget)
+
+
+class _frozen:
+    """No parameter of the pipeline requires grad inside (restored after)."""
+
+    def __init__(self, pipe):
+        self.modules = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
+
+    def __enter__(self):
+        self.saved = [(p, p.requires_grad) for m in self.modules for p in m.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in self.saved:
+            p.requires_grad_(flag)

@@ -184,6 +184,9 @@ def test_each_defence_composes_with_a_weight_edit(pipe_name, request):
     stacked = erased.with_defences(parse_defence("dual_reconstruction:concept=star,threshold=1"),
                                    parse_defence("irece:concept=star,stop=1"), parse_defence("sld:concept=star,preset=max"))
     assert _gen(stacked).shape == edited.shape
+    reversed_order = erased.with_defences(parse_defence("sld:concept=star,preset=max"),
+                                          parse_defence("dual_reconstruction:concept=star,threshold=1"))
+    assert _gen(reversed_order).shape == edited.shape
     # learned embeddings / given states (no prompts) and the empty prompt
     states = erased.family.encode(pipe, ["a star"] * len(SEEDS)).states
     for spec in specs[:3]:

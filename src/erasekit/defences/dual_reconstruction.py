@@ -68,6 +68,16 @@ def safety_prompt(prompt: str, concept: str, mode: str, replacement: str, suffix
     return re.sub(r"\s{2,}", " ", out).strip()
 
 
+def _with_cond(guidance, cond):
+    """A copy of ``guidance`` (possibly another defence's wrapper around it) with ``cond`` as its 'cond' branch."""
+    clone = guidance.select(slice(None))
+    if hasattr(guidance, "inner"):  # a wrapper (e.g. SLD): replace the branch in the guidance it wraps
+        clone.inner = _with_cond(guidance.inner, cond)
+    else:
+        clone.branches = dict(guidance.branches, cond=cond)
+    return clone
+
+
 class _DualStreams:
     """The guidance wrapper (user stream, plus the safety stream's output) and the step hook (steps the safety
     stream, combines) of one batch."""
@@ -101,7 +111,9 @@ class _DualStreams:
             if self.z_safe is None or state.index == self.threshold:
                 self.z_safe = state.latents  # the split: the safety stream starts from the shared latent
             xs = self.sampler.scheduler.scale_model_input(self.z_safe, t)
-            self.safe_out = self.safe(xs, t, None)
+            from erasekit.diffusion.sampler import StepState
+
+            self.safe_out = self.safe(xs, t, StepState(state.index, state.n_steps, t, self.z_safe))
         return out
 
     # hook
@@ -151,8 +163,7 @@ class DualReconstruction(Defence):
             raise ErasekitError("dual_reconstruction needs a guidance with a 'cond' branch; install it first")
         pipe = ctx.target.pipe
         safe_cond = ctx.target.family.encode(pipe, self.safety_prompts(ctx), device=pipe.unet.device)
-        safe = guidance.select(slice(None))
-        safe.branches = dict(branches, cond=safe_cond)
+        safe = _with_cond(guidance, safe_cond)
         streams = _DualStreams(guidance, safe, ctx.sampler, s.lam, s.threshold, s.combine)
         self._pending[id(ctx)] = streams
         return streams

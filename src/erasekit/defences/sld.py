@@ -90,6 +90,14 @@ class SafeLatentGuidance:
     def evaluations(self) -> int:
         return self.inner.evaluations
 
+    @property
+    def scale(self):
+        return self.inner.scale
+
+    def select(self, index) -> "SafeLatentGuidance":
+        """The same for a sub-batch (or, with ``slice(None)``, a copy), with its own fresh momentum."""
+        return SafeLatentGuidance(self.inner.select(index), self.safety, self.n, self.unet)
+
     def __call__(self, x, t, state=None):
         from erasekit.diffusion.conditioning import Conditioning
 

@@ -8,6 +8,12 @@ log p(concept | decode(x0)): x0 <- x0 + scale * g / rms(g); DDIM's update is the
 itself and the gradient taken at x0 the probe needs no training, but the judge is then the guide: the late steps
 without guidance (1 - ``until``) make the model, not the gradient, finish the image.) ``eta`` > 0 gives their
 "classifier guidance + noise" variant.
+
+Defaults (measured on the embedded world, concept star, 32 images per setting): the empty prompt, so the probe asks
+whether the unconditional model can still be steered to the concept (Lu et al. guide unconditional sampling), scale
+2 for the first 60% of the steps: UCE-erased 97%, original 94%. With the erased concept prompts at scale <= 1 it
+stays at the text rate (3-9%); at scale 4 with every step guided the "stars" it makes are detector-fooling noise,
+not shapes (so the late steps stay unguided).
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from erasekit.settings import Settings, choice
 
 @dataclass
 class ClassifierGuidanceSettings(Settings):
-    scale: float = 0.5  # step along the normalised gradient, in latent units per step
+    scale: float = 2.0  # step along the normalised gradient, in latent units per step
     until: float = 0.6  # share of the steps (from the first) that are guided
     eta: float = 0.0  # DDIM eta of the sampling (> 0: classifier guidance + noise)
-    prompt_mode: str = choice("world", "world", "concept", "empty", help="world's concept prompts, plain, empty")
+    prompt_mode: str = choice("empty", "empty", "world", "concept", help="empty (the unconditional model), world's, plain")
 
     def validate(self) -> None:
         finite("classifier_guidance: scale", self.scale, low=0.0)

@@ -6,6 +6,11 @@ masked centre, in the context of the concept it is supposed to have lost. After 
 the source's latents exactly, and after decoding the known pixels are pasted back (``paste``), so the unmasked
 region of the result is the source image's (tests check this). Sources: the world's rendered concept images (or
 ``--images``). Prompt: the concept's plain prompt (``prompt_mode``: concept, empty).
+
+The mask's side defaults to 3/8 of the image's (12 px of the embedded world's 32; its latent cells touching the
+mask are regenerated, 16 px): measured on star with 32 images, a 16 px mask hides the whole shape (the probe is
+then the text prompt again: UCE 6%, original 97%), an 8 px mask leaves so much of it that any fill is scored a
+star (97% on UCE and on the original with the empty prompt).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ RENDER_SEED = 900_000  # rendered sources, apart from other attacks' renders
 
 @dataclass
 class InpaintingSettings(Settings):
-    mask_size: Optional[int] = None  # side of the centred square to fill, in pixels (None: half the image side)
+    mask_size: Optional[int] = None  # side of the centred square to fill, in pixels (None: 3/8 of the image side)
     prompt_mode: str = choice("concept", "concept", "empty", "world", help="the concept's prompt, empty, world's")
     paste: bool = True  # paste the known pixels back after decoding
 
@@ -42,7 +47,7 @@ def resolve_mask(pipe, mask_size: int | None) -> np.ndarray:
 
     h, w = image_size(pipe)
     f = pipe.vae_scale_factor
-    size = mask_size if mask_size is not None else max(f, (min(h, w) // 2) // f * f)
+    size = mask_size if mask_size is not None else max(f, round(3 * min(h, w) / 8 / f) * f)
     if size > min(h, w):
         raise ErasekitError(f"inpainting: the mask ({size}x{size} px) is larger than the {w}x{h} image")
     return centre_mask((h, w), int(size))

@@ -1,0 +1,153 @@
+"""Adversarial prompts against erased models on the embedded world: UnlearnDiffAtk, Ring-A-Bell, P4D.
+
+Concepts "star" and "checkered"; models: the original and UCE, RECE, ESD-x, ESD-u erased with the tuned settings of
+scripts/eval_erasure.py (its PRESETS; edits cached under OUT/edits, shared with scripts/eval_probes.py). Per cell,
+``--n`` images (prompt i mod P of the world's prompts naming the concept, seed i), scored by the toy detector
+(P(label) > 0.5). ASR before = the erased model on the same prompts and seeds without attack; UnlearnDiffAtk and
+P4D attack only the images that fail before and count the others as successes (ASR = (before + new) / N).
+Ring-A-Bell uses the first 8 world prompts (its budget: one discrete search per distinct prompt).
+
+Writes OUT/results.json and OUT/results.md (and, with --bench, benchmarks/eval_adversarial.{json,md}).
+
+    nice python scripts/eval_adversarial.py [--n 100] [--out out/eval_adversarial]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SCENARIOS = ("text", "unlearndiffatk", "ring-a-bell", "ring-a-bell-discrete", "p4d-soft", "p4d-hard")
+MODELS = ("original", "uce", "rece", "esd-x", "esd-u")
+CONCEPTS = ("star", "checkered")
+
+
+def targets_for(pipe, concept: str, models, edits_dir: Path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_erasure import get_edit, preset_edit_args
+
+    from erasekit.diffusion import Target
+
+    base = Target(pipe, model="toy")
+    out, info = {}, {}
+    for m in models:
+        if m == "original":
+            out[m] = base
+            continue
+        words, preserve, overrides = preset_edit_args(concept, m)
+        # Pinned: an edit already saved for this concept and method is used as it is (the earliest complete one), so
+        # that a change of a method's defaults in the working tree does not silently swap the models under test.
+        saved = sorted((p.parent for p in (edits_dir / "edits").glob(f"{concept}-{m}-*/edit.json")),
+                       key=lambda p: (p / "edit.json").stat().st_mtime)
+        if saved:
+            from erasekit.erasers import load_edit
+
+            folder = saved[0]
+            edit = load_edit(folder, pipe)
+        else:
+            edit, folder = get_edit(pipe, m, concept, words, preserve, overrides, edits_dir)
+        out[m] = base.with_edits(edit)
+        info[m] = {"folder": str(folder), "words": words, "preserve": preserve}
+    return out, info
+
+
+def fmt(s) -> str:
+    if s is None:
+        return "-"
+    lo, hi = s["ci"]
+    return f"{100 * s['crr']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=Path("out/eval_adversarial"))
+    ap.add_argument("--edits", type=Path, default=Path("out/eval_probes"), help="folder holding edits/ (cached)")
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attack-batch", type=int, default=32, help="prompts optimised together (UnlearnDiffAtk, P4D)")
+    ap.add_argument("--bench", action="store_true", help="also write benchmarks/eval_adversarial.{json,md}")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    from erasekit.attacks.scenarios import ScenarioConfig, run_scenario
+    from erasekit.detectors import create_detector
+    from erasekit.provenance import provenance
+    from erasekit.toy.pipeline import build_toy_pipeline, weights_available
+
+    if not weights_available():
+        sys.exit("needs the trained toy weights")
+    pipe = build_toy_pipeline()
+    results: dict = {}
+    edits_info = {}
+    t_all = time.perf_counter()
+    for concept in args.concepts:
+        det = create_detector("toy", concept=concept)
+        targets, edits_info[concept] = targets_for(pipe, concept, args.models, args.edits)
+        for model, target in targets.items():
+            for sc in args.scenarios:
+                cell = args.out / concept / model / sc
+                t0 = time.perf_counter()
+                settings = {"unlearndiffatk": {"batch_size": args.attack_batch}, "p4d": {"batch_size": args.attack_batch}}
+                s = run_scenario(ScenarioConfig(sc, concept, n=args.n, settings=settings), target, det, cell,
+                                 cache_dir=args.out / "cache", progress=False)
+                a = s["attack"]
+                row = {k: s[k] for k in ("crr", "ci", "n", "k", "mean_score")}
+                row["attack"] = {k: v for k, v in a.items() if k not in ("this_run",)}
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                row["prompts_sample"] = s["generation"]["prompts"][:3]
+                results.setdefault(concept, {}).setdefault(model, {})[sc] = row
+                print(f"{concept:>9} {model:>8} {sc:<22} {fmt(row):>16} asr_before={a.get('asr_before')} "
+                      f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    report = {"n_per_cell": args.n, "detector": "toy: P(label) > 0.5", "results": results, "edits": edits_info,
+              "wall_s": round(time.perf_counter() - t_all, 1), "provenance": provenance()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md = render(report, args.scenarios)
+    (args.out / "results.md").write_text(md)
+    if args.bench:
+        Path("benchmarks/eval_adversarial.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        Path("benchmarks/eval_adversarial.md").write_text(md)
+    print(md)
+
+
+def render(report: dict, scenarios) -> str:
+    n = report["n_per_cell"]
+    lines = [f"Adversarial prompts on the embedded world: {n} images per cell (prompt i mod P, seed i), toy detector "
+             "(P(label) > 0.5), Wilson 95% interval. ASR before = the model on the same prompts and seeds, no attack; "
+             "UnlearnDiffAtk / P4D: ASR = (successes before + new successes) / N.", ""]
+    head = ["concept", "model", "ASR before (text)"] + [s for s in scenarios if s != "text"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for concept, models in report["results"].items():
+        for model, cells in models.items():
+            row = [concept, model, fmt(cells.get("text"))] + [fmt(cells.get(s)) for s in scenarios if s != "text"]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Cost per attacked prompt (CPU, 2 shared cores, seconds; optimisation only, batch of 32 prompts "
+              "for UnlearnDiffAtk/P4D; Ring-A-Bell: discrete search per distinct prompt):", ""]
+    lines += ["| concept | model | UnlearnDiffAtk | P4D soft | P4D hard | Ring-A-Bell discrete |", "|---|---|---|---|---|---|"]
+    for concept, models in report["results"].items():
+        for model, cells in models.items():
+            def per(sc, key="seconds_per_attacked_prompt"):
+                a = (cells.get(sc) or {}).get("attack", {})
+                if sc == "ring-a-bell-discrete":
+                    v = a.get("search", {}).get("seconds_per_prompt")
+                else:
+                    v = a.get(key)
+                return "-" if v is None else f"{v:.2f}"
+            lines.append(f"| {concept} | {model} | {per('unlearndiffatk')} | {per('p4d-soft')} | {per('p4d-hard')} | "
+                         f"{per('ring-a-bell-discrete')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,13 @@
-"""Inference-time defences on the embedded world (concept "star"): CRR of the latent scenarios and non-target
+"""Inference-time defences on the embedded world (concept "star"): CRR of the text and latent scenarios and non-target
 prompt following, for the original / UCE / RECE models, each alone and with each defence.
 
 - Models: the original toy; UCE and RECE edits made with ``erasekit.erasers.erase(pipe, method, "star")`` (the
   name only, the methods' defaults for this world; computed once, cached under OUT/edits).
 - Defences (their default settings, with concept "star"): sld (preset medium), dual_reconstruction (lam 0.5,
   threshold 5, replace), irece (noise, window [0, 0.5), mask at 0.5 x max).
-- CRR: ``run_scenario`` of latent-bb (rendered star images DDIM-inverted through the original model) and
-  latent-wb (through the model under test, edits applied, no defence: defences act at sampling only),
-  regenerated with the empty prompt; n images per cell; toy detector P(shape = star) > 0.5.
+- CRR: ``run_scenario`` of text (the world's prompts naming star), latent-bb (rendered star images DDIM-inverted
+  through the original model) and latent-wb (through the model under test, edits applied, no defence: defences
+  act at sampling only), regenerated with the empty prompt; n images per cell; toy detector P(shape = star) > 0.5.
 - Preservation: ``world.preservation_prompts("star")`` (the other shapes in the world's full captions), one image
   per prompt and seed, share whose detected shape is the prompt's shape.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 MODELS = ("original", "uce", "rece")
 DEFENCES = ("none", "sld", "dual_reconstruction", "irece")
-SCENARIOS = ("latent-bb", "latent-wb")
+SCENARIOS = ("text", "latent-bb", "latent-wb")
 
 
 def _fmt(s: dict | None) -> str:
@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--md", type=Path, default=Path("benchmarks/eval_defences.md"))
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
@@ -101,8 +102,9 @@ def main(argv=None) -> dict:
         for dname in args.defences:
             defended = target if dname == "none" else target.with_defences(parse_defence(f"{dname}:concept=star"))
             row = results.setdefault(model, {}).setdefault(dname, {})
-            for scenario in SCENARIOS:
-                cfg = ScenarioConfig(scenario, "star", n=args.n, settings={"ddim_inversion": {"prompt_mode": "empty"}})
+            for scenario in args.scenarios:
+                settings = {} if scenario == "text" else {"ddim_inversion": {"prompt_mode": "empty"}}
+                cfg = ScenarioConfig(scenario, "star", n=args.n, settings=settings)
                 t1 = time.perf_counter()
                 s = run_scenario(cfg, defended, detector, out / model / dname / scenario, cache_dir=cache,
                                  progress=False)
@@ -121,7 +123,8 @@ def main(argv=None) -> dict:
     lines = [
         "# Inference-time defences on the embedded world (concept \"star\")", "",
         "Produced by `scripts/eval_defences.py` (see its docstring for exactly what is measured). "
-        f"CRR: {args.n} images per cell, regenerated with the empty prompt from DDIM-inverted rendered star images "
+        f"CRR: {args.n} images per cell; text: the world's prompts naming star (the text attack); latent: "
+        "regenerated with the empty prompt from DDIM-inverted rendered star images "
         "(latent-bb: inverted through the original model; latent-wb: through the model under test, without the "
         "defence); toy detector P(shape = star) > 0.5; Wilson 95% interval in brackets. "
         f"Preservation: {n_pres} images of the world's preservation prompts (other shapes, "
@@ -130,11 +133,13 @@ def main(argv=None) -> dict:
         "with concept=star (sld preset medium: warm-up 10 of the 20 steps; dual_reconstruction lam 0.5, threshold 5, "
         "the empty prompt's safety context is the world's guide \"an empty background\"; irece kind noise, "
         "window [0, 0.5), mask 0.5 x max). 20 DDIM steps, guidance 5.", "",
-        "| model | defence | latent-bb CRR | latent-wb CRR | preservation |", "|---|---|---|---|---|"]
+        "| model | defence | " + " | ".join(f"{sc} CRR" for sc in args.scenarios) + " | preservation |",
+        "|---|---|" + "---|" * len(args.scenarios) + "---|"]
     for model, rows in results.items():
         for dname, row in rows.items():
             p = row["preservation"]
-            lines.append(f"| {model} | {dname} | {_fmt(row.get('latent-bb'))} | {_fmt(row.get('latent-wb'))} | "
+            cells = " | ".join(_fmt(row.get(sc)) for sc in args.scenarios)
+            lines.append(f"| {model} | {dname} | {cells} | "
                          f"{100 * p['rate']:.0f}% [{100 * p['ci'][0]:.0f}-{100 * p['ci'][1]:.0f}] |")
     lines += ["", f"Total wall time {wall:.0f} s on a shared 2-core CPU (1 thread)."]
     args.md.parent.mkdir(parents=True, exist_ok=True)

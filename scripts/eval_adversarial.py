@@ -24,6 +24,7 @@ from pathlib import Path
 SCENARIOS = ("text", "unlearndiffatk", "ring-a-bell", "ring-a-bell-discrete", "p4d-soft", "p4d-hard")
 MODELS = ("original", "uce", "rece", "esd-x", "esd-u")
 CONCEPTS = ("star", "checkered")
+OPTIM = ("unlearndiffatk", "p4d-soft", "p4d-hard")
 
 
 def targets_for(pipe, concept: str, models, edits_dir: Path):
@@ -65,6 +66,8 @@ def fmt(s) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n-optim", type=int, default=None,
+                    help="images per cell of the optimisation attacks (UnlearnDiffAtk, P4D); default --n")
     ap.add_argument("--out", type=Path, default=Path("out/eval_adversarial"))
     ap.add_argument("--edits", type=Path, default=Path("out/eval_probes"), help="folder holding edits/ (cached)")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
@@ -99,7 +102,8 @@ def main(argv=None):
                 cell = args.out / concept / model / sc
                 t0 = time.perf_counter()
                 settings = {"unlearndiffatk": {"batch_size": args.attack_batch}, "p4d": {"batch_size": args.attack_batch}}
-                s = run_scenario(ScenarioConfig(sc, concept, n=args.n, settings=settings), target, det, cell,
+                n = args.n_optim if args.n_optim and sc in OPTIM else args.n
+                s = run_scenario(ScenarioConfig(sc, concept, n=n, settings=settings), target, det, cell,
                                  cache_dir=args.out / "cache", progress=False)
                 a = s["attack"]
                 row = {k: s[k] for k in ("crr", "ci", "n", "k", "mean_score")}
@@ -109,7 +113,7 @@ def main(argv=None):
                 results.setdefault(concept, {}).setdefault(model, {})[sc] = row
                 print(f"{concept:>9} {model:>8} {sc:<22} {fmt(row):>16} asr_before={a.get('asr_before')} "
                       f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    report = {"n_per_cell": args.n, "detector": "toy: P(label) > 0.5", "results": results, "edits": edits_info,
+    report = {"n_per_cell": args.n, "n_optim": args.n_optim or args.n, "detector": "toy: P(label) > 0.5", "results": results, "edits": edits_info,
               "wall_s": round(time.perf_counter() - t_all, 1), "provenance": provenance()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -123,7 +127,8 @@ def main(argv=None):
 
 def render(report: dict, scenarios) -> str:
     n = report["n_per_cell"]
-    lines = [f"Adversarial prompts on the embedded world: {n} images per cell (prompt i mod P, seed i), toy detector "
+    lines = [f"Adversarial prompts on the embedded world: {n} images per cell ({report.get('n_optim', n)} for "
+             "UnlearnDiffAtk and P4D: the first of the same prompts and seeds) (prompt i mod P, seed i), toy detector "
              "(P(label) > 0.5), Wilson 95% interval. ASR before = the model on the same prompts and seeds, no attack; "
              "UnlearnDiffAtk / P4D: ASR = (successes before + new successes) / N.", ""]
     head = ["concept", "model", "ASR before (text)"] + [s for s in scenarios if s != "text"]

@@ -108,6 +108,7 @@ class ScenarioConfig:
         for name in self.settings:
             if name not in ATTACKS and name not in PROBES:
                 raise ErasekitError(f"unknown attack {name!r} in settings")
+            (ATTACKS.get(name) if name in ATTACKS else PROBES.get(name)).from_overrides(self.settings[name])  # ranges
         self.attack()  # validates the attack's settings
 
     def attack(self) -> Attack:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from erasekit import __version__
-from erasekit.cli import attack, common, detect, erase, generate, ls, toy
+from erasekit.cli import attack, bench, common, detect, erase, generate, ls, report, toy
 
 app = typer.Typer(
     help="Concept erasure for text-to-image diffusion models, and the attacks that measure it.",
@@ -33,6 +33,8 @@ app.command("detect")(common.one_line_errors(detect.detect))
 app.command("erase")(common.one_line_errors(erase.erase))
 app.command("attack")(common.one_line_errors(attack.attack))
 app.command("ls")(common.one_line_errors(ls.list_registries))
+app.command("bench")(common.one_line_errors(bench.bench))
+app.command("report")(common.one_line_errors(report.report))
 app.add_typer(toy.toy_app, name="toy")
 
 __all__ = ["app"]

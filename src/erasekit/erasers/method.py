@@ -32,11 +32,13 @@ class Method(ABC):
         """Compute the edit; must leave ``pipe``'s weights as they were."""
 
     @classmethod
-    def resolve_settings(cls, pipe, overrides: Mapping[str, Any] | None = None):
-        """The method's defaults, then its world's defaults for ``pipe``'s model family, then ``overrides``."""
+    def resolve_settings(cls, pipe, overrides: Mapping[str, Any] | None = None, concepts: str | Sequence[str] = ()):
+        """The method's defaults, then its world's defaults for ``pipe``'s model family and ``concepts``, then
+        ``overrides``."""
         from erasekit.worlds import world_of
 
-        return cls.Settings().replace(world_of(pipe).method_defaults(cls.name)).replace(overrides or {})
+        concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts)
+        return cls.Settings().replace(world_of(pipe).method_defaults(cls.name, concepts)).replace(overrides or {})
 
 
 def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = None, preserve: Sequence[str] = (),
@@ -55,7 +57,7 @@ def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = 
     base_fp = fingerprint(pipe)
     with measure_cost() as cost:
         spec = resolve_spec(pipe, concepts, guide, preserve)
-        resolved = cls.resolve_settings(pipe, settings)
+        resolved = cls.resolve_settings(pipe, settings, spec.concepts)
         result = cls().compute(pipe, spec, resolved, progress=progress)
     timings = cost.as_dict()
     timings["solve_s"] = round(result.solve_s, 4)

@@ -45,9 +45,18 @@ class World:
     def default_detector(self, concept: str) -> str:
         raise NotImplementedError
 
-    def method_defaults(self, method: str) -> dict[str, Any]:
-        """Setting overrides of ``method`` for this world's models (on top of the method's own defaults)."""
+    def method_defaults(self, method: str, concepts: Sequence[str] = ()) -> dict[str, Any]:
+        """Setting overrides of ``method`` for this world's models when erasing ``concepts`` (on top of the
+        method's own defaults): a world may tune them per kind of concept."""
         return {}
+
+    def concept_words(self, concept: str) -> list[str]:
+        """The names this world knows for ``concept`` (the concept itself first)."""
+        return [concept]
+
+    def other_labels(self, concept: str) -> list[str]:
+        """Concepts of the same kind as ``concept`` that an erasure should leave intact (none known: [])."""
+        return []
 
     def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
         """(uint8 images, names, ground truth or None) of ``concept``, for attacks that learn from images."""

@@ -116,17 +116,64 @@ class ToyWorld(World):
     def default_detector(self, concept: str) -> str:
         return "toy"
 
-    def method_defaults(self, method: str) -> dict[str, Any]:
+    def concept_words(self, concept: str) -> list[str]:
+        from erasekit.toy import world
+
+        table = {"shape": world.SHAPE_WORDS, "color": world.COLOR_WORDS, "texture": world.TEXTURE_WORDS}[self.kind(concept)]
+        return list(dict.fromkeys([concept, *table.get(concept, ())]))
+
+    def other_labels(self, concept: str) -> list[str]:
+        from erasekit.toy import world
+
+        labels = {"shape": world.SHAPES, "color": world.COLORS, "texture": world.TEXTURES}[self.kind(concept)]
+        return [x for x in labels if x != concept]
+
+    def method_defaults(self, method: str, concepts: Sequence[str] = ()) -> dict[str, Any]:
+        """The settings tuned on the embedded world (scripts/tune_erasure.py, benchmarks/tuning/), per kind of
+        concept (the first concept's kind; shapes when none is given)."""
+        from erasekit.toy import world
         from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-        # Measured on the embedded world (scripts/eval_erasure.py). Its BERT encoder is bidirectional: every position
-        # of "a red star ..." carries the star, so UCE remaps the end/padding states too. ESD: a 3.4M-parameter UNet on
-        # a CPU wants larger steps and batches and fewer iterations (lr 1e-3 takes star from 92% to 4%; 1e-4 barely
-        # moves it). RECE: 2 epochs take checkered from 81% to 2% with 98.5% of the other textures kept.
+        kind = "shape"
+        for c in concepts:
+            try:
+                kind = world.concept_kind(c.strip())
+                break
+            except ValueError:
+                continue
+        # Its BERT encoder is bidirectional: every position of "a red star ..." carries the star, so the closed-form
+        # edits remap every token (tokens=all) and, for shapes, in the world's caption contexts (templates), keeping
+        # the preserved concepts in those same contexts. ESD: a 3.4M-parameter UNet on a CPU wants larger steps and
+        # batches and fewer iterations (lr 1e-3 takes star from 92% to 4%; 1e-4 barely moves it). ESD-u needs the
+        # empty prompt's prediction held (anchor_unconditional): its parameters also serve it. Tuning samples:
+        # star UCE 3.75% (94.5% of other shapes kept), RECE 3.75% (95%), ESD-u 3.75% (98.5%); checkered RECE 2%
+        # (98.5%), ESD-x 2.5% (94.5%), ESD-u 1.25% (96.5%).
         esd = dict(iterations=400, lr=1e-3, batch_size=8, ddim_steps=DEFAULT_STEPS, sample_guidance=DEFAULT_GUIDANCE,
                    trajectories=64)
-        return {"uce": {"tokens": "last+end"}, "rece": {"uce_tokens": "last+end", "epochs": 2},
-                "esd-x": esd, "esd-u": esd}.get(method, {})
+        if kind == "shape":
+            contexts = ";".join(world.erasure_templates("shape", 16))
+            table = {
+                "uce": {"tokens": "all", "templates": contexts, "preserve_in_contexts": True, "erase_scale": 2.0,
+                        "preserve_scale": 8.0},
+                "rece": {"uce_tokens": "all", "templates": contexts, "preserve_in_contexts": True,
+                         "uce_preserve_scale": 5.0, "epochs": 2, "preserve_scale": 3.0},
+                "esd-x": esd,
+                "esd-u": {**esd, "eta": 3.0, "anchor_unconditional": True, "preserve_weight": 3.0,
+                          "templates": ";".join(world.erasure_templates("shape", 8))},
+            }
+        elif kind == "texture":
+            table = {
+                "uce": {"tokens": "all"},  # textures are read from every position, [CLS] too
+                "rece": {"uce_tokens": "last+end", "epochs": 2},
+                "esd-x": {**esd, "iterations": 800, "eta": 2.0,
+                          "templates": ";".join(world.erasure_templates("texture", 16))},
+                "esd-u": {**esd, "iterations": 600, "lr": 3e-3, "eta": 3.0, "anchor_unconditional": True,
+                          "preserve_weight": 1.0, "templates": ";".join(world.erasure_templates("texture", 8))},
+            }
+        else:
+            table = {"uce": {"tokens": "last+end"}, "rece": {"uce_tokens": "last+end", "epochs": 2}, "esd-x": esd,
+                     "esd-u": esd}
+        return dict(table.get(method, {}))
 
     def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
         from erasekit.attacks.images import render_concept_images

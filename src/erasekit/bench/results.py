@@ -1,0 +1,223 @@
+"""From ``results.jsonl`` (one row per image) to the tables of ``summary.json``, and the report files.
+
+Tables:
+
+- ``crr[concept][method][scenario]``: concept reproduction rate, Wilson 95% interval, n, k (the M-ErasureBench table);
+- ``preservation[concept][method]``: non-target prompt following (share of the world's other-concept prompts whose
+  concept is present by the detector's rule), the same relative to the original model, the share drawn as the erased
+  concept, and the Fréchet distance between the detector's penultimate features of the method's images and the
+  original model's for the same prompts and seeds (torchmetrics' FrechetInceptionDistance with the embedded
+  world's detector as its feature extractor: no Inception weights, no torchvision);
+- ``costs``: per stage, summed over every run into the folder (wall, CPU, peak memory, images, UNet evaluations).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from erasekit.bench.plan import PRESERVATION, REFERENCE
+from erasekit.bench.spec import BenchConfig, to_dict
+
+STAGES = ("edits", "attacks", "generation", "scoring", "report")
+
+
+def _crr(flags) -> dict:
+    from erasekit.metrics import crr_summary
+
+    s = crr_summary(flags)
+    return {"crr": s["crr"], "ci": s["ci"], "n": s["n"], "k": s["k"]}
+
+
+class DetectorFeatures:
+    """The embedded world's detector up to its pooled features (``num_features`` of them), for the Fréchet distance."""
+
+    def __new__(cls):
+        import torch
+
+        from erasekit.toy.detector import load_toy_detector
+
+        class _Features(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = load_toy_detector().features
+                self.num_features = 4 * 24
+
+            def forward(self, x):  # float (N, 3, H, W) in [0, 1]
+                from erasekit.toy.architecture import IMAGE_SIZE
+
+                if x.shape[-1] != IMAGE_SIZE or x.shape[-2] != IMAGE_SIZE:
+                    x = torch.nn.functional.adaptive_avg_pool2d(x, IMAGE_SIZE)
+                return self.net(x * 2 - 1)
+
+        return _Features().eval()
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float | None:
+    """Fréchet distance of two uint8 (N, H, W, 3) image sets on the detector's features (None for < 2 images)."""
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=DetectorFeatures(), normalize=True, input_img_size=(3, *real.shape[1:3]))
+    with torch.inference_mode():
+        for arr, is_real in ((real, True), (fake, False)):
+            x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+            fid.update(x, real=is_real)
+        value = float(fid.compute())
+    return round(max(value, 0.0), 4)
+
+
+def _images(out: Path, rows: list[dict]) -> np.ndarray:
+    from PIL import Image
+
+    arrays = []
+    for r in rows:
+        with Image.open(out / r["path"]) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    return np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def crr_table(rows: list[dict]) -> dict:
+    flags: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        if r["kind"] == "attack":
+            flags[r["concept"]][r["method"]][r["scenario"]].append(r["present"])
+    return {c: {m: {s: _crr(f) for s, f in by_s.items()} for m, by_s in by_m.items()} for c, by_m in flags.items()}
+
+
+def preservation_table(rows: list[dict], out: Path | None, fd: bool = True) -> dict:
+    by: dict = defaultdict(lambda: defaultdict(list))
+    ref: dict = defaultdict(list)
+    for r in rows:
+        if r["kind"] == PRESERVATION:
+            by[r["concept"]][r["method"]].append(r)
+        elif r["kind"] == REFERENCE:
+            ref[r["concept"]].append(r)
+    table = {}
+    for concept, by_m in by.items():
+        ref_rows = sorted(ref.get(concept, []), key=lambda r: r["index"])
+        ref_follow = [r["label_present"] for r in ref_rows if r.get("label_present") is not None]
+        base = sum(ref_follow) / len(ref_follow) if ref_follow else None
+        ref_images = _images(out, ref_rows) if fd and out is not None and ref_rows else None
+        table[concept] = {}
+        for method, mrows in by_m.items():
+            mrows = sorted(mrows, key=lambda r: r["index"])
+            follow = [r["label_present"] for r in mrows if r.get("label_present") is not None]
+            entry = {
+                "following": _crr(follow) if follow else None,
+                "relative": (round((sum(follow) / len(follow)) / base, 4) if follow and base else None),
+                "drawn_as_concept": _crr(r["present"] for r in mrows),
+                "fd": None,
+                "n": len(mrows),
+            }
+            if ref_images is not None and len(mrows):
+                entry["fd"] = frechet_distance(ref_images, _images(out, mrows))
+            table[concept][method] = entry
+    return table
+
+
+def cost_table(cost_rows: list[dict]) -> dict:
+    """Per stage: sums over every run (wall, CPU, images, UNet evaluations) and the largest peak memory."""
+    table: dict = {}
+    runs = []
+    for r in cost_rows:
+        if r.get("run") not in runs:
+            runs.append(r.get("run"))
+        t = table.setdefault(r["stage"], {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": None, "cuda_peak_mb": None,
+                                          "images": 0, "unet_evals": 0, "runs": 0})
+        t["runs"] += 1
+        if r.get("processes"):  # generation over several processes: every process's work counts
+            t["wall_s"] += max(p.get("wall_s") or 0 for p in r["processes"])
+            t["cpu_s"] += sum(p.get("cpu_s") or 0 for p in r["processes"])
+            t["unet_evals"] += sum(p.get("unet_evals") or 0 for p in r["processes"])
+            t["images"] += sum(p.get("images") or 0 for p in r["processes"])
+            peaks = [p.get("peak_rss_mb") for p in r["processes"] if p.get("peak_rss_mb") is not None]
+            cpeaks = [p.get("cuda_peak_mb") for p in r["processes"] if p.get("cuda_peak_mb") is not None]
+        else:
+            t["wall_s"] += r.get("wall_s") or 0
+            t["cpu_s"] += r.get("cpu_s") or 0
+            t["unet_evals"] += r.get("unet_evals") or 0
+            t["images"] += r.get("images") or 0
+            peaks = [r["peak_rss_mb"]] if r.get("peak_rss_mb") is not None else []
+            cpeaks = [r["cuda_peak_mb"]] if r.get("cuda_peak_mb") is not None else []
+        for key, values in (("peak_rss_mb", peaks), ("cuda_peak_mb", cpeaks)):
+            if values:
+                t[key] = max([v for v in (t[key], *values) if v is not None])
+    ordered = {s: table[s] for s in STAGES if s in table}
+    ordered.update({s: v for s, v in table.items() if s not in ordered})
+    for t in ordered.values():
+        t["wall_s"], t["cpu_s"] = round(t["wall_s"], 2), round(t["cpu_s"], 2)
+    return {"stages": ordered, "runs": len(runs),
+            "total_wall_s": round(sum(t["wall_s"] for t in ordered.values()), 2)}
+
+
+def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cell_info: dict, edit_info: dict,
+                  key: str, run_id: str, processes: int, out: Path) -> dict:
+    from erasekit.provenance import provenance
+
+    methods = [m.name for m in cfg.methods]
+    return {
+        "config_key": key,
+        "config": to_dict(cfg),
+        "provenance": provenance(),
+        "last_run": {"id": run_id, "processes": processes},
+        "methods": methods,
+        "scenarios": list(cfg.scenarios),
+        "concepts": [c.name for c in cfg.concepts],
+        "images": len(rows),
+        "tables": {"crr": crr_table(rows), "preservation": preservation_table(rows, out),
+                   "costs": cost_table(cost_rows)},
+        "cells": cell_info,
+        "edits": {f"{c}/{m}": v for (c, m), v in edit_info.items()} if edit_info and isinstance(
+            next(iter(edit_info)), tuple) else edit_info,
+    }
+
+
+def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
+    """summary.json, report.md and report.html (with its plots and grids) into ``out``."""
+    from erasekit.atomic import atomic_write_text
+    from erasekit.report import write_report
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_report(out, summary, rows)
+
+
+def rebuild(out) -> dict:
+    """Rebuild summary.json and the report of a results folder from its files (``erasekit report DIR``)."""
+    from erasekit.bench.run import CONFIG_FILE, COSTS_FILE, RESULTS_FILE, SUMMARY_FILE
+    from erasekit.bench.spec import parse_config
+    from erasekit.errors import ErasekitError
+    from erasekit.jsonl import read_jsonl
+
+    out = Path(out)
+    if not out.is_dir():
+        raise ErasekitError(f"{out}: no such folder")
+    meta = out / CONFIG_FILE
+    if not meta.is_file() or not (out / RESULTS_FILE).is_file():
+        raise ErasekitError(f"{out} is not a bench results folder (needs {CONFIG_FILE} and {RESULTS_FILE})")
+    try:
+        saved = json.loads(meta.read_text(encoding="utf-8"))
+        cfg = parse_config(saved["config"], str(meta))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ErasekitError(f"{meta}: unreadable ({type(exc).__name__})") from None
+    old = {}
+    if (out / SUMMARY_FILE).is_file():
+        try:
+            old = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+    by_id = {}
+    for r in read_jsonl(out / RESULTS_FILE):
+        if isinstance(r, dict) and "row" in r:
+            by_id[r["row"]] = r
+    rows = list(by_id.values())
+    summary = build_summary(cfg, rows, read_jsonl(out / COSTS_FILE), old.get("cells", {}), old.get("edits", {}),
+                            saved.get("config_key", ""), (old.get("last_run") or {}).get("id", ""),
+                            (old.get("last_run") or {}).get("processes", 1), out)
+    write_outputs(out, summary, rows)
+    return summary

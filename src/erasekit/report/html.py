@@ -1,0 +1,46 @@
+"""report.html: one self-contained page (images by relative path), rendered by Jinja2 with autoescape on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from erasekit.report.format import crr_cell, crr_colour, num, preservation_rows
+
+
+def environment():
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("erasekit.report", "templates"),
+                      autoescape=select_autoescape(default=True, default_for_string=True))
+    env.filters.update(crr_cell=crr_cell, crr_colour=crr_colour, num=num)
+    return env
+
+
+def render_html(summary: dict, plots: dict[str, str], grids: dict[str, str], rows: list[dict] = ()) -> str:
+    from erasekit.bench.plan import PRESERVATION
+
+    prompts: dict[str, list[str]] = {}
+    for r in rows:
+        seen = prompts.setdefault(f"{r['concept']}/{r['method']}/{r['scenario']}", [])
+        if r.get("prompt") is not None and r["prompt"] not in seen and len(seen) < 3:
+            seen.append(r["prompt"])
+
+    cell_grids = []
+    for concept in summary["concepts"]:
+        for method in summary["methods"]:
+            for scenario in [*summary["scenarios"], PRESERVATION]:
+                cid = f"{concept}/{method}/{scenario}"
+                if cid in grids:
+                    s = summary["tables"]["crr"].get(concept, {}).get(method, {}).get(scenario)
+                    cell_grids.append({"id": cid, "path": grids[cid], "crr": s, "prompts": prompts.get(cid, [])})
+    return environment().get_template("report.html.j2").render(
+        s=summary, cfg=summary["config"], prov=summary.get("provenance", {}), plots=plots, cell_grids=cell_grids,
+        preservation=preservation_rows(summary), costs=summary["tables"]["costs"])
+
+
+def write_html(out: Path, summary: dict, plots: dict[str, str], grids: dict[str, str], rows: list[dict] = ()) -> Path:
+    from erasekit.atomic import atomic_write_text
+
+    path = out / "report.html"
+    atomic_write_text(path, render_html(summary, plots, grids, rows))
+    return path

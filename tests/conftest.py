@@ -41,3 +41,11 @@ def toy_random():
 @pytest.fixture(scope="session", params=["sd1", "sd2", "toy"])
 def any_pipe(request):
     return request.getfixturevalue({"sd1": "tiny_sd1", "sd2": "tiny_sd2", "toy": "toy_random"}[request.param])
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """SDXL-shaped (two CLIP encoders 32 + 64 wide, pooled projection, time ids), random weights; do not modify."""
+    from erasekit.models.tiny import tiny_sd_pipeline
+
+    return tiny_sd_pipeline("sdxl")

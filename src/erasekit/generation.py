@@ -111,20 +111,26 @@ def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_gi
 
     pipe, family = target.pipe, target.family
     device = pipe.unet.device
-    cond = family.from_states(pipe, embeds) if embeds is not None else family.encode(pipe, prompts, device=device)
+    z = latents_given if latents_given is not None else noise
+    size = (z.shape[-2] * pipe.vae_scale_factor, z.shape[-1] * pipe.vae_scale_factor)  # SDXL's time ids
+    cond = (family.from_states(pipe, embeds, size=size) if embeds is not None
+            else family.encode(pipe, prompts, device=device, size=size))
     uncond = None
     if guidance_scale > 1.0:
-        uncond = family.encode(pipe, negatives if negatives is not None else [""], device=device)
+        uncond = family.unconditional(pipe, negatives, device=device, size=size)
     ctx = SamplingContext(target, sampler, prompts, cond, uncond, guidance_scale, seeds)
-    guidance = guided(UNetDenoiser(pipe.unet), cond, uncond, guidance_scale)
+    from erasekit.diffusion.speed import decode_batch, unet_for
+
+    guidance = guided(UNetDenoiser(unet_for(pipe)), cond, uncond, guidance_scale)
     hooks: list = []
     for defence in target.defences:
         guidance = defence.wrap(guidance, ctx)
         hooks.extend(defence.hooks(ctx))
-    z = latents_given if latents_given is not None else noise
     z = sampler.prepare_latents(z)
     z = sampler.denoise(z, guidance, hooks, generators=generators)
-    return sampler.decode(z)
+    from erasekit.diffusion.vae import decode_latents
+
+    return decode_latents(pipe, z, decode_batch(pipe))
 
 
 def generate(
@@ -134,7 +140,7 @@ def generate(
     *,
     steps: int | None = None,
     guidance: float | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     negative_prompt: str | Sequence[str] | None = None,
     latents: torch.Tensor | None = None,
     prompt_embeds: torch.Tensor | None = None,
@@ -142,12 +148,15 @@ def generate(
     width: int | None = None,
     eta: float = 0.0,
     progress: bool = True,
+    fast: bool = False,
 ) -> np.ndarray:
     """Generate one image per seed with ``target`` (a `Target` or a bare pipeline); returns uint8 (N, H, W, 3).
 
     ``prompts``: one per seed, or one string for all (None when ``prompt_embeds`` (N, T, D) is given).
     ``latents``: (N, C, h, w) initial latents replacing the seeded draw (e.g. from DDIM inversion); the seeds
     then only drive sampler noise (``eta > 0``). ``steps``/``guidance`` default to the model's world's.
+    ``fast``: channels-last + compiled UNet (`erasekit.diffusion.speed`; images equal the eager path's up to
+    kernel rounding); ``batch_size="auto"``: as many images per batch as free GPU memory holds.
     """
     from tqdm.auto import tqdm
 
@@ -158,7 +167,17 @@ def generate(
     pipe = target.pipe
     seeds = [int(s) for s in seeds]
     n = len(seeds)
-    if batch_size < 1:
+    if fast:
+        from erasekit.diffusion.speed import accelerate
+
+        accelerate(pipe)
+    if batch_size == "auto":
+        from erasekit.diffusion.speed import auto_batch_size
+
+        h, w = image_size(pipe, height, width)
+        batch_size = auto_batch_size(pipe, h, w, float(guidance if guidance is not None else
+                                                       target.world.sampler_defaults()[1]))
+    if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if prompt_embeds is None and prompts is None:
         raise ValueError("give prompts or prompt_embeds")

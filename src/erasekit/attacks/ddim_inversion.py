@@ -48,8 +48,9 @@ class DDIMInversionSettings(Settings):
 
 
 def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | None = None, guidance: float = 1.0,
-                refine: int = 0, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """Inverted (noise) latents, float32 CPU (N, C, h, w), of clean scaled latents, through ``target``."""
+                refine: int = 0, batch_size: int = 32, progress: bool = True, fast: bool = False) -> torch.Tensor:
+    """Inverted (noise) latents, float32 CPU (N, C, h, w), of clean scaled latents, through ``target``.
+    ``fast``: the compiled channels-last UNet (`erasekit.diffusion.speed`)."""
     from tqdm.auto import tqdm
 
     from erasekit.diffusion.guidance import UNetDenoiser, guided
@@ -62,6 +63,10 @@ def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | No
     if steps < 1 or refine < 0 or batch_size < 1:
         raise ErasekitError(f"DDIM inversion: need steps >= 1, refine >= 0, batch_size >= 1 (got {steps}, {refine}, {batch_size})")
     sampler = Sampler(pipe, steps)
+    from erasekit.diffusion.speed import accelerate, unet_for
+
+    if fast:
+        accelerate(pipe)
     out = []
     starts = range(0, len(latents), batch_size)
     with torch.no_grad(), target.active():
@@ -69,7 +74,7 @@ def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | No
         cond = family.encode(pipe, [prompt], device=device)
         # Guidance of "" against "" is the conditional prediction: one pass.
         uncond = family.encode(pipe, [""], device=device) if prompt != "" else None
-        guidance_fn = guided(UNetDenoiser(pipe.unet), cond, uncond, float(guidance) if prompt != "" else 1.0)
+        guidance_fn = guided(UNetDenoiser(unet_for(pipe)), cond, uncond, float(guidance) if prompt != "" else 1.0)
         for start in tqdm(starts, desc="DDIM inversion", unit="batch", disable=not progress or len(starts) < 2, leave=False):
             z = latents[start : start + batch_size].float().to(device, pipe.unet.dtype)
             out.append(sampler.invert(z, guidance_fn, refine=refine).float().cpu())

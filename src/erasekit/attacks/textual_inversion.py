@@ -12,6 +12,14 @@ every other embedding row stays exactly as it was. This works for any `nn.Embedd
 in diffusers' format ({token: (k, D)}), which ``pipe.load_textual_inversion(path)`` reads; multi-vector tokens
 expand to ``<t> <t>_1 ... <t>_{k-1}`` as diffusers does.
 
+SDXL: one token per text encoder, learned together (``vectors`` for CLIP-L, ``vectors_2`` for OpenCLIP-bigG), saved
+as {"clip_l": (k, 768), "clip_g": (k, 1280)} (the token in the file's metadata and the JSON beside it), the format
+diffusers' SDXL loading reads: ``pipe.load_textual_inversion(sd["clip_l"], token=t, text_encoder=pipe.text_encoder,
+tokenizer=pipe.tokenizer)`` and the same with "clip_g", ``text_encoder_2`` and ``tokenizer_2``.
+
+On CUDA the training step runs under bf16 autocast (`erasekit.diffusion.speed.train_autocast`; weights stay as
+loaded, the learned vectors float32); ``mixed_precision=no`` turns it off.
+
 Black-box use: learn on the original model, generate with the erased one. White-box: learn on the erased one.
 Defaults (the embedded world, 32x32 images on a 2-core CPU): 400 steps, batch 16, Adam lr 5e-3, one vector
 initialised from the word "object" (Lu et al.'s initialiser), 4 of the 8 templates per step. Measured on the
@@ -22,6 +30,7 @@ rate (66%), and three times the budget did not raise it: the ceiling is the mode
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -33,11 +42,9 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
-from erasekit.diffusion.conditioning import Conditioning
 from erasekit.diffusion.guidance import UNetDenoiser
 from erasekit.diffusion.vae import encode_distribution, image_size
 from erasekit.errors import ErasekitError
-from erasekit.models.prompts import encode_prompts
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings
 
@@ -68,6 +75,7 @@ class TextualInversionConfig(Settings):
     seed: int = 0
     templates: tuple[str, ...] = TRAIN_TEMPLATES
     images: int = 32  # concept images to learn from when the world renders them (no --images folder)
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, none on the CPU; "no": never
 
     def validate(self) -> None:
         from erasekit.checks import finite, integer
@@ -89,6 +97,8 @@ class TextualInversionConfig(Settings):
             raise ErasekitError(f"textual inversion: lr must be at most 1000, got {self.lr}")
         if not isinstance(self.initializer, str):
             raise ErasekitError(f"textual inversion: the initializer must be a word, got {self.initializer!r}")
+        if self.mixed_precision not in ("auto", "no"):
+            raise ErasekitError(f"textual inversion: mixed_precision is 'auto' or 'no', got {self.mixed_precision!r}")
         if isinstance(self.templates, str) or not self.templates or any(
                 not isinstance(t, str) or "{}" not in t for t in self.templates):
             raise ErasekitError("textual inversion: every template needs a '{}' for the token")
@@ -104,15 +114,25 @@ class TextualInversionConfig(Settings):
 
 @dataclass
 class LearnedEmbedding:
-    """Learned vectors (k, D) for ``token``; ``budget`` records what learning them cost."""
+    """Learned vectors (k, D) for ``token``; ``budget`` records what learning them cost. SDXL: ``vectors`` for the
+    first text encoder (CLIP-L), ``vectors_2`` (k, D2) for the second (OpenCLIP-bigG)."""
 
     token: str
     vectors: torch.Tensor
     budget: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    vectors_2: torch.Tensor | None = None
 
     def __post_init__(self):
         self.vectors = self.vectors.detach().to("cpu", torch.float32).reshape(-1, self.vectors.shape[-1])
+        if self.vectors_2 is not None:
+            self.vectors_2 = self.vectors_2.detach().to("cpu", torch.float32).reshape(-1, self.vectors_2.shape[-1])
+            if len(self.vectors_2) != len(self.vectors):
+                raise ErasekitError(f"SDXL learned embedding: {len(self.vectors)} clip_l vectors but "
+                                    f"{len(self.vectors_2)} clip_g vectors")
+
+    def per_encoder(self) -> list[torch.Tensor]:
+        return [self.vectors] + ([self.vectors_2] if self.vectors_2 is not None else [])
 
     @property
     def tokens(self) -> list[str]:
@@ -127,7 +147,8 @@ class LearnedEmbedding:
 
     def digest(self) -> str:
         h = hashlib.sha256(self.token.encode())
-        h.update(self.vectors.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for v in self.per_encoder():
+            h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()[:16]
 
     # -- files ----------------------------------------------------------------------------------
@@ -141,6 +162,12 @@ class LearnedEmbedding:
         record = {"token": self.token, "tokens": self.tokens, "shape": list(self.vectors.shape),
                   "digest": self.digest(), "config": self.config, "budget": self.budget}
         # Each file whole or absent; the vectors (whose presence marks a cached embedding as done) last.
+        if self.vectors_2 is not None:  # diffusers' SDXL format: one tensor per text encoder, the token beside
+            record["shape_2"] = list(self.vectors_2.shape)
+            atomic_write_text(out / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+            atomic_save_safetensors({"clip_l": self.vectors.contiguous(), "clip_g": self.vectors_2.contiguous()}, path,
+                                    metadata={"token": self.token})
+            return path
         atomic_write_text(out / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
         atomic_save_safetensors({self.token: self.vectors.contiguous()}, path)
         return path
@@ -156,16 +183,29 @@ class LearnedEmbedding:
         if not path.is_file():
             raise ErasekitError(f"{path}: no such learned-embedding file")
         state = load_safetensors(path, "learned-embedding file")
-        if len(state) != 1:
-            raise ErasekitError(f"{path} should hold one token's vectors, holds {len(state)} tensors")
-        (token, vectors), = state.items()
+        sdxl = set(state) == {"clip_l", "clip_g"}
+        if len(state) != 1 and not sdxl:
+            raise ErasekitError(f"{path} should hold one token's vectors (or SDXL's clip_l and clip_g), holds "
+                                f"{len(state)} tensors")
+        if sdxl:
+            token = _sdxl_token(path)
+            vectors, vectors_2 = state["clip_l"], state["clip_g"]
+        else:
+            (token, vectors), = state.items()
+            vectors_2 = None
         if not token or any(ch.isspace() for ch in token):
             raise ErasekitError(f"{path}: the token {token!r} is not one word")
-        if vectors.ndim not in (1, 2) or vectors.numel() == 0 or not vectors.is_floating_point():
-            raise ErasekitError(f"{path}: the vectors of {token!r} must be a non-empty float (k, D) tensor, "
-                                f"got {str(vectors.dtype).replace('torch.', '')} {tuple(vectors.shape)}")
-        if not bool(torch.isfinite(vectors).all()):
-            raise ErasekitError(f"{path}: the vectors of {token!r} hold NaN or infinite values")
+        for v in (vectors, vectors_2):
+            if v is None:
+                continue
+            if v.ndim not in (1, 2) or v.numel() == 0 or not v.is_floating_point():
+                raise ErasekitError(f"{path}: the vectors of {token!r} must be a non-empty float (k, D) tensor, "
+                                    f"got {str(v.dtype).replace('torch.', '')} {tuple(v.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                raise ErasekitError(f"{path}: the vectors of {token!r} hold NaN or infinite values")
+        if vectors_2 is not None and vectors.reshape(-1, vectors.shape[-1]).shape[0] != \
+                vectors_2.reshape(-1, vectors_2.shape[-1]).shape[0]:
+            raise ErasekitError(f"{path}: clip_l and clip_g hold different numbers of vectors")
         meta_path = path.parent / CONFIG_FILE
         meta = {}
         if meta_path.is_file():
@@ -177,17 +217,51 @@ class LearnedEmbedding:
                 raise ErasekitError(f"corrupt {meta_path}: not a JSON object")
         budget, config = meta.get("budget", {}), meta.get("config", {})
         return cls(token, vectors, budget=budget if isinstance(budget, dict) else {},
-                   config=config if isinstance(config, dict) else {})
+                   config=config if isinstance(config, dict) else {}, vectors_2=vectors_2)
 
     # -- using ----------------------------------------------------------------------------------
-    def encode(self, pipe, prompts, device=None) -> torch.Tensor:
+    def encode(self, pipe, prompts, device=None):
         """Text states (B, T, D) of ``prompts`` (which may use the token) on ``pipe``, the pipeline untouched;
-        equal to ``encode_prompts`` after ``pipe.load_textual_inversion`` of the saved file."""
+        equal to ``encode_prompts`` after ``pipe.load_textual_inversion`` of the saved file. SDXL: a `Conditioning`
+        (states of both encoders with the pooled embedding), equal to the pipeline's ``encode_prompt`` after loading
+        both tokens."""
+        from erasekit.diffusion.family import family_of
+
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tok = tokenizer_with(pipe.tokenizer, self.tokens)
-        with torch.no_grad(), _swap_new_rows(pipe.text_encoder, len(pipe.tokenizer), self.vectors):
-            states = encode_prompts(pipe, [self.expand(p) for p in prompts], tokenizer=tok)
-        return states.to(device) if device is not None else states
+        family = family_of(pipe)
+        encoders = family.encoders(pipe)
+        vectors = self.per_encoder()
+        if len(vectors) != len(encoders):
+            raise ErasekitError(f"this learned embedding has vectors for {len(vectors)} text encoder(s), the pipeline "
+                                f"has {len(encoders)}: it was learned on another kind of model")
+        toks = [tokenizer_with(tok, self.tokens) for _, tok, _ in encoders]
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for (_, tok, enc), v in zip(encoders, vectors):
+                stack.enter_context(_swap_new_rows(enc, len(tok), v))
+            cond = family.encode(pipe, [self.expand(p) for p in prompts], tokenizers=toks)
+        if len(encoders) == 1:
+            return cond.states.to(device) if device is not None else cond.states
+        return cond.to(device) if device is not None else cond
+
+
+def _sdxl_token(path: Path) -> str:
+    """The token of an SDXL learned-embedding file: its metadata, else the JSON beside it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            token = (f.metadata() or {}).get("token")
+    except Exception:
+        token = None
+    if not token and (path.parent / CONFIG_FILE).is_file():
+        try:
+            token = json.loads((path.parent / CONFIG_FILE).read_text(encoding="utf-8")).get("token")
+        except (OSError, ValueError, AttributeError):
+            token = None
+    if not isinstance(token, str) or not token:
+        raise ErasekitError(f"{path}: an SDXL embedding (clip_l, clip_g) without its token: erasekit writes it in the "
+                            f"file's metadata and {CONFIG_FILE}; add {CONFIG_FILE} with {{\"token\": \"<name>\"}}")
+    return token
 
 
 def tokenizer_with(tokenizer, tokens: list[str]):
@@ -251,9 +325,11 @@ def _frozen(*modules):
             p.requires_grad_(flag)
 
 
-def _initial_vectors(pipe, word: str, k: int) -> torch.Tensor:
-    ids = pipe.tokenizer(word, add_special_tokens=False).input_ids if word else []
-    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+def _initial_vectors(pipe, word: str, k: int, tokenizer=None, text_encoder=None) -> torch.Tensor:
+    tokenizer = tokenizer if tokenizer is not None else pipe.tokenizer
+    text_encoder = text_encoder if text_encoder is not None else pipe.text_encoder
+    ids = tokenizer(word, add_special_tokens=False).input_ids if word else []
+    table = text_encoder.get_input_embeddings().weight.detach()
     if not ids:
         raise ErasekitError(f"the initialiser {word!r} gives no tokens on this tokenizer; choose a word")
     return table[ids].float().mean(0, keepdim=True).repeat(k, 1).clone()
@@ -275,10 +351,15 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     if tuple(images.shape[1:3]) != image_size(pipe):
         raise ErasekitError(f"images are {images.shape[2]}x{images.shape[1]}, the pipeline makes "
                             f"{image_size(pipe)[1]}x{image_size(pipe)[0]}: resize them first (load_image_folder does)")
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.speed import train_autocast
+
     tokens = config.tokens()
-    tok = tokenizer_with(pipe.tokenizer, tokens)
-    vocab_size = len(pipe.tokenizer)
+    family = family_of(pipe)
+    encoders = family.encoders(pipe)
+    toks = [tokenizer_with(tk, tokens) for _, tk, _ in encoders]
     unet, device = pipe.unet, pipe.unet.device
+    autocast = train_autocast(device) if config.mixed_precision == "auto" else contextlib.nullcontext()
     model = UNetDenoiser(unet)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
@@ -289,32 +370,37 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     prompts_all = [t.format(placeholder) for t in config.templates]
     losses = []
 
-    with measure_cost() as cost, _frozen(pipe.unet, pipe.text_encoder, pipe.vae):
+    with measure_cost() as cost, _frozen(pipe.unet, pipe.vae, *[enc for _, _, enc in encoders]), \
+            contextlib.ExitStack() as swaps:
         mean, std = encode_distribution(pipe, images)
-        vectors = _initial_vectors(pipe, config.initializer, len(tokens)).to(pipe.text_encoder.device)
-        vectors.requires_grad_(True)
-        optimizer = torch.optim.Adam([vectors], lr=config.lr)
+        all_vectors = []
+        for _, tk, enc in encoders:
+            v = _initial_vectors(pipe, config.initializer, len(tokens), tk, enc).to(enc.device)
+            v.requires_grad_(True)
+            all_vectors.append(v)
+            swaps.enter_context(_swap_new_rows(enc, len(tk), v))
+        optimizer = torch.optim.Adam(all_vectors, lr=config.lr)
         bs = int(config.batch_size)
-        with _swap_new_rows(pipe.text_encoder, vocab_size, vectors):
-            for _ in tqdm(range(config.steps), desc="textual inversion", unit="step", disable=not progress, leave=False):
-                idx = torch.randint(len(images), (bs,), generator=gen)
-                eps_vae = torch.randn(mean[idx].shape, generator=gen).to(device)
-                latents = (mean[idx] + std[idx] * eps_vae) * scale
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                t = torch.randint(n_train, (bs,), generator=gen).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, t)
-                # A few templates per step, each encoded once and shared by several images: the text encoder
-                # costs as much as the UNet on small models.
-                uniq = torch.randperm(len(prompts_all), generator=gen)[: min(TEMPLATES_PER_STEP, bs)]
-                states = encode_prompts(pipe, [prompts_all[i] for i in uniq.tolist()], tokenizer=tok)
-                states = states[torch.arange(bs, device=states.device) % len(uniq)]
-                pred = model(noisy, t, Conditioning(states)).float()
-                target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-                loss = torch.nn.functional.mse_loss(pred, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+        for _ in tqdm(range(config.steps), desc="textual inversion", unit="step", disable=not progress, leave=False):
+            idx = torch.randint(len(images), (bs,), generator=gen)
+            eps_vae = torch.randn(mean[idx].shape, generator=gen).to(device)
+            latents = (mean[idx] + std[idx] * eps_vae) * scale
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            t = torch.randint(n_train, (bs,), generator=gen).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            # A few templates per step, each encoded once and shared by several images: the text encoder
+            # costs as much as the UNet on small models.
+            uniq = torch.randperm(len(prompts_all), generator=gen)[: min(TEMPLATES_PER_STEP, bs)]
+            with autocast:
+                cond = family.encode(pipe, [prompts_all[i] for i in uniq.tolist()], tokenizers=toks)
+                cond = cond[torch.arange(bs) % len(uniq)]
+                pred = model(noisy, t, cond).float()
+            target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+            loss = torch.nn.functional.mse_loss(pred, target.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
         cost.add_images(0)
     k = max(1, len(losses) // 10)
     budget = {
@@ -327,7 +413,9 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
         **{key: v for key, v in cost.as_dict().items() if key != "images"},
     }
     budget["seconds_per_token"] = budget["wall_s"]  # one run learns one token (of num_vectors vectors)
-    return LearnedEmbedding(config.token, vectors.detach(), budget=budget, config=config.as_dict())
+    budget["mixed_precision"] = "bf16" if (config.mixed_precision == "auto" and device.type == "cuda") else "no"
+    return LearnedEmbedding(config.token, all_vectors[0].detach(), budget=budget, config=config.as_dict(),
+                            vectors_2=all_vectors[1].detach() if len(all_vectors) > 1 else None)
 
 
 def textual_inversion_inputs(learned: LearnedEmbedding, n: int, seed: int = 0,

@@ -1,36 +1,150 @@
 """Model-family adapters: how a family turns prompts into `Conditioning` and what its UNet predicts.
 
 `SDFamily` covers SD-1.x (CLIP ViT-L, 768-d), SD-2.x (OpenCLIP, 1024-d, v-prediction) and the embedded world
-(MiniLM, 384-d): one text encoder whose token states are the cross-attention input. A new family (SDXL: two
-encoders, pooled embeddings, time ids) is one more class here and one more branch in `family_of`.
+(MiniLM, 384-d): one text encoder whose token states are the cross-attention input.
+
+`SDXLFamily` covers SDXL: two text encoders (CLIP ViT-L and OpenCLIP bigG), whose penultimate-layer states are
+concatenated (768 + 1280 = 2048-d, the cross-attention input), plus added conditioning: the second encoder's pooled
+projection ("text_embeds", 1280-d) and the time ids (original size, crop top-left, target size), exactly as
+`StableDiffusionXLPipeline.encode_prompt` / `_get_add_time_ids` build them. Its unconditional conditioning for an
+empty negative prompt is all zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL-base).
+
+Everything that encodes text for the UNet (generation, erasers' text states, ESD, textual inversion, defences)
+goes through ``family.encode``, so that every method sees the states the UNet sees.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from erasekit.diffusion.conditioning import Conditioning
+from erasekit.errors import ErasekitError
 
 
 class SDFamily:
     name = "sd"
 
-    def encode(self, pipe, prompts, device=None) -> Conditioning:
+    def encoders(self, pipe) -> list[tuple[str, object, object]]:
+        """(name, tokenizer, text encoder) of every text encoder; names are the keys of textual-inversion files."""
+        return [("", pipe.tokenizer, pipe.text_encoder)]
+
+    def encode(self, pipe, prompts, device=None, *, tokenizers: Sequence | None = None,
+               size: tuple[int, int] | None = None) -> Conditioning:
+        """Conditioning of ``prompts``; ``tokenizers`` (one per encoder) replace the pipeline's (textual inversion's
+        copies with new tokens, with prompts already expanded); ``size`` is ignored (SDXL's time ids)."""
         from erasekit.models.prompts import encode_prompts
 
-        return Conditioning(encode_prompts(pipe, prompts, device=device))
+        tok = tokenizers[0] if tokenizers is not None else None
+        return Conditioning(encode_prompts(pipe, prompts, device=device, tokenizer=tok))
 
-    def from_states(self, pipe, states: torch.Tensor) -> Conditioning:
+    def unconditional(self, pipe, negatives: Sequence[str] | None, device=None,
+                      size: tuple[int, int] | None = None) -> Conditioning:
+        """Classifier-free guidance's unconditional branch: the negative prompts, or the empty prompt."""
+        return self.encode(pipe, list(negatives) if negatives is not None else [""], device=device, size=size)
+
+    def from_states(self, pipe, states, size: tuple[int, int] | None = None) -> Conditioning:
         """Conditioning from ready-made text states (learned embeddings, attacks' optimised prompts)."""
+        if isinstance(states, Conditioning):
+            return states
         return Conditioning(states)
+
+    def text_width(self, pipe) -> int:
+        return int(pipe.text_encoder.config.hidden_size)
 
     def prediction_type(self, pipe) -> str:
         return pipe.scheduler.config.get("prediction_type", "epsilon")
 
 
+class SDXLFamily(SDFamily):
+    name = "sdxl"
+
+    def encoders(self, pipe):
+        found = []
+        if getattr(pipe, "text_encoder", None) is not None:
+            found.append(("clip_l", pipe.tokenizer, pipe.text_encoder))
+        found.append(("clip_g", pipe.tokenizer_2, pipe.text_encoder_2))
+        return found
+
+    def text_width(self, pipe) -> int:
+        return sum(int(enc.config.hidden_size) for _, _, enc in self.encoders(pipe))
+
+    def time_ids(self, pipe, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(1, 6) float32: original size, crop (0, 0), target size, as `_get_add_time_ids` with its defaults."""
+        from erasekit.diffusion.vae import image_size
+
+        h, w = size if size is not None else image_size(pipe)
+        ids = [h, w, 0, 0, h, w]
+        expected = pipe.unet.add_embedding.linear_1.in_features
+        got = pipe.unet.config.addition_time_embed_dim * len(ids) + int(pipe.text_encoder_2.config.projection_dim)
+        if expected != got:
+            raise ErasekitError(f"this SDXL UNet expects added embeddings of width {expected}, but time ids and the "
+                                f"second text encoder's projection give {got}: the pipeline's parts do not fit")
+        return torch.tensor([ids], dtype=torch.float32)
+
+    def encode(self, pipe, prompts, device=None, *, tokenizers=None, size=None) -> Conditioning:
+        from erasekit.models.prompts import ENCODE_CHUNK, _as_list, _expand_textual_inversion
+
+        prompts = _as_list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to encode")
+        encoders = self.encoders(pipe)
+        out_device = torch.device(device) if device is not None else pipe.text_encoder_2.device
+        states_all, pooled_all = [], []
+        for i in range(0, len(prompts), ENCODE_CHUNK):
+            chunk = prompts[i : i + ENCODE_CHUNK]
+            parts, pooled = [], None
+            for k, (_, tok, enc) in enumerate(encoders):
+                if tokenizers is not None:
+                    tok, texts = tokenizers[k], chunk
+                else:
+                    texts = _expand_textual_inversion(pipe, chunk, tok)
+                ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+                out = enc(ids.to(enc.device), output_hidden_states=True)
+                if out[0].ndim == 2:  # the projection model's pooled text embedding (diffusers keeps the last)
+                    pooled = out[0]
+                parts.append(out.hidden_states[-2])
+            states_all.append(torch.cat(parts, dim=-1))
+            pooled_all.append(pooled)
+        dtype = pipe.text_encoder_2.dtype
+        states = torch.cat(states_all).to(out_device, dtype)
+        pooled = torch.cat(pooled_all).to(out_device, dtype)
+        time_ids = self.time_ids(pipe, size).to(out_device, dtype).repeat(len(prompts), 1)
+        return Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def unconditional(self, pipe, negatives, device=None, size=None) -> Conditioning:
+        if negatives is None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            cond = self.encode(pipe, [""], device=device, size=size)  # for shapes, dtypes and time ids
+            return Conditioning(torch.zeros_like(cond.states),
+                                {"text_embeds": torch.zeros_like(cond.added["text_embeds"]),
+                                 "time_ids": cond.added["time_ids"]})
+        return super().unconditional(pipe, negatives, device=device, size=size)
+
+    def from_states(self, pipe, states, size=None) -> Conditioning:
+        if isinstance(states, Conditioning):
+            if "text_embeds" not in states.added:
+                raise ErasekitError("SDXL conditioning needs the pooled text embedding ('text_embeds') beside the "
+                                    "token states")
+            if "time_ids" not in states.added:
+                ids = self.time_ids(pipe, size).to(states.states.device, states.states.dtype)
+                states = Conditioning(states.states, dict(states.added, time_ids=ids.repeat(len(states), 1)))
+            return states
+        raise ErasekitError("SDXL needs the pooled text embedding with the token states: pass a Conditioning "
+                            "(family.encode(...) or Conditioning(states, {'text_embeds': pooled})), not a bare tensor")
+
+
 SD = SDFamily()
+SDXL = SDXLFamily()
+
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
 def family_of(pipe) -> SDFamily:
-    """The adapter for ``pipe`` (only Stable Diffusion 1.x/2.x-shaped pipelines so far)."""
-    return SD
+    """The adapter for ``pipe``: SDXL for pipelines with a second text encoder, else SD-1.x/2.x."""
+    return SDXL if is_sdxl(pipe) else SD

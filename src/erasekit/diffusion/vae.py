@@ -1,6 +1,12 @@
-"""Images <-> latents through the pipeline's VAE (scaled by its scaling factor, as the UNet sees them)."""
+"""Images <-> latents through the pipeline's VAE (scaled by its scaling factor, as the UNet sees them).
+
+SDXL's VAE overflows in float16: where the pipeline is SDXL's and the VAE's config says ``force_upcast``, a float16
+VAE runs in float32 for the call and is put back, as `StableDiffusionXLPipeline` does.
+"""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -25,12 +31,27 @@ def _pixels(pipe, images: np.ndarray) -> np.ndarray:
     return images
 
 
+@contextmanager
+def _vae_for_call(pipe):
+    """The VAE to run now: upcast to float32 for the call where SDXL's pipeline would (fp16 + force_upcast)."""
+    vae = pipe.vae
+    upcast = (vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+              and getattr(pipe, "text_encoder_2", None) is not None)
+    if not upcast:
+        yield vae
+        return
+    vae.to(dtype=torch.float32)
+    try:
+        yield vae
+    finally:
+        vae.to(dtype=torch.float16)
+
+
 def encode_distribution(pipe, images: np.ndarray, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (N, C, h, w), float32 on the UNet's device, of the VAE posterior of uint8 images, unscaled."""
     images = _pixels(pipe, images)
-    vae = pipe.vae
     means, stds = [], []
-    with torch.no_grad():
+    with torch.no_grad(), _vae_for_call(pipe) as vae:
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
             x = (x.float() / 127.5 - 1.0).to(device=vae.device, dtype=vae.dtype)
@@ -48,12 +69,27 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tenso
     return mean.cpu() * float(pipe.vae.config.scaling_factor)
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
-    """uint8 (N, H, W, 3) images of scaled latents, rounded as diffusers' pipelines round them."""
+def decode_latents(pipe, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of scaled latents, rounded as diffusers' pipelines round them; decoded
+    ``batch_size`` at a time (None: all at once, one VAE call)."""
     from erasekit.diffusion.sampler import to_uint8
 
-    vae = pipe.vae
-    with torch.no_grad():
-        x = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return to_uint8(x)
+    cfg = pipe.vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    out = []
+    with torch.no_grad(), _vae_for_call(pipe) as vae:
+        step = batch_size or max(len(latents), 1)
+        for i in range(0, len(latents), step):
+            z = latents[i : i + step].to(vae.device, vae.dtype)
+            if mean is not None and std is not None:  # diffusers' rule for VAEs with latent statistics
+                m = torch.tensor(mean).view(1, -1, 1, 1).to(z.device, z.dtype)
+                s = torch.tensor(std).view(1, -1, 1, 1).to(z.device, z.dtype)
+                z = z * s / cfg.scaling_factor + m
+            else:
+                z = z / cfg.scaling_factor
+            x = vae.decode(z).sample
+            out.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+    if not out:
+        h, w = image_size(pipe)
+        return np.empty((0, h, w, 3), np.uint8)
+    return to_uint8(np.concatenate(out))

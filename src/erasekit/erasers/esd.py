@@ -23,6 +23,7 @@ Training then costs one forward and backward pass per iteration, and no frozen c
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -34,7 +35,6 @@ from erasekit.registry import ERASERS
 from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates, preserved_texts
 from erasekit.errors import ErasekitError
-from erasekit.models import encode_prompts
 
 ESD_U_EXCLUDED = ("attn2", "time_embedding", "conv_norm_out", "conv_out")
 
@@ -55,6 +55,7 @@ class ESDSettings(Settings):
     # Also keep the unconditional prediction on the concept's states (weight preserve_weight): ESD-u's parameters
     # serve the empty prompt too, and classifier-free guidance leans on it.
     anchor_unconditional: bool = False
+    mixed_precision: str = choice("auto", "auto", "no")  # auto: bf16 autocast on CUDA (float32 weights), none on CPU
 
     def validate(self) -> None:
         positive(self, "iterations", "lr", "batch_size", "ddim_steps", "trajectories")
@@ -85,8 +86,9 @@ class _RecordStates:
 
 
 @torch.no_grad()
-def sample_training_states(pipe, cond: torch.Tensor, uncond: torch.Tensor, s: ESDSettings, progress: bool):
-    """Run the frozen UNet on the concept prompts from noise; keep every (x_t, t, ε0(x_t), ε0(x_t, c), prompt)."""
+def sample_training_states(pipe, cond, uncond, s: ESDSettings, progress: bool):
+    """Run the frozen UNet on the concept prompts from noise; keep every (x_t, t, ε0(x_t), ε0(x_t, c), prompt).
+    ``cond``/``uncond``: `Conditioning` (or bare SD text states)."""
     from tqdm.auto import tqdm
 
     from erasekit.diffusion import Conditioning
@@ -107,12 +109,18 @@ def sample_training_states(pipe, cond: torch.Tensor, uncond: torch.Tensor, s: ES
         n = min(chunk, s.trajectories - first)
         which = torch.arange(first, first + n) % len(cond)
         # Guidance with a scale <= 1 would skip the unconditional branch, which training reads: always both.
-        guidance = ClassifierFreeGuidance(model, Conditioning(cond[which]), Conditioning(uncond), s.sample_guidance)
+        guidance = ClassifierFreeGuidance(model, _cond(cond)[which], _cond(uncond), s.sample_guidance)
         record = _RecordStates(which, bar)
         sampler.denoise(sampler.prepare_latents(torch.randn((n, *shape), generator=gen)), guidance, [record])
         rows.extend(record.rows)
     bar.close()
     return tuple(torch.cat(col) for col in zip(*rows))
+
+
+def _cond(c):
+    from erasekit.diffusion import Conditioning
+
+    return c if isinstance(c, Conditioning) else Conditioning(c)
 
 
 class ESD(Method):
@@ -133,11 +141,19 @@ class ESD(Method):
             raise ErasekitError(f"{self.name}: the UNet has no parameters of this variant to train")
         contexts = concept_contexts(s.expand, s.templates)
         preserving = bool(spec.preserve) and s.preserve_weight > 0
+        from erasekit.diffusion.conditioning import Conditioning
+        from erasekit.diffusion.family import family_of
+        from erasekit.diffusion.speed import train_autocast
+
+        family = family_of(pipe)
         with torch.no_grad():
-            cond = encode_prompts(pipe, [t.format(c=c) for c in spec.concepts for t in contexts], device=unet.device)
-            uncond = encode_prompts(pipe, [""], device=unet.device)
-            keep = (encode_prompts(pipe, preserved_texts(spec, True, s.expand, s.templates), device=unet.device)
+            # Conditioning (SDXL: states, pooled embedding and time ids); the unconditional branch is the one
+            # generation uses (SDXL: zeros for the empty prompt).
+            cond = family.encode(pipe, [t.format(c=c) for c in spec.concepts for t in contexts], device=unet.device)
+            uncond = family.unconditional(pipe, None, device=unet.device)
+            keep = (family.encode(pipe, preserved_texts(spec, True, s.expand, s.templates), device=unet.device)
                     if preserving else None)
+        autocast = train_autocast(unet.device) if s.mixed_precision == "auto" else contextlib.nullcontext()
         params = dict(unet.named_parameters())
         train = [params[n] for n in names]
         originals = [p.detach().clone() for p in train]
@@ -146,13 +162,17 @@ class ESD(Method):
 
         start = time.perf_counter()
         device = unet.device
-        x, t, e0, ep, which = (v.to(device) for v in sample_training_states(pipe, cond, uncond, s, progress))
+        with autocast:
+            sampled = sample_training_states(pipe, cond, uncond, s, progress)
+        x, t, e0, ep, which = (v.to(device) for v in sampled)
         target = e0 - s.eta * (ep - e0)
         del ep
         if not s.anchor_unconditional:
             del e0  # only the anchor reads the frozen unconditional prediction again
         if preserving:  # the preserve concepts' own trajectories; their target is the frozen conditional prediction
-            px, pt, _, p_target, p_which = (v.to(device) for v in sample_training_states(pipe, keep, uncond, s, progress))
+            with autocast:
+                sampled = sample_training_states(pipe, keep, uncond, s, progress)
+            px, pt, _, p_target, p_which = (v.to(device) for v in sampled)
         sample_s = time.perf_counter() - start
         gen = torch.Generator("cpu").manual_seed(s.seed + 1)
         losses, keep_losses = [], []
@@ -168,13 +188,16 @@ class ESD(Method):
                 if preserving:  # one forward pass over all batches
                     ppick = torch.randint(len(px), (s.batch_size,), generator=gen).to(device)
                     xs, ts = torch.cat([xs, px[ppick]]), torch.cat([ts, pt[ppick]])
-                    states, targets = torch.cat([states, keep[p_which[ppick]]]), torch.cat([targets, p_target[ppick]])
+                    states = Conditioning.cat([states, keep[p_which[ppick]]])
+                    targets = torch.cat([targets, p_target[ppick]])
                 if s.anchor_unconditional:
                     upick = torch.randint(len(x), (s.batch_size,), generator=gen).to(device)
                     xs, ts = torch.cat([xs, x[upick]]), torch.cat([ts, t[upick]])
-                    states = torch.cat([states, uncond.to(states.dtype).expand(s.batch_size, -1, -1)])
+                    states = Conditioning.cat([states, uncond.to(dtype=states.states.dtype).expand(s.batch_size)])
                     targets = torch.cat([targets, e0[upick]])
-                err = (unet(xs, ts, encoder_hidden_states=states).sample - targets).pow(2).flatten(1).mean(1)
+                with autocast:
+                    pred = unet(xs, ts, **states.unet_kwargs()).sample
+                err = (pred.float() - targets.float()).pow(2).flatten(1).mean(1)
                 loss_erase = err[: s.batch_size].mean()
                 loss = loss_erase
                 if len(err) > s.batch_size:

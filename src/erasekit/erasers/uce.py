@@ -26,7 +26,7 @@ from erasekit.erasers.ridge import F64, RidgeProblem
 from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES, aligned_positions, positions
 from erasekit.errors import ErasekitError
-from erasekit.models import cross_attention_kv, encode_prompts
+from erasekit.models import cross_attention_kv
 
 UNCONDITIONAL = ""
 # Prompt expansion (the official UCE's --expand_prompts): the concept in a few short contexts, always as the
@@ -89,9 +89,12 @@ def kv_layers(pipe) -> tuple[list[str], list[torch.nn.Linear]]:
 
 @torch.no_grad()
 def text_states(pipe, texts) -> dict[str, torch.Tensor]:
-    """Encoded text states (T, D) per distinct text, float64 on the UNet's device."""
+    """Encoded text states (T, D) per distinct text, float64 on the UNet's device: what the cross-attention K/V
+    see (SDXL: both encoders' penultimate states concatenated, 2048-d, as the UCE authors' SDXL script edits)."""
+    from erasekit.diffusion.family import family_of
+
     texts = list(dict.fromkeys(texts))
-    states = encode_prompts(pipe, texts, device=pipe.unet.device).to(F64)
+    states = family_of(pipe).encode(pipe, texts, device=pipe.unet.device).states.to(F64)
     return dict(zip(texts, states))
 
 

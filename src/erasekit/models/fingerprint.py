@@ -66,6 +66,12 @@ def fingerprint(pipe, n_chars: int = FINGERPRINT_CHARS) -> str:
             _update_module(h, module)
     if getattr(pipe, "tokenizer", None) is not None:
         _update_tokenizer(h, pipe.tokenizer)
+    # SDXL's second text encoder and tokenizer (hashed only where present: SD fingerprints stay as they were).
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        _update_json(h, "text_encoder_2")
+        _update_module(h, pipe.text_encoder_2)
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        _update_tokenizer(h, pipe.tokenizer_2)
     if getattr(pipe, "scheduler", None) is not None:
         _update_json(h, [type(pipe.scheduler).__name__, _config_dict(pipe.scheduler.config)])
     return h.hexdigest()[:n_chars]

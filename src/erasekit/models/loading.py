@@ -1,5 +1,10 @@
 """Load a Stable Diffusion pipeline from a spec: "toy", a local diffusers folder, or a hub id.
 
+The pipeline class follows the folder's ``model_index.json`` ``_class_name``: SD-1.x/2.x folders load as
+`StableDiffusionPipeline`, SDXL base folders as `StableDiffusionXLPipeline` (both text encoders required). A
+refiner-only folder (img2img, no first text encoder) and pipeline types erasekit does not support are refused
+with one line naming the class.
+
 Every pipeline comes back with a DDIM scheduler (built from its own scheduler config, so the noise
 schedule is unchanged) and the progress bar off, so all methods sample the same way on every model.
 
@@ -24,7 +29,7 @@ ALLOW_PICKLE_HINT = "pass --allow-pickle (allow_pickle=True) only if you trust w
 
 
 def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = False, allow_pickle: bool = False):
-    """A `StableDiffusionPipeline` for ``spec``, moved to ``device``/``dtype`` when given.
+    """A `StableDiffusionPipeline` (or `StableDiffusionXLPipeline` for SDXL) for ``spec``, moved to ``device``/``dtype`` when given.
 
     ``allow_download``: for hub ids, fetch from the hub when the model is not in the local cache
     (off by default: benchmarks should never depend on the network).
@@ -69,18 +74,63 @@ def _safetensors_kwargs(allow_pickle: bool) -> dict:
     return {"use_safetensors": None if allow_pickle else True}
 
 
-def _from_pretrained(source: str, **kwargs):
+SD_CLASSES = ("StableDiffusionPipeline",)
+SDXL_CLASSES = ("StableDiffusionXLPipeline",)
+REFINER_CLASSES = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def pipeline_kind(index: dict, where: str) -> str:
+    """"sd" or "sdxl" for a model_index.json's contents; `ErasekitError` (one line) for anything else."""
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name in (None, "", *SD_CLASSES):
+        return "sd"  # folders written by hand (tests, the embedded world) may lack _class_name
+    components = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
+    if name in SDXL_CLASSES or (name in REFINER_CLASSES and "text_encoder" in components):
+        if "text_encoder_2" not in components or "tokenizer_2" not in components:
+            raise ErasekitError(f"{where}: an SDXL pipeline without its second text encoder (text_encoder_2 and "
+                                f"tokenizer_2 in model_index.json): erasekit needs both of SDXL's text encoders")
+        return "sdxl"
+    if name in REFINER_CLASSES:
+        raise ErasekitError(f"{where}: an SDXL refiner ({name}, no first text encoder): erasekit works on text-to-image "
+                            f"models; use the SDXL base model")
+    raise ErasekitError(f"{where}: pipeline type {name} is not supported (erasekit supports Stable Diffusion 1.x/2.x "
+                        f"and SDXL: StableDiffusionPipeline, StableDiffusionXLPipeline)")
+
+
+def _from_pretrained(source: str, kind: str = "sd", **kwargs):
+    if kind == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False, **kwargs)
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False, **kwargs)
+
+
+def _hub_kind(spec: str, allow_download: bool) -> str:
+    """The pipeline kind of a hub model from its model_index.json (cache first); "sd" if it cannot be read."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(spec, "model_index.json", local_files_only=True)
+        except Exception:
+            if not allow_download:
+                return "sd"
+            path = hf_hub_download(spec, "model_index.json")
+        index = json.loads(Path(path).read_text())
+    except Exception:
+        return "sd"  # the load below reports what is wrong
+    return pipeline_kind(index, spec)
 
 
 def _load_folder(folder: Path, allow_pickle: bool = False):
     if not folder.is_dir() or not (folder / "model_index.json").is_file():
         raise ErasekitError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     check_pipeline_folder(folder, allow_pickle=allow_pickle)
+    kind = pipeline_kind(json.loads((folder / "model_index.json").read_text()), str(folder))
     try:
-        return _from_pretrained(str(folder), **_safetensors_kwargs(allow_pickle),
+        return _from_pretrained(str(folder), kind, **_safetensors_kwargs(allow_pickle),
                                 **_pooler_free_text_encoder(folder, allow_pickle))
     except ErasekitError:
         raise
@@ -153,7 +203,8 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
             files = ", ".join(str(p.relative_to(folder)) for ps in pickled.values() for p in ps)
             raise ErasekitError(f"{folder} has pickled weights only ({files}); erasekit loads safetensors only, as "
                                 f"unpickling can run code: convert them to safetensors, or {ALLOW_PICKLE_HINT}")
-    for name in ("unet", "vae", "text_encoder"):
+    kind = pipeline_kind(index, str(folder))
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if kind == "sdxl" else ()):
         entry = index.get(name)
         if not isinstance(entry, list) or entry[0] is None:
             raise ErasekitError(f"{folder} has no {name} component (model_index.json)")
@@ -184,13 +235,14 @@ def _declared_size(path: Path) -> int:
 
 def _load_hub(spec: str, allow_download: bool, allow_pickle: bool = False):
     safe = _safetensors_kwargs(allow_pickle)
+    kind = _hub_kind(spec, allow_download)
     try:
-        return _from_pretrained(spec, local_files_only=True, **safe)
+        return _from_pretrained(spec, kind, local_files_only=True, **safe)
     except Exception as exc:
         local_error = exc
     if allow_download:
         try:
-            return _from_pretrained(spec, **safe)
+            return _from_pretrained(spec, kind, **safe)
         except Exception as exc:
             local_error = exc
     if not allow_pickle and _means_no_safetensors(local_error):

@@ -7,15 +7,18 @@ world from Stable Diffusion; nothing else asks.
 """
 
 from erasekit.worlds.base import World
-from erasekit.worlds.sd import SDWorld
+from erasekit.worlds.sd import SDWorld, SDXLWorld
 from erasekit.worlds.toy import ToyWorld, is_toy_pipeline
 
 SD_WORLD = SDWorld()
+SDXL_WORLD = SDXLWorld()
 TOY_WORLD = ToyWorld()
 
 
 def world_of(pipe) -> World:
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXL_WORLD
     return TOY_WORLD if is_toy_pipeline(pipe) else SD_WORLD
 
 
-__all__ = ["World", "SDWorld", "ToyWorld", "world_of", "is_toy_pipeline", "SD_WORLD", "TOY_WORLD"]
+__all__ = ["World", "SDWorld", "ToyWorld", "world_of", "is_toy_pipeline", "SD_WORLD", "TOY_WORLD", "SDXLWorld", "SDXL_WORLD"]

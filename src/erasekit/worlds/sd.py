@@ -27,3 +27,12 @@ class SDWorld(World):
 
         raise ErasekitError(f"no default detector for concept {concept!r} on this model; choose one with --detector "
                             f"({', '.join(DETECTORS.names())})")
+
+
+class SDXLWorld(SDWorld):
+    """SDXL: the Stable Diffusion world with SDXL's sampler defaults (guidance 5.0, diffusers' SDXL default; 1024x1024
+    comes from the UNet's sample size)."""
+
+    name = "sdxl"
+    default_steps = 25
+    default_guidance = 5.0

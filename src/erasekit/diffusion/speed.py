@@ -1,0 +1,158 @@
+"""Generation at the speed of the GPU, opt-in: ``generate(..., fast=True)`` or `accelerate(pipe)`.
+
+What it does, all of it image-preserving (results equal the eager path up to kernel rounding; tests/test_speed.py
+states the tolerance):
+
+- channels-last memory format for the UNet and VAE convolutions (in place; parameter names and values unchanged,
+  so weight edits, fingerprints and hooks see the same module);
+- ``torch.compile`` of the UNet's forward (default mode, ``dynamic=False``): compiled once per input shape and
+  reused for every later batch. A smaller final batch is padded up to a shape that is already compiled (the padding
+  rows are copies of the last row and are dropped), so a run compiles once, not once more for its remainder;
+- the batch size chosen from free GPU memory (`auto_batch_size`), measured with one small UNet call;
+- the VAE decoding a whole batch in one call (``decode_batch``: cap it to bound memory);
+- half precision on CUDA is the CLI's ``--dtype auto`` already; training loops (textual inversion, ESD) run under
+  `train_autocast`: bf16 autocast on CUDA, nothing on the CPU (no bf16 units there: slower).
+
+The compiled forward shares the UNet's parameters: weight edits copied in place (`Target.active`) are seen without
+recompiling. Anything that changes images (max-autotune kernels, reduced-precision reductions) is not here and
+would be a separate, never-default mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+_ATTR = "_erasekit_fast_unet"
+
+
+@dataclass
+class SpeedOptions:
+    channels_last: bool = True
+    compile: bool = True
+    mode: str | None = None  # torch.compile mode; None = default (max-autotune takes > 8 minutes on SD's UNet)
+    backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing without code generation, for tests)
+    decode_batch: int | None = None  # VAE images per decode call (None: the whole batch at once)
+
+
+class FastUNet:
+    """Callable like the UNet (``unet(x, t, **kwargs).sample``), through its compiled forward, with batch padding
+    to already-compiled shapes. ``.device``, ``.dtype``, ``.config`` are the UNet's."""
+
+    def __init__(self, unet, options: SpeedOptions):
+        self.unet = unet
+        self.options = options
+        self.compiled = torch.compile(unet, mode=options.mode, backend=options.backend, dynamic=False) if options.compile else unet
+        self.batch_sizes: set[int] = set()  # batch sizes compiled so far (per the other dims' shapes, see _key)
+        self.calls = 0
+
+    def __getattr__(self, name):  # device, dtype, config, ...
+        return getattr(self.unet, name)
+
+    def _padded_size(self, key, n: int) -> int:
+        fits = [b for k, b in self.batch_sizes if k == key and b >= n]
+        return min(fits) if fits else n
+
+    def __call__(self, x: torch.Tensor, t, encoder_hidden_states=None, added_cond_kwargs=None, **kwargs):
+        n = x.shape[0]
+        key = (tuple(x.shape[1:]), None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape[1:]),
+               x.dtype, str(x.device))
+        size = self._padded_size(key, n)
+        self.batch_sizes.add((key, size))
+        self.calls += 1
+        if size != n:
+            x = _pad(x, size)
+            encoder_hidden_states = _pad(encoder_hidden_states, size)
+            if added_cond_kwargs:
+                added_cond_kwargs = {k: _pad(v, size) for k, v in added_cond_kwargs.items()}
+            if torch.is_tensor(t) and t.ndim == 1 and len(t) == n:
+                t = _pad(t, size)
+        # The timestep as a tensor on the UNet's device: a graph input, not a per-step constant (no step recompiles,
+        # no host-to-device copy inside the graph).
+        t = t.to(x.device) if torch.is_tensor(t) else torch.as_tensor(t, device=x.device)
+        if self.options.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.compiled(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                            **kwargs)
+        sample = out.sample if hasattr(out, "sample") else out[0]
+        if size != n:
+            sample = sample[:n]
+        return _Output(sample.contiguous())
+
+
+class _Output:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+def _pad(v, size: int):
+    if v is None or not torch.is_tensor(v) or v.ndim == 0 or v.shape[0] >= size:
+        return v
+    extra = v[-1:].expand(size - v.shape[0], *v.shape[1:])
+    return torch.cat([v, extra])
+
+
+def accelerate(pipe, options: SpeedOptions | None = None) -> FastUNet:
+    """Make ``pipe`` fast (idempotent: the second call returns the first call's `FastUNet`)."""
+    fast = getattr(pipe, _ATTR, None)
+    if fast is not None:
+        return fast
+    options = options or SpeedOptions()
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    fast = FastUNet(pipe.unet, options)
+    setattr(pipe, _ATTR, fast)
+    return fast
+
+
+def unet_for(pipe):
+    """The fast UNet when `accelerate` was applied to ``pipe``, else the plain one."""
+    fast = getattr(pipe, _ATTR, None)
+    return fast if fast is not None and fast.unet is pipe.unet else pipe.unet
+
+
+def decode_batch(pipe) -> int | None:
+    fast = getattr(pipe, _ATTR, None)
+    return fast.options.decode_batch if fast is not None else None
+
+
+def auto_batch_size(pipe, height: int, width: int, guidance_scale: float = 7.5, cap: int = 64,
+                    headroom: float = 0.8, default: int = 32) -> int:
+    """Images per batch that fit the free GPU memory: one eager UNet call at batch 2 measures the activation
+    memory per UNet row; ``headroom`` of the free memory is shared among ``2`` rows per image under guidance.
+    A multiple of 8 (or a power of two below 8), at most ``cap``; ``default`` on the CPU."""
+    unet = pipe.unet
+    if unet.device.type != "cuda":
+        return default
+    from erasekit.diffusion.family import family_of
+
+    f = pipe.vae_scale_factor
+    rows = 2 if guidance_scale > 1.0 else 1
+    cond = family_of(pipe).encode(pipe, ["", ""], device=unet.device, size=(height, width)).to(unet.device, unet.dtype)
+    x = torch.zeros(2, unet.config.in_channels, height // f, width // f, device=unet.device, dtype=unet.dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        unet(x, torch.tensor(500, device=unet.device), **cond.unet_kwargs())
+    torch.cuda.synchronize()
+    per_row = max((torch.cuda.max_memory_allocated() - base) / 2, 1)
+    free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # PyTorch's cached blocks are free to it
+    n = int(free * headroom / (per_row * rows))
+    if n >= 8:
+        n = n // 8 * 8
+    else:
+        n = 1 << max(n.bit_length() - 1, 0)
+    return max(1, min(cap, n))
+
+
+def train_autocast(device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (training loops: textual inversion, ESD), nothing elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

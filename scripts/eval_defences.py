@@ -4,7 +4,8 @@ prompt following, for the original / UCE / RECE models, each alone and with each
 - Models: the original toy; UCE and RECE edits made with ``erasekit.erasers.erase(pipe, method, "star")`` (the
   name only, the methods' defaults for this world; computed once, cached under OUT/edits).
 - Defences (their default settings, with concept "star"): sld (preset medium), dual_reconstruction (lam 0.5,
-  threshold 5, replace), irece (noise, window [0, 0.5), mask at 0.5 x max).
+  threshold 5, replace), irece (noise, window [0, 0.5), mask at 0.5 x max), negative_prompt (text=star: the concept
+  replaces the unconditional branch of classifier-free guidance).
 - CRR: ``run_scenario`` of text (the world's prompts naming star), latent-bb (rendered star images DDIM-inverted
   through the original model) and latent-wb (through the model under test, edits applied, no defence: defences
   act at sampling only), regenerated with the empty prompt; n images per cell; toy detector P(shape = star) > 0.5.
@@ -24,7 +25,8 @@ import time
 from pathlib import Path
 
 MODELS = ("original", "uce", "rece")
-DEFENCES = ("none", "sld", "dual_reconstruction", "irece")
+DEFENCES = ("none", "sld", "dual_reconstruction", "irece", "negative_prompt")
+SPECS = {"negative_prompt": "negative_prompt:text=star"}  # the others: "<name>:concept=star"
 SCENARIOS = ("text", "latent-bb", "latent-wb")
 
 
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
     for model in args.models:
         target = base if model == "original" else base.with_edits(_edit(pipe, model, out))
         for dname in args.defences:
-            defended = target if dname == "none" else target.with_defences(parse_defence(f"{dname}:concept=star"))
+            defended = target if dname == "none" else target.with_defences(parse_defence(SPECS.get(dname, f"{dname}:concept=star")))
             row = results.setdefault(model, {}).setdefault(dname, {})
             for scenario in args.scenarios:
                 settings = {} if scenario == "text" else {"ddim_inversion": {"prompt_mode": "empty"}}

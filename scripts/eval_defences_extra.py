@@ -195,7 +195,7 @@ def cmd_cost(args) -> None:
     seeds = list(range(1000, 1000 + args.batch))
     run = lambda t: generate(t, prompts, seeds, steps=20, batch_size=args.batch, progress=False)  # noqa: E731
     for t in targets.values():  # warm-up (and each defence's one-time setup, e.g. encodings)
-        generate(t, prompts[:2], seeds[:2], steps=2, batch_size=2, progress=False)
+        generate(t, prompts[:2], seeds[:2], steps=6, batch_size=2, progress=False)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
     for rep in range(args.repeats):
         for name, t in targets.items():

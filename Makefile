@@ -1,6 +1,6 @@
 # make venv  - create .venv with torch (pinned by constraints.txt) and erasekit in editable mode
 # make test  - run the default (fast, CPU) test suite
-# make demo  - generate images with the embedded toy model and score a few with its detector
+# make demo  - the quick benchmark (erasekit bench): erase "star" from the embedded model, attack it, print the table
 
 PYTHON ?= python3
 VENV := .venv
@@ -25,13 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(PY) -m pytest -q
 
-DEMO_OUT := out/demo
+DEMO_OUT := runs/demo
 
+# The quick bench preset (src/erasekit/bench/presets/quick.yaml); rerunning resumes and recomputes nothing.
 demo: venv
-	$(ERASEKIT) generate "a red star on a striped background" "a blue heart on a dotted background" "a starfish" \
-		--model toy -n 8 --seed 0 --out $(DEMO_OUT)
-	$(ERASEKIT) detect $(DEMO_OUT)/a-red-star-on-a-striped-background_seed0_*.png \
-		$(DEMO_OUT)/a-starfish_seed0_*.png
+	$(ERASEKIT) bench --preset quick --out $(DEMO_OUT)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

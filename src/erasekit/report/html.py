@@ -23,7 +23,7 @@ def render_html(summary: dict, plots: dict[str, str], grids: dict[str, str], row
     for r in rows:
         seen = prompts.setdefault(f"{r['concept']}/{r['method']}/{r['scenario']}", [])
         if r.get("prompt") is not None and r["prompt"] not in seen and len(seen) < 3:
-            seen.append(r["prompt"])
+            seen.append(r["prompt"] or "(empty prompt)")
 
     cell_grids = []
     for concept in summary["concepts"]:

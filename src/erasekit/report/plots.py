@@ -42,7 +42,7 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
         ax.set_ylim(0, 105)
         ax.set_ylabel("CRR (%)")
         ax.set_title(f"concept: {concept}")
-    axes[0, 0].legend(fontsize=8, ncol=min(len(methods), 4), loc="upper left")
+    axes[0, 0].legend(fontsize=8, ncol=min(len(methods), 6), loc="lower center", bbox_to_anchor=(0.5, 1.12))
     fig.tight_layout()
     path = out / "report" / "crr_by_scenario.png"
     fig.savefig(path, dpi=90)

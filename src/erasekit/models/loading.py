@@ -130,7 +130,7 @@ def _load_folder(folder: Path, allow_pickle: bool = False):
     check_pipeline_folder(folder, allow_pickle=allow_pickle)
     kind = pipeline_kind(json.loads((folder / "model_index.json").read_text()), str(folder))
     try:
-        return _from_pretrained(str(folder), kind, **_safetensors_kwargs(allow_pickle),
+        return _from_pretrained(str(folder), kind=kind, **_safetensors_kwargs(allow_pickle),
                                 **_pooler_free_text_encoder(folder, allow_pickle))
     except ErasekitError:
         raise
@@ -237,12 +237,12 @@ def _load_hub(spec: str, allow_download: bool, allow_pickle: bool = False):
     safe = _safetensors_kwargs(allow_pickle)
     kind = _hub_kind(spec, allow_download)
     try:
-        return _from_pretrained(spec, kind, local_files_only=True, **safe)
+        return _from_pretrained(spec, kind=kind, local_files_only=True, **safe)
     except Exception as exc:
         local_error = exc
     if allow_download:
         try:
-            return _from_pretrained(spec, kind, **safe)
+            return _from_pretrained(spec, kind=kind, **safe)
         except Exception as exc:
             local_error = exc
     if not allow_pickle and _means_no_safetensors(local_error):

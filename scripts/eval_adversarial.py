@@ -63,8 +63,59 @@ def fmt(s) -> str:
     return f"{100 * s['crr']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
+def gpu_bench(n: int, batch_sizes, out: Path | None) -> dict:
+    """UnlearnDiffAtk seconds per prompt on an SD-1.4-shaped random pipeline (fp16, CUDA, 512x512, 50 steps,
+    CFG 7.5, k = 5, 40 iterations), every prompt attacked; a detector that never fires."""
+    import torch
+
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.unlearndiffatk import UnlearnDiffAtk
+    from erasekit.diffusion import Target
+    from erasekit.models.tiny import sd14_shaped_pipeline
+
+    class Never:
+        name = "never"
+
+        def info(self):
+            return {"name": "never", "threshold": 1.0}
+
+        def score(self, images):
+            return [{"score": 0.0, "present": False} for _ in images]
+
+    pipe = sd14_shaped_pipeline(device="cuda", dtype=torch.float16)
+    target = Target(pipe, model="sd14-random")
+    rows = {}
+    for b in batch_sizes:
+        ctx = AttackContext(target=target, concept="nudity", n=n, steps=50, batch_size=max(b, 8), cache_dir=None,
+                            detector=Never(), progress=False)
+        attack = UnlearnDiffAtk.from_overrides({"batch_size": b, "attack_all": True})
+        if b == batch_sizes[0]:  # warm-up (kernels, allocator)
+            UnlearnDiffAtk.from_overrides({"batch_size": b, "attack_all": True, "iterations": 2}).inputs(
+                AttackContext(target=target, concept="nudity", n=b, steps=2, batch_size=b, cache_dir=None,
+                              detector=Never(), progress=False))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        inputs = attack.inputs(ctx)
+        torch.cuda.synchronize()
+        bud = inputs.budget
+        rows[b] = {"prompts": n, "wall_s": round(time.perf_counter() - t0, 2),
+                   "target_images_s": bud["target_images_s"], "optimisation_s": bud["optimisation_s"],
+                   "optimisation_s_per_prompt": round(bud["optimisation_s"] / n, 3),
+                   "seconds_per_prompt_incl_target": bud["seconds_per_attacked_prompt"],
+                   "cuda_peak_mb": bud["cost"].get("cuda_peak_mb"), "example": inputs.prompts[0][:80]}
+        print(b, rows[b], flush=True)
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "pipeline": "sd14_shaped_pipeline "
+              "(random weights, 860M UNet, 12-layer CLIP-shaped text encoder, tiny test tokenizer), fp16, 512x512",
+              "attack": "UnlearnDiffAtk k=5, 40 iterations, Adam lr 0.01 wd 0.1; target images: 50 DDIM steps, CFG 7.5",
+              "rows": rows}
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu-bench", type=Path, default=None, help="write UnlearnDiffAtk's GPU timing to this file and stop")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--n-optim", type=int, default=None,
                     help="images per cell of the optimisation attacks (UnlearnDiffAtk, P4D); default --n")
@@ -77,6 +128,9 @@ def main(argv=None):
     ap.add_argument("--attack-batch", type=int, default=32, help="prompts optimised together (UnlearnDiffAtk, P4D)")
     ap.add_argument("--bench", action="store_true", help="also write benchmarks/eval_adversarial.{json,md}")
     args = ap.parse_args(argv)
+    if args.gpu_bench is not None:
+        gpu_bench(4, [1, 4], args.gpu_bench)
+        return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import torch

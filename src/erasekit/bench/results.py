@@ -63,7 +63,9 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float | None:
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=DetectorFeatures(), normalize=True, input_img_size=(3, *real.shape[1:3]))
+    # sync_on_compute off: under `accelerate launch` only the main process computes it (no collective to join).
+    fid = FrechetInceptionDistance(feature=DetectorFeatures(), normalize=True, input_img_size=(3, *real.shape[1:3]),
+                                   sync_on_compute=False)
     with torch.inference_mode():
         for arr, is_real in ((real, True), (fake, False)):
             x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0

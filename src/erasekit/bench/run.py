@@ -124,9 +124,11 @@ class StageLog:
 
 # -- the run ------------------------------------------------------------------------------------------------------
 def _state():
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without CUDA, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the CPU.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str = "img"):
@@ -234,8 +236,12 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     state = _state()
     main = state.is_main_process
     resuming = check_out(out, cfg)  # every process: fail before anything is written
-    if state.num_processes > 1 and state.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // state.num_processes))
+    # Edits, learned tokens and inverted latents are computed by the main process with every core, as a single
+    # process computes them (their float bits depend on the thread count); image generation splits the cores.
+    on_cpu = state.device.type == "cpu"
+    full_threads = torch.get_num_threads() if state.num_processes == 1 else max(1, os.cpu_count() or 1)
+    if on_cpu:
+        torch.set_num_threads(full_threads)
     device = str(state.device) if state.num_processes > 1 else _device(cfg.device)
     target0 = _load(cfg, device)
     world = target0.world
@@ -339,10 +345,14 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
             unique.setdefault(job.key, job)
         todo = [j for k, j in unique.items() if not (out / image_path(k)).is_file()]
         with stages.stage("generation", images_planned=len(unique), images_todo=len(todo)) as cost:
+            if on_cpu and state.num_processes > 1:
+                torch.set_num_threads(max(1, full_threads // state.num_processes))
             with state.split_between_processes(todo) as mine:
                 made = _generate(mine, targets, target0, sources, out, cfg.batch_size,
                                  progress and main, state.num_processes)
             cost.add_images(made)
+            if on_cpu:
+                torch.set_num_threads(full_threads)
         if state.num_processes > 1:
             from accelerate.utils import gather_object
 

@@ -210,6 +210,7 @@ class P4D(Attack):
                     learned = StatesTable(soft_states)
             n_before = int(sum(success))
             budget = {"mode": mode, "k": s.k, "iterations": s.iterations, "images_attacked": len(todo),
+                      "images_used": len(todo),
                       "successes_before": n_before, "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
                       "optimisation_steps": s.iterations * len(todo),
                       "unet_evaluations": 2 * s.iterations * len(todo) + steps * len(todo) * (2 if scale > 1 else 1),

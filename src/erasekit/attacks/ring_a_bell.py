@@ -158,7 +158,7 @@ class RingABell(Attack):
         concept = world.check_concept(ctx.concept)
         eta = float(s.eta if s.eta is not None else default_eta(world, concept))
         base = [p.strip() for p in s.prompts.split(";") if p.strip()] or world.concept_prompts(concept)
-        base = base[: s.max_prompts]
+        base = base[: min(s.max_prompts, ctx.n)]
         prompts = [base[i % len(base)] for i in range(ctx.n)]
         seeds = [ctx.seed + i for i in range(ctx.n)]
         pipe = ctx.target.pipe
@@ -168,8 +168,17 @@ class RingABell(Attack):
             with torch.no_grad():
                 shifted = encode_prompts(pipe, base).float() + eta * v
             vector_s = time.perf_counter() - t0
+            reused = None
             if mode == "continuous":
-                learned = StatesTable({f"{p} <ring-a-bell eta={eta:g}>": shifted[j] for j, p in enumerate(base)})
+                key = dict(original=ctx.original.cache_id, base=base, eta=eta, settings=s.to_dict(), mode=mode)
+                path = cache_path(ctx, "ring-a-bell-continuous", key)
+                states_path = path.parent / f"{path.stem}.safetensors" if path is not None else None
+                if states_path is not None and states_path.is_file() and path.is_file():
+                    learned, reused = StatesTable.load(states_path), str(path)
+                else:
+                    learned = StatesTable({f"{p} <ring-a-bell eta={eta:g}>": shifted[j] for j, p in enumerate(base)})
+                    if path is not None:
+                        learned.save(states_path)
                 final = [f"{p} <ring-a-bell eta={eta:g}>" for p in prompts]
                 search = {}
             else:
@@ -178,7 +187,7 @@ class RingABell(Attack):
                 path = cache_path(ctx, "ring-a-bell", key)
                 if path is not None and path.is_file():
                     search = json.loads(path.read_text())
-                    search["reused_from_cache"] = str(path)
+                    reused = str(path)
                 else:
                     from erasekit.toy import world as toy_vocab
 
@@ -202,7 +211,8 @@ class RingABell(Attack):
                         path.parent.mkdir(parents=True, exist_ok=True)
                         atomic_write_text(path, json.dumps(search) + "\n")
                 final = [search["prompts"][p] for p in prompts]
-        budget = {"mode": mode, "eta": eta, "pairs": len(pairs), "distinct_prompts": len(base),
+        budget = {"mode": mode, "eta": eta, "pairs": len(pairs), "distinct_prompts": len(base), "images_used": 0,
+                  **({"reused_from_cache": reused} if reused else {}),
                   "vector_s": round(vector_s, 3), "optimisation_steps": s.generations * len(base) if mode == "discrete" else 0,
                   **({"population": s.population, "generations": s.generations, "length": s.length,
                       "search": search} if mode == "discrete" else {}),

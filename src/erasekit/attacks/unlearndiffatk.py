@@ -267,6 +267,7 @@ class UnlearnDiffAtk(Attack):
             n_before = int(sum(success))
             budget = {
                 "k": s.k, "iterations": s.iterations, "lr": s.lr, "weight_decay": s.weight_decay,
+                "images_used": len(todo),  # target images the original model drew
                 "images_attacked": len(todo), "successes_before": n_before,
                 "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
                 "optimisation_steps": s.iterations * len(todo),

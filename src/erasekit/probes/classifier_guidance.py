@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from erasekit.attacks.base import AttackContext, AttackInputs
 from erasekit.checks import finite
 from erasekit.errors import ErasekitError
-from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, steps_of
+from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, remembered, steps_of
 from erasekit.probes.sampling import ProbeGeneration, probe_key, sample
 from erasekit.registry import PROBES
 from erasekit.settings import Settings, choice
@@ -125,6 +125,8 @@ class ClassifierGuidance(Probe):
 
         return AttackInputs(prompts=prompts, seeds=seeds, items=[{"probe": "classifier_guidance"} for _ in prompts],
                             generate=ProbeGeneration(fn, [key] * len(prompts)), attack=self.name,
-                            budget={"guided_steps": int(sum(i < s.until * steps for i in range(steps))),
-                                    "scale": s.scale, "eta": s.eta, "optimisation_steps": 0,
-                                    "wall_s": timer.seconds()})
+                            budget=remembered(ctx, self.name, dict(key=key, target=ctx.target.cache_id,
+                                                                   prompts=prompts, seeds=seeds), {
+                                "guided_steps": int(sum(i < s.until * steps for i in range(steps))),
+                                "scale": s.scale, "eta": s.eta, "optimisation_steps": 0, "images_used": 0,
+                                "wall_s": timer.seconds()}))

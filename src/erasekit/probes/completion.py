@@ -15,7 +15,7 @@ from typing import Optional
 
 from erasekit.attacks.base import AttackContext, AttackInputs
 from erasekit.errors import ErasekitError
-from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, steps_of
+from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, remembered, steps_of
 from erasekit.probes.sampling import ProbeGeneration, probe_key, sample
 from erasekit.registry import PROBES
 from erasekit.settings import Settings, choice
@@ -69,6 +69,8 @@ class DiffusionCompletion(Probe):
 
         return AttackInputs(prompts=prompts, seeds=seeds, items=[{"probe": "completion", "k": k} for _ in prompts],
                             generate=ProbeGeneration(fn, [key] * len(prompts)), attack=self.name,
-                            budget={"k": k, "steps": steps, "original_steps": k, "erased_steps": steps - k,
-                                    "unet_evaluations_per_image": steps, "optimisation_steps": 0,
-                                    "wall_s": timer.seconds()})
+                            budget=remembered(ctx, self.name, dict(key=key, target=ctx.target.cache_id, prompts=prompts,
+                                                                   seeds=seeds), {
+                                "k": k, "steps": steps, "original_steps": k, "erased_steps": steps - k,
+                                "unet_evaluations_per_image": steps, "optimisation_steps": 0, "images_used": 0,
+                                "wall_s": timer.seconds()}))

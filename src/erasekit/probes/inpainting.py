@@ -23,7 +23,7 @@ import torch
 
 from erasekit.attacks.base import AttackContext, AttackInputs
 from erasekit.errors import ErasekitError
-from erasekit.probes.base import Probe, Timer, concept_prompt_list, steps_of
+from erasekit.probes.base import Probe, Timer, concept_prompt_list, remembered, steps_of
 from erasekit.probes.sampling import ProbeGeneration, centre_mask, latent_mask, probe_key, sample
 from erasekit.registry import PROBES
 from erasekit.settings import Settings, choice
@@ -128,6 +128,9 @@ class Inpainting(Probe):
                 item["source_truth"] = images.truth[i]
             items.append(item)
         return AttackInputs(prompts=prompts, seeds=seeds, items=items, generate=ProbeGeneration(fn, keys),
-                            attack=self.name, budget={"steps": steps, "mask_px": int(pixel_mask.any(0).sum()),
-                                                      "images_used": n, "optimisation_steps": 0,
-                                                      "wall_s": timer.seconds()})
+                            attack=self.name,
+                            budget=remembered(ctx, self.name, dict(keys=keys, target=ctx.target.cache_id,
+                                                                   prompts=prompts, seeds=seeds),
+                                              {"steps": steps, "mask_px": int(pixel_mask.any(0).sum()),
+                                               "images_used": n, "optimisation_steps": 0,
+                                               "wall_s": timer.seconds()}))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from erasekit.attacks.base import AttackContext, AttackInputs
 from erasekit.errors import ErasekitError
-from erasekit.probes.base import Probe, Timer
+from erasekit.probes.base import Probe, Timer, remembered
 from erasekit.registry import PROBES
 from erasekit.settings import Settings
 
@@ -47,5 +47,8 @@ class Interference(Probe):
         chosen = [pairs[i % len(pairs)] for i in range(ctx.n)]
         return AttackInputs(prompts=[p for _, p in chosen], seeds=[ctx.seed + i for i in range(ctx.n)],
                             items=[{"probe": "interference", "requested": label} for label, _ in chosen],
-                            attack=self.name, budget={"pairs": len(pairs), "optimisation_steps": 0,
-                                                      "wall_s": timer.seconds()})
+                            attack=self.name,
+                            budget=remembered(ctx, self.name, dict(target=ctx.target.cache_id, chosen=chosen,
+                                                                   seed=ctx.seed),
+                                              {"pairs": len(pairs), "optimisation_steps": 0, "images_used": 0,
+                                               "wall_s": timer.seconds()}))

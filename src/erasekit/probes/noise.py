@@ -17,7 +17,7 @@ import torch
 
 from erasekit.attacks.base import AttackContext, AttackInputs
 from erasekit.errors import ErasekitError
-from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, parse_floats, steps_of
+from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, parse_floats, remembered, steps_of
 from erasekit.probes.sampling import ProbeGeneration, probe_key, sample
 from erasekit.registry import PROBES
 from erasekit.settings import Settings, choice
@@ -118,6 +118,9 @@ class NoiseProbe(Probe):
             raise ErasekitError("noise: empty grid")
         return AttackInputs(prompts=prompts, seeds=seeds, items=[{"probe": "noise"} for _ in prompts],
                             generate=ProbeGeneration(fn, [key] * len(prompts)), attack=self.name,
-                            budget={"grid": [list(c) for c in grid], "samples_per_image": len(grid),
-                                    "unet_evaluations_per_image": len(grid) * steps, "optimisation_steps": 0,
-                                    "detector": detector.info().get("name"), "wall_s": timer.seconds()})
+                            budget=remembered(ctx, self.name, dict(key=key, target=ctx.target.cache_id,
+                                                                   prompts=prompts, seeds=seeds), {
+                                "grid": [list(c) for c in grid], "samples_per_image": len(grid),
+                                "unet_evaluations_per_image": len(grid) * steps, "optimisation_steps": 0,
+                                "images_used": 0, "detector": detector.info().get("name"),
+                                "wall_s": timer.seconds()}))

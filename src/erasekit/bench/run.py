@@ -109,9 +109,10 @@ class StageLog:
     run_id: str
     counter: UNetCounter | None = None
     rows: list[dict] = field(default_factory=list)
+    sink: Any = None  # called with each finished stage's row (the main process appends it to costs.jsonl)
 
     @contextmanager
-    def stage(self, name: str, **extra):
+    def stage(self, name: str, defer: bool = False, **extra):
         from erasekit.metrics import measure_cost
 
         before = self.counter.n if self.counter else 0
@@ -120,6 +121,8 @@ class StageLog:
         row = {"run": self.run_id, "stage": name, **cost.as_dict(), **extra}
         row["unet_evals"] = (self.counter.n if self.counter else 0) - before
         self.rows.append(row)
+        if self.sink is not None and not defer:
+            self.sink([row])  # written as each stage ends: a killed run keeps the cost of what it finished
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     attack_settings = _attack_settings(cfg)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     counter = UNetCounter(target0.pipe)
-    stages = StageLog(run_id, counter)
+    stages = StageLog(run_id, counter, sink=(lambda rows: append_jsonl(out / COSTS_FILE, rows)) if main else None)
     cache = out / CACHE_DIR
     lock = hold_folder(out) if main else _nothing()
     with lock:
@@ -344,7 +347,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
         for job in jobs:
             unique.setdefault(job.key, job)
         todo = [j for k, j in unique.items() if not (out / image_path(k)).is_file()]
-        with stages.stage("generation", images_planned=len(unique), images_todo=len(todo)) as cost:
+        with stages.stage("generation", defer=True, images_planned=len(unique), images_todo=len(todo)) as cost:
             if on_cpu and state.num_processes > 1:
                 torch.set_num_threads(max(1, full_threads // state.num_processes))
             with state.split_between_processes(todo) as mine:
@@ -363,6 +366,8 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
         counter.close()
         if not main:
             return {}
+        append_jsonl(out / COSTS_FILE, [{**gen_rows[0], "processes": gen_rows,
+                                         "images": sum(r.get("images", 0) for r in gen_rows)}])
 
         # -- scoring (main process) --------------------------------------------------------------------------------
         results_path = out / RESULTS_FILE
@@ -372,17 +377,13 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                    or done[j.row_id].get("image") != j.key]
         with stages.stage("scoring", rows_scored=len(pending), rows_reused=len(jobs) - len(pending)):
             _score(pending, detectors, det_ids, cfg, world, out, results_path, progress, append_jsonl)
-        stages.rows[stages.rows.index(next(r for r in stages.rows if r["stage"] == "generation"))] = {
-            **gen_rows[0], "processes": gen_rows, "images": sum(r.get("images", 0) for r in gen_rows)}
         rows = _latest_rows(read_jsonl(results_path), jobs)
-        append_jsonl(out / COSTS_FILE, stages.rows)
         with stages.stage("report"):
             from erasekit.bench.results import build_summary, write_outputs
 
             summary = build_summary(cfg, rows, read_jsonl(out / COSTS_FILE), cell_info, edit_info,
                                     config_key(cfg), run_id, state.num_processes, out)
             write_outputs(out, summary, rows)
-        append_jsonl(out / COSTS_FILE, stages.rows[-1:])
         return summary
 
 

@@ -44,6 +44,10 @@ class Registry:
         if self._items.get(name, cls) is not cls:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._items[name] = cls
+        settings = getattr(cls, "Settings", None)
+        if settings is not None:  # errors name the component ("unknown setting 'x' for defence irece")
+            shared = "owner" in vars(settings)  # one Settings class serving two components: name the kind only
+            settings.owner = self.kind if shared else f"{self.kind} {name}"
         return cls
 
     def split(self, spec: str) -> tuple[type, str | None]:

@@ -95,7 +95,7 @@ class Settings:
     @classmethod
     def _owner(cls) -> str:
         owner = getattr(cls, "owner", "")
-        return f" for {owner}" if owner else " for this method"
+        return f" for {owner}" if owner else ""
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -31,9 +31,9 @@ import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
 from erasekit.attacks.unlearndiffatk import (
+    check_prefix_settings,
     _frozen, before_attack, cache_path, candidate_vocabulary, encode_with_prefix, original_latents, tokens_text,
     world_prompts)
-from erasekit.errors import ErasekitError
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings
 
@@ -85,13 +85,7 @@ class P4DSettings(Settings):
     seed: int = 0
 
     def validate(self) -> None:
-        from erasekit.checks import finite, integer
-
-        for name in ("k", "iterations", "batch_size"):
-            if integer(f"p4d: {name}", getattr(self, name)) < 1:
-                raise ErasekitError(f"p4d: {name} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None:
-            finite("p4d: lr", self.lr, low=0.0, low_open=True)
+        check_prefix_settings("p4d", self)
 
 
 def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, generator, vocab):

@@ -157,6 +157,17 @@ def before_attack(ctx: AttackContext, prompts, seeds, steps: int, scale: float) 
 
 
 # -- UnlearnDiffAtk ------------------------------------------------------------------------------------------
+def check_prefix_settings(attack: str, s) -> None:
+    """The checks every prefix-optimising attack shares: k, iterations, batch_size >= 1; lr > 0 when set."""
+    from erasekit.checks import finite, integer
+
+    for name in ("k", "iterations", "batch_size"):
+        if integer(f"{attack}: {name}", getattr(s, name)) < 1:
+            raise ErasekitError(f"{attack}: {name} must be at least 1, got {getattr(s, name)}")
+    if s.lr is not None:
+        finite(f"{attack}: lr", s.lr, low=0.0, low_open=True)
+
+
 @dataclass
 class UnlearnDiffAtkSettings(Settings):
     k: int = 5  # prefix tokens
@@ -169,12 +180,9 @@ class UnlearnDiffAtkSettings(Settings):
     seed: int = 0
 
     def validate(self) -> None:
-        from erasekit.checks import finite, integer
+        from erasekit.checks import finite
 
-        for name in ("k", "iterations", "batch_size"):
-            if integer(f"unlearndiffatk: {name}", getattr(self, name)) < 1:
-                raise ErasekitError(f"unlearndiffatk: {name} must be at least 1, got {getattr(self, name)}")
-        finite("unlearndiffatk: lr", self.lr, low=0.0, low_open=True)
+        check_prefix_settings("unlearndiffatk", self)
         finite("unlearndiffatk: weight_decay", self.weight_decay, low=0.0)
 
 

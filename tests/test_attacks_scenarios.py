@@ -80,6 +80,22 @@ def test_each_scenario_end_to_end(scenario, toy_random, star_detector, tmp_path)
         assert "reused_from_cache" in again["attack"]
 
 
+@pytest.mark.parametrize("scenario", ["embedding-wb", "latent-wb"])
+def test_white_box_learning_is_shared_by_every_defence_of_a_model(scenario, toy_random, star_detector, tmp_path):
+    """A token or an inversion is learned without the defences (they act only while sampling): a second defence
+    of the same model reuses it from the cache instead of learning it again."""
+    from erasekit.defences import parse_defence
+
+    cache = tmp_path / "cache"
+    plain = run_scenario(_tiny_cfg(scenario), _target(toy_random), star_detector, tmp_path / "plain",
+                         cache_dir=cache, progress=False)
+    assert "reused_from_cache" not in plain["attack"]
+    defended = _target(toy_random).with_defences(parse_defence("negative_prompt:text=star"))
+    again = run_scenario(_tiny_cfg(scenario), defended, star_detector, tmp_path / "defended", cache_dir=cache,
+                         progress=False)
+    assert "reused_from_cache" in again["attack"] and again["defences"]
+
+
 def test_latent_scenario_with_the_concept_prompt_and_more_images(toy_random, star_detector, tmp_path):
     out = tmp_path / "latent"
     first = run_scenario(_tiny_cfg("latent-wb", n=2, prompt_mode="concept"), _target(toy_random), star_detector,

@@ -101,6 +101,28 @@ def test_dual_reconstruction_lam_one_each_step_is_the_safety_prompt(tiny_sd1):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
+def test_dual_reconstruction_leaves_batches_that_do_not_name_the_concept_plain(tiny_sd1):
+    """No prompt names the concept: the safety stream would repeat the user's, so it is not run (same images, one
+    stream's UNet work); a batch that does name it runs both."""
+    target = Target(tiny_sd1)
+    calls = []
+    unet = tiny_sd1.unet
+    handle = unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        plain = _gen(target, prompts="a red circle")
+        n_plain = len(calls)
+        d = parse_defence("dual_reconstruction:concept=star,lam=1,threshold=0")
+        calls.clear()
+        got = _gen(target.with_defences(d), prompts="a red circle")
+        assert len(calls) == n_plain
+        assert np.array_equal(got, plain)
+        calls.clear()
+        _gen(target.with_defences(d), prompts="a red star")
+        assert len(calls) == 2 * n_plain
+    finally:
+        handle.remove()
+
+
 def test_dual_reconstruction_safety_prompts():
     from erasekit.defences.dual_reconstruction import safety_prompt
 

@@ -52,8 +52,11 @@ class AttackContext:
         return self.target.original()
 
     def learner(self, learn_on: str):
-        """The target an attack learns on: the original model (black-box) or the attacked one (white-box)."""
-        return self.original if learn_on == "original" else self.target
+        """The target an attack learns on: the original model (black-box) or the attacked one (white-box).
+
+        Without its defences: learning (textual inversion's training, DDIM inversion) never samples through them, so
+        a token or an inversion is shared by every defence of one model (their cache keys omit the defences)."""
+        return self.original if learn_on == "original" else self.target.without_defences()
 
 
 class Attack:

@@ -23,7 +23,8 @@ Where they are combined (``combine``):
   the combined latent (for DDIM this equals mixing the two streams' guided outputs at each step).
 
 ``lam`` in [0, 1] trades safety against censorship; ``lam=0`` gives exactly the plain images (the defence then
-installs nothing). ``threshold`` is in [0, steps]; ``threshold=steps`` also changes nothing. Cost: up to 2x.
+installs nothing). ``threshold`` is in [0, steps]; ``threshold=steps`` also changes nothing. Cost: up to 2x; a batch
+whose safety contexts equal its prompts (no prompt names the concept, deterministic sampling) runs one stream only.
 """
 
 from __future__ import annotations
@@ -161,8 +162,13 @@ class DualReconstruction(Defence):
         branches = getattr(guidance, "branches", None)
         if not isinstance(branches, dict) or "cond" not in branches or not hasattr(guidance, "select"):
             raise ErasekitError("dual_reconstruction needs a guidance with a 'cond' branch; install it first")
+        safety = self.safety_prompts(ctx)
+        if ctx.prompts is not None and list(ctx.prompts) == safety and ctx.sampler.eta == 0:
+            # No prompt names the concept: the safety stream would repeat the user's step for step (twice the
+            # work for the same images), so the batch is left plain.
+            return guidance
         pipe = ctx.target.pipe
-        safe_cond = ctx.target.family.encode(pipe, self.safety_prompts(ctx), device=pipe.unet.device)
+        safe_cond = ctx.target.family.encode(pipe, safety, device=pipe.unet.device)
         safe = _with_cond(guidance, safe_cond)
         streams = _DualStreams(guidance, safe, ctx.sampler, s.lam, s.threshold, s.combine)
         self._pending[id(ctx)] = streams

@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
         f"CRR: {args.n} images per cell; text: the world's prompts naming star (the text attack); latent: "
         "regenerated with the empty prompt from DDIM-inverted rendered star images "
         "(latent-bb: inverted through the original model; latent-wb: through the model under test, without the "
-        "defence); embedding: the prompt \"a picture of <star-ti>\" with a token learned by textual inversion "
+        "defence); embedding: the prompt \"a picture of a <star-ti>\" with a token learned by textual inversion "
         "(defaults: 400 steps, 32 rendered star images) on the original model (bb) or the model under test (wb, "
         "edits applied, no defence); toy detector P(shape = star) > 0.5; Wilson 95% interval in brackets. "
         f"Preservation: {n_pres} images of the world's preservation prompts (other shapes, "

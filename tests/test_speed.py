@@ -26,6 +26,7 @@ def test_fast_generation_equals_eager_and_compiles_once(tiny_sd1):
     assert np.abs(eager.astype(int) - fast).max() <= 1
     # 4 + 1 images: the last batch is padded to the compiled shape (8 UNet rows), no second shape
     assert {size for _, size in fast_unet.batch_sizes} == {8}
+    assert {size for _, size in fast_unet.decoder.batch_sizes} == {4}  # the VAE decoder too, padded the same way
     assert fast_unet.unet is pipe.unet and accelerate(pipe) is fast_unet
     reference = generate(tiny_sd1, "a red star", seeds, steps=3, batch_size=4, progress=False)
     assert np.abs(reference.astype(int) - eager).max() <= 1

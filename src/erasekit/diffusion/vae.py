@@ -77,7 +77,10 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int | None = None) -
     cfg = pipe.vae.config
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     out = []
+    from erasekit.diffusion.speed import vae_decode_for
+
     with torch.no_grad(), _vae_for_call(pipe) as vae:
+        decode = vae_decode_for(pipe, vae)
         step = batch_size or max(len(latents), 1)
         for i in range(0, len(latents), step):
             z = latents[i : i + step].to(vae.device, vae.dtype)
@@ -87,7 +90,7 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int | None = None) -
                 z = z * s / cfg.scaling_factor + m
             else:
                 z = z / cfg.scaling_factor
-            x = vae.decode(z).sample
+            x = decode(z)
             out.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
     if not out:
         h, w = image_size(pipe)

@@ -107,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--fast-options", default="",
                     help="SpeedOptions for the fast path, e.g. compile_vae=0,tuned_kernels=0,cudnn_benchmark=0 (ablation)")
+    ap.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
+                    help="force one scaled-dot-product attention backend (experiment)")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config overrides, e.g. conv_1x1_as_mm=1 (experiment)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: plain,eager,fast,flops,inversion,ti")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -119,6 +122,14 @@ def main(argv=None):
             sys.exit(f"unknown fast option {key!r}")
         speed[key] = value.lower() not in ("0", "false", "no", "off")
     speed_options = SpeedOptions(**speed)
+    if args.sdpa != "default":  # every other backend off: the chosen one or an error
+        for name in ("flash", "mem_efficient", "cudnn", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name or (args.sdpa == "efficient" and name == "mem_efficient"))
+    for item in filter(None, args.inductor.split(",")):
+        import torch._inductor.config as inductor_config
+
+        key, _, value = item.partition("=")
+        setattr(inductor_config, key, value.lower() not in ("0", "false", "no", "off"))
 
     from erasekit.generation import generate
     from erasekit.models import tiny
@@ -146,7 +157,7 @@ def main(argv=None):
     from erasekit.diffusion.vae import image_size
 
     height, width = image_size(pipe)
-    rep.put("setup", {"model": args.model, "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+    rep.put("setup", {"sdpa": args.sdpa, "inductor": args.inductor, "model": args.model, "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                       "torch": torch.__version__, "dtype": str(dtype), "height": height, "width": width, "steps": steps,
                       "guidance": args.guidance, "batch": batch, "n": n, "scheduler": "DDIM",
                       "build_s": round(time.perf_counter() - t, 1), "pipeline": type(pipe).__name__})

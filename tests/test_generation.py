@@ -109,3 +109,17 @@ def test_image_key_covers_attack_inputs_and_names_are_readable():
     assert image_filename(rec).startswith("empty_seed3_")
     assert image_filename(dict(rec, prompt=None)).startswith("embeds_seed3_")
     assert image_filename(dict(rec, prompt="A red star!")).startswith("a-red-star_seed3_")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_images_are_rounded_on_the_device_exactly_as_diffusers_rounds_them(dtype):
+    """decode_latents converts to uint8 before the host copy: the same values as diffusers' numpy rounding,
+    halves included (round half to even)."""
+    from erasekit.diffusion.sampler import to_uint8
+    from erasekit.diffusion.vae import _to_uint8
+
+    gen = torch.Generator().manual_seed(0)
+    halves = (torch.arange(0, 511) / 255.0 - 1.0).view(1, 1, 1, -1)  # every level's midpoint in [-1, 1]
+    x = torch.cat([halves.expand(1, 3, 4, -1), (torch.rand(1, 3, 4, 511, generator=gen) * 2.4 - 1.2)]).to(dtype)
+    want = to_uint8((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy())
+    assert np.array_equal(_to_uint8(x), want)

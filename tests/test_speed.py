@@ -137,3 +137,16 @@ def test_v_prediction_through_erasers_and_attacks(tiny_sd2_v, monkeypatch):
 
     inv = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     assert inv.config.prediction_type == "v_prediction" and torch.isfinite(zT).all()
+
+
+def test_the_timestep_is_copied_to_the_device_once_per_value():
+    """A host-to-device copy per UNet call would wait for the GPU every step: each timestep value is copied once."""
+    from erasekit.diffusion.guidance import UNetDenoiser
+
+    d = UNetDenoiser(unet=None)
+    meta = torch.device("meta")
+    a = d._timestep(torch.tensor(981), meta)
+    assert a.device == meta and d._timestep(torch.tensor(981), meta) is a
+    assert d._timestep(torch.tensor(961), meta) is not a and d._timestep(961, meta) is not a
+    cpu_t = torch.tensor(5)
+    assert d._timestep(cpu_t, torch.device("cpu")) is cpu_t  # nothing to copy on the CPU

@@ -18,10 +18,23 @@ class UNetDenoiser:
 
     def __init__(self, unet):
         self.unet = unet
+        self._timesteps: dict = {}
+
+    def _timestep(self, t, device):
+        """``t`` as a tensor on ``device``, one copy per value: a host-to-device copy waits for the GPU to finish
+        the queued work, so copying the sampler's CPU timestep at every call would stall the GPU once per step."""
+        if device.type == "cpu" or (torch.is_tensor(t) and t.device == device):
+            return t
+        key = (float(t), t.dtype if torch.is_tensor(t) else type(t))
+        cached = self._timesteps.get(key)
+        if cached is None:
+            cached = self._timesteps[key] = torch.as_tensor(t).to(device)
+        return cached
 
     def __call__(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         unet = self.unet
         cond = cond.to(unet.device, unet.dtype)
+        t = self._timestep(t, torch.device(unet.device))
         return unet(x.to(unet.device, unet.dtype), t, **cond.unet_kwargs()).sample
 
 

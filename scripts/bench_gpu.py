@@ -110,6 +110,9 @@ def main(argv=None):
     ap.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
                     help="force one scaled-dot-product attention backend (experiment)")
     ap.add_argument("--inductor", default="", help="torch._inductor.config overrides, e.g. conv_1x1_as_mm=1 (experiment)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the fast path (e.g. reduce-overhead)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the fast run: profile one fast batch (GPU kernel time against wall time, top kernels)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: plain,eager,fast,flops,inversion,ti")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -121,7 +124,7 @@ def main(argv=None):
         if key not in SpeedOptions.__dataclass_fields__:
             sys.exit(f"unknown fast option {key!r}")
         speed[key] = value.lower() not in ("0", "false", "no", "off")
-    speed_options = SpeedOptions(**speed)
+    speed_options = SpeedOptions(**speed, mode=args.compile_mode)
     if args.sdpa != "default":  # every other backend off: the chosen one or an error
         for name in ("flash", "mem_efficient", "cudnn", "math"):
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name or (args.sdpa == "efficient" and name == "mem_efficient"))
@@ -211,7 +214,7 @@ def main(argv=None):
         accelerate(pipe, speed_options)
         _, wall, cpu = timed(lambda: generate(pipe, PROMPT, seeds[:batch], steps=2, guidance=args.guidance,
                                               batch_size=batch, progress=False, fast=True))
-        rep.put("compile", {"first_call_s": round(wall, 1), "cpu_s": round(cpu, 1), "mode": "default",
+        rep.put("compile", {"first_call_s": round(wall, 1), "cpu_s": round(cpu, 1), "mode": args.compile_mode or "default",
                             "options": {k: getattr(speed_options, k) for k in SpeedOptions.__dataclass_fields__},
                             "what": f"first fast generate of {batch} images at 2 steps: compilation + 2 steps"})
         fast_unet = accelerate(pipe)
@@ -225,6 +228,23 @@ def main(argv=None):
             entry["max_abs_diff_vs_eager_uint8"] = int(d.max())
             entry["mean_abs_diff_vs_eager_uint8"] = round(float(d.mean()), 4)
         rep.put("erasekit_fast", entry)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                _, wall, _ = timed(lambda: generate(pipe, PROMPT, seeds[:batch], steps=steps, guidance=args.guidance,
+                                                    batch_size=batch, progress=False, fast=True))
+            from torch.autograd import DeviceType
+
+            events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels and copies
+            attr = "self_device_time_total"
+            kernel_s = sum(getattr(e, attr) for e in events) / 1e6
+            top = sorted(events, key=lambda e: -getattr(e, attr))[:25]
+            rep.put("profile_one_batch", {
+                "wall_s": round(wall, 3), "device_time_s": round(kernel_s, 3),
+                "device_busy_share": round(kernel_s / wall, 3),
+                "top": [[e.key[:90], round(getattr(e, attr) / 1e6, 3), e.count] for e in top]})
         from erasekit.diffusion.vae import decode_latents
 
         zs = torch.randn(batch, 4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor, device=device,

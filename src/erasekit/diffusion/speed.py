@@ -175,11 +175,12 @@ def decode_batch(pipe) -> int | None:
     return fast.options.decode_batch if fast is not None else None
 
 
-def auto_batch_size(pipe, height: int, width: int, guidance_scale: float = 7.5, cap: int = 64,
+def auto_batch_size(pipe, height: int, width: int, guidance_scale: float = 7.5, cap: int = 128,
                     headroom: float = 0.8, default: int = 32) -> int:
     """Images per batch that fit the free GPU memory: one eager UNet call at batch 2 measures the activation
     memory per UNet row; ``headroom`` of the free memory is shared among ``2`` rows per image under guidance.
-    A multiple of 8 (or a power of two below 8), at most ``cap``; ``default`` on the CPU."""
+    A multiple of 8 (or a power of two below 8), at most ``cap``; ``default`` on the CPU. (SD-1.4 shape, H100,
+    compiled: 4.41 images/s at 64 a batch, 4.47 at 128: larger batches still help a little.)"""
     unet = pipe.unet
     if unet.device.type != "cuda":
         return default

@@ -154,6 +154,17 @@ def test_edit_and_config_keys():
     cfg = parse_config(TINY)
     assert config_key(cfg) == config_key(parse_config(dict(TINY, batch_size=16, device="cpu")))
     assert config_key(cfg) != config_key(parse_config(dict(TINY, images_per_cell=4)))
+    # fast mode (compiled kernels) changes images by rounding: its configs and image keys are its own, while a config
+    # that leaves it off keeps the key it had before the option existed
+    fast = parse_config(apply_sets(TINY, {"fast": "true"}))
+    assert fast.fast is True and config_key(fast) != config_key(cfg)
+    assert "fast" not in cfg.identity() and config_key(parse_config(dict(TINY, fast=False))) == config_key(cfg)
+    from erasekit.bench.run import image_target_id
+
+    class T:
+        cache_id = "abc"
+
+    assert image_target_id(T, cfg) == "abc" and image_target_id(T, fast) != "abc"
 
 
 def test_world_defaults_follow_the_concept():

@@ -58,6 +58,7 @@ def test_generate_writes_images_index_and_grid(sd1_folder, tmp_path):
         (["generate", "a red star", "-n", "0"], "-n must be at least 1"),
         (["generate", "a red star", "-n", "-3"], "-n must be at least 1"),
         (["generate", "a red star", "--batch-size", "0"], "--batch-size"),
+        (["generate", "a red star", "--batch-size", "many"], "--batch-size must be an integer or auto"),
         (["generate", "a red star", "--model", "nobody/no-such-model"], "cannot load model 'nobody/no-such-model'"),
         (["generate", "a red star", "--model", "./no/such/folder"], "no such folder"),
         (["generate", "a red star", "--edit", "no/such/edit"], "--edit no/such/edit: no such folder"),

@@ -75,6 +75,34 @@ def test_inductor_compiled_unet_equals_eager(tiny_sd1):
     assert np.abs(eager.astype(int) - fast).max() <= 1
 
 
+def test_fast_images_are_recorded_and_cached_apart(tmp_path):
+    """generate_to_dir(fast=True) (what `erasekit generate --fast` and bench `fast: true` run): the records say fast,
+    their keys differ from the eager images' (rounding differs), a rerun reuses them, the images stay within 1 level;
+    batch_size="auto" is the default batch on the CPU."""
+    from erasekit.diffusion.speed import SpeedOptions, accelerate
+    from erasekit.generation import GenerationInputs, generate_to_dir
+    from erasekit.image_store import record_key
+    from erasekit.models.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("sd1")
+    inputs = GenerationInputs(["a red star"] * 3, [0, 1, 2])
+    eager, made = generate_to_dir(pipe, inputs, tmp_path, steps=2, batch_size=2, progress=False)
+    assert made == 3 and not any(r.get("fast") for r in eager)
+    accelerate(pipe, SpeedOptions(backend="aot_eager"))  # what fast=True would compile, in seconds on a CPU
+    fast, made = generate_to_dir(pipe, inputs, tmp_path, steps=2, batch_size="auto", progress=False, fast=True)
+    assert made == 3 and all(r["fast"] is True for r in fast)
+    assert {record_key(r) for r in fast}.isdisjoint(record_key(r) for r in eager)
+    assert record_key(dict(eager[0], fast=False)) == record_key(eager[0])  # eager keys as before the option existed
+    again, made = generate_to_dir(pipe, inputs, tmp_path, steps=2, batch_size=3, progress=False, fast=True)
+    assert made == 0 and [r["key"] for r in again] == [r["key"] for r in fast]
+    from PIL import Image
+
+    for e, f in zip(eager, fast):
+        a = np.asarray(Image.open(tmp_path / e["path"]), dtype=int)
+        b = np.asarray(Image.open(tmp_path / f["path"]), dtype=int)
+        assert np.abs(a - b).max() <= 1
+
+
 def test_train_autocast_is_off_on_cpu(tiny_sd1):
     from erasekit.diffusion.speed import auto_batch_size, train_autocast
 

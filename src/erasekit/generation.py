@@ -133,6 +133,20 @@ def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_gi
     return decode_latents(pipe, z, decode_batch(pipe))
 
 
+def resolve_batch_size(target, batch_size: int | str, guidance: float | None = None, height: int | None = None,
+                       width: int | None = None) -> int:
+    """``batch_size`` itself, or for ``"auto"`` as many images as the free GPU memory holds (32 on the CPU)."""
+    if batch_size == "auto":
+        from erasekit.diffusion.speed import auto_batch_size
+
+        h, w = image_size(target.pipe, height, width)
+        return auto_batch_size(target.pipe, h, w, float(guidance if guidance is not None else
+                                                        target.world.sampler_defaults()[1]))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}")
+    return batch_size
+
+
 def generate(
     target,
     prompts: str | Sequence[str] | None,
@@ -171,14 +185,7 @@ def generate(
         from erasekit.diffusion.speed import accelerate
 
         accelerate(pipe)
-    if batch_size == "auto":
-        from erasekit.diffusion.speed import auto_batch_size
-
-        h, w = image_size(pipe, height, width)
-        batch_size = auto_batch_size(pipe, h, w, float(guidance if guidance is not None else
-                                                       target.world.sampler_defaults()[1]))
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = resolve_batch_size(target, batch_size, guidance, height, width)
     if prompt_embeds is None and prompts is None:
         raise ValueError("give prompts or prompt_embeds")
     prompts = _per_item(prompts, n, "prompts")
@@ -209,12 +216,14 @@ def generate(
 
 
 def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | None = None,
-                    guidance: float | None = None, batch_size: int = 32, negative_prompt: str | None = None,
-                    eta: float = 0.0, record: dict | None = None, progress: bool = True) -> tuple[list[dict], int]:
+                    guidance: float | None = None, batch_size: int | str = 32, negative_prompt: str | None = None,
+                    eta: float = 0.0, record: dict | None = None, progress: bool = True,
+                    fast: bool = False) -> tuple[list[dict], int]:
     """Generate image i of ``inputs`` into ``out_dir`` unless it is already there (see `erasekit.image_store`).
 
     ``guidance`` fills the items without their own. ``record``: fields written into every image's record (the
-    attack's name). Returns the records in request order and how many images were generated.
+    attack's name). ``fast``/``batch_size="auto"`` as in `generate`; fast images are recorded (and keyed) as such.
+    Returns the records in request order and how many images were generated.
     """
     from tqdm.auto import tqdm
 
@@ -231,7 +240,10 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
         width=width, negative_prompt=negative_prompt, model=who["model"], fingerprint=who["fingerprint"],
         edit="+".join(who["edits"]) if who["edits"] else None, defences=who["defences"],
     )
+    if fast:
+        base["fast"] = True
     fill = float(default_guidance if guidance is None else guidance)
+    batch_size = resolve_batch_size(target, batch_size, fill)
     input_ids = inputs.input_ids()
     distinct = list(dict.fromkeys(inputs.prompts))
     cut = dict(zip(distinct, truncated_prompts(target.pipe, distinct))) if inputs.learned is None else {}
@@ -267,7 +279,7 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
                 else:
                     images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=base["steps"],
                                       guidance=scale, batch_size=batch_size, negative_prompt=negative_prompt, eta=eta,
-                                      progress=False, **kwargs)
+                                      progress=False, fast=fast, **kwargs)
                 for rec in save_images(images, out_dir, [wanted[i] for i in idx], grid=False):
                     done[rec["key"]] = rec
                 bar.update(len(idx))

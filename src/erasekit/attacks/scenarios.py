@@ -90,6 +90,7 @@ class ScenarioConfig:
     guidance: float | None = None  # sampling guidance (default: the world's; I2P rows keep their own)
     batch_size: int = 32
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack name -> setting overrides
+    fast: bool = False  # generation through the compiled UNet (erasekit.diffusion.speed)
 
     def validate(self) -> None:
         from erasekit.checks import finite
@@ -205,7 +206,7 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
     with measure_cost() as gen_cost:
         records, generated = generate_to_dir(target, inputs, out_dir, steps=gen_steps, guidance=cfg.guidance,
                                              batch_size=cfg.batch_size, record={"attack": inputs.attack},
-                                             progress=progress)
+                                             progress=progress, fast=cfg.fast)
         gen_cost.add_images(generated)
     with measure_cost() as score_cost:
         rows = score_records(detector, out_dir, records)

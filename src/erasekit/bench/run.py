@@ -315,7 +315,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                         cell_info[cell.id] = {"skipped": "no preservation prompts for this concept"}
                         continue
                     jobs += preservation_jobs(cell, pp, cfg.preservation_images(), cfg.seed, steps, guidance,
-                                              target.cache_id)
+                                              image_target_id(target, cfg))
                     cell_info[cell.id] = {"target": target.describe()}
                     continue
                 target = targets[(cell.concept, cell.method)]
@@ -334,7 +334,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                     inputs = attack.inputs(ctx, **args)
                 gen_steps = int(inputs.budget.get("inversion_steps", steps)) if inputs.latents is not None else steps
                 sources[cell] = inputs
-                jobs += attack_jobs(cell, inputs, gen_steps, guidance, target.cache_id)
+                jobs += attack_jobs(cell, inputs, gen_steps, guidance, image_target_id(target, cfg))
                 cell_info[cell.id] = {"target": target.describe(), "attack": inputs.attack,
                                       "attack_settings": attack.settings.to_dict(),
                                       "budget": {k: v for k, v in inputs.budget.items()},
@@ -352,7 +352,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                 torch.set_num_threads(max(1, full_threads // state.num_processes))
             with state.split_between_processes(todo) as mine:
                 made = _generate(mine, targets, target0, sources, out, cfg.batch_size,
-                                 progress and main, state.num_processes)
+                                 progress and main, state.num_processes, cfg.fast)
             cost.add_images(made)
             if on_cpu:
                 torch.set_num_threads(full_threads)
@@ -398,8 +398,13 @@ def _device(name: str) -> str:
     return resolve_device(name)
 
 
+def image_target_id(target, cfg) -> str:
+    """What a job's image key knows of the model: the target's cache id, marked when generated in fast mode."""
+    return target.cache_id + ("+fast" if cfg.fast else "")
+
+
 def _generate(jobs: list[Job], targets, target0, sources, out: Path, batch_size: int, progress: bool,
-              n_processes: int) -> int:
+              n_processes: int, fast: bool = False) -> int:
     """Generate ``jobs`` (this process's share) into ``out/images``, batch by batch, per cell."""
     from collections import defaultdict
 
@@ -429,7 +434,7 @@ def _generate(jobs: list[Job], targets, target0, sources, out: Path, batch_size:
                         kwargs["prompt_embeds"] = inputs.learned.encode(target.pipe, prompts)
                     prompts = None
                 images = generate(target, prompts, [j.seed for j in batch], steps=batch[0].steps, guidance=guidance,
-                                  batch_size=batch_size, progress=False, **kwargs)
+                                  batch_size=batch_size, progress=False, fast=fast, **kwargs)
                 for job, image in zip(batch, images):
                     path = out / image_path(job.key)
                     path.parent.mkdir(parents=True, exist_ok=True)

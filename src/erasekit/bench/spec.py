@@ -98,6 +98,7 @@ class BenchConfig:
     preservation: PreservationConfig = field(default_factory=PreservationConfig)
     device: str = "auto"
     dtype: str = "auto"
+    fast: bool = False  # GPU: compiled UNet/decoder, channels-last (images within a few levels; keyed apart)
     description: str = ""
 
     # -- what determines the results ------------------------------------------------------------------------
@@ -106,6 +107,8 @@ class BenchConfig:
         d = to_dict(self)
         for key in ("batch_size", "device", "description"):
             d.pop(key, None)
+        if not d.get("fast"):
+            d.pop("fast", None)  # configs written before fast mode existed keep their keys
         return d
 
     def preservation_images(self) -> int:

@@ -26,6 +26,7 @@ def attack(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling (and inversion) steps; default: the model's."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Sampling guidance scale; default: the model's (I2P rows: their own)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting <attack>.<key>=value (repeat), e.g. ti.steps=800, inversion.prompt_mode=concept; see `erasekit ls`."),
     device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=common.DTYPE_HELP),
@@ -36,7 +37,7 @@ def attack(
     from erasekit.checks import integer
 
     cfg = ScenarioConfig(scenario=scenario, concept=concept.strip(), n=n, seed=seed, steps=steps, guidance=guidance,
-                         batch_size=batch_size, settings=split_settings(common.parse_sets(set_)))
+                         batch_size=batch_size, settings=split_settings(common.parse_sets(set_)), fast=fast)
     cfg.validate()  # every argument checked before a model is loaded
     integer("--seed", seed, low=0, high=2**63 - 1)
     cls, _ = attack_of(scenario)

@@ -22,6 +22,8 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
 DTYPE_HELP = "auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16."
+FAST_HELP = ("GPU speed: channels-last and a compiled UNet and VAE decoder (compiled once per shape; images within "
+             "a few levels of the eager path's, recorded and cached apart from them).")
 MODEL_HELP = "'toy', a diffusers pipeline folder, or a hub id in the local cache."
 PICKLE_HELP = "Also load pickled (.bin) weights where a folder has no safetensors: only for folders you trust."
 

@@ -21,7 +21,8 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: the model's world's: 20 toy, 25 SD)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: 5 toy, 7.5 SD)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt for every image."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (does not change the images)."),
+    batch_size: str = typer.Option("32", "--batch-size", help="Images per forward pass (does not change the images), or auto: as many as free GPU memory holds."),
+    fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="Apply a saved erasure edit (folder) before generating."),
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack; see `erasekit ls`)."),
     device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
@@ -36,10 +37,15 @@ def generate(
         raise ErasekitError("give at least one prompt")
     if n < 1:
         raise ErasekitError(f"-n must be at least 1, got {n}")
-    if batch_size < 1:
-        raise ErasekitError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size != "auto":
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise ErasekitError(f"--batch-size must be an integer or auto, got {batch_size!r}") from None
+        if batch_size < 1:
+            raise ErasekitError(f"--batch-size must be at least 1, got {batch_size}")
+        integer("--batch-size", batch_size, high=65_536)
     integer("-n", n, high=1_000_000)
-    integer("--batch-size", batch_size, high=65_536)
     integer("--seed", seed, low=0, high=2**63 - 1)
     if steps is not None:
         integer("--steps", steps, low=1, high=10_000)
@@ -58,6 +64,6 @@ def generate(
 
         inputs = GenerationInputs([p for p in prompts for _ in range(n)], [seed + i for _ in prompts for i in range(n)])
         records, generated = generate_to_dir(target, inputs, out, steps=steps, guidance=guidance,
-                                             batch_size=batch_size, negative_prompt=negative_prompt)
+                                             batch_size=batch_size, negative_prompt=negative_prompt, fast=fast)
     print(f"{len(records)} images in {out} ({generated} generated, {len(records) - generated} reused); "
           f"index {out / 'images.jsonl'}, grid {out / 'grid.png'}", file=sys.stderr)

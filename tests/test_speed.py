@@ -1,15 +1,14 @@
 """The fast path (channels-last + compiled UNet, batch padding) gives the eager path's images, and SD-2.x
 v-prediction flows through every method and attack.
 
-Tolerance: compiled and eager images differ by at most 2 uint8 levels at any pixel (kernel rounding; measured on an
-H100 in fp16: max 2, mean 0.14 levels, benchmarks/gpu_h100_sd14.json); on the CPU in float32 at most 1.
+Tolerance: on the CPU in float32, compiled and eager images differ by at most 1 uint8 level at any pixel (kernel
+rounding). On an H100 in fp16 (not testable here) scripts/bench_gpu.py measured at most 3 levels, mean 0.14
+(benchmarks/gpu_h100_sd14_b64.json; SDXL: 2, benchmarks/gpu_h100_sdxl.json).
 """
 
 import numpy as np
 import pytest
 import torch
-
-TOLERANCE_UINT8 = 2
 
 
 def test_fast_generation_equals_eager_and_compiles_once(tiny_sd1):

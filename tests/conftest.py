@@ -31,6 +31,14 @@ def tiny_sd2():
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_v():
+    """SD-2.x-shaped with a v-prediction scheduler (as SD-2.1 at 768 px), random weights; do not modify."""
+    from erasekit.models.tiny import tiny_sd_pipeline
+
+    return tiny_sd_pipeline("sd2", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
 def toy_random():
     """The embedded world's architecture with random weights (MiniLM text encoder); do not modify."""
     from erasekit.toy.pipeline import build_toy_pipeline

@@ -184,7 +184,7 @@ def test_sld_presets_and_overrides():
 
 
 # -- composition with weight edits ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sd2", "tiny_sd2_v", "tiny_sdxl"])
 def test_each_defence_composes_with_a_weight_edit(pipe_name, request):
     from erasekit.erasers import erase
     from erasekit.models import fingerprint
@@ -210,7 +210,7 @@ def test_each_defence_composes_with_a_weight_edit(pipe_name, request):
                                           parse_defence("dual_reconstruction:concept=star,threshold=1"))
     assert _gen(reversed_order).shape == edited.shape
     # learned embeddings / given states (no prompts) and the empty prompt
-    states = erased.family.encode(pipe, ["a star"] * len(SEEDS)).states
+    states = erased.family.encode(pipe, ["a star"] * len(SEEDS))  # a Conditioning: SDXL needs its pooled part too
     for spec in specs[:3]:
         target = erased.with_defences(parse_defence(spec))
         assert generate(target, None, SEEDS, steps=STEPS, guidance=5.0, prompt_embeds=states, progress=False).shape == edited.shape

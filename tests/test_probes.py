@@ -66,7 +66,7 @@ def test_probe_end_to_end_on_the_embedded_world(toy_random, uce_toy, scenario, t
     assert again["generation"]["images_generated"] == 0 and again["crr"] == s["crr"]
 
 
-@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sd2", "tiny_sd2_v", "tiny_sdxl"])
 @pytest.mark.parametrize("scenario", PROBE_SCENARIOS)
 def test_tiny_sd_pipelines_run_every_probe(pipe_name, scenario, request, tmp_path):
     pipe = request.getfixturevalue(pipe_name)

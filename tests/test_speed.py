@@ -110,13 +110,6 @@ def test_train_autocast_is_off_on_cpu(tiny_sd1):
     assert auto_batch_size(tiny_sd1, 32, 32) == 32  # the CPU: the default
 
 
-@pytest.fixture(scope="module")
-def tiny_sd2_v():
-    from erasekit.models.tiny import tiny_sd_pipeline
-
-    return tiny_sd_pipeline("sd2", prediction_type="v_prediction")
-
-
 def test_v_prediction_images_equal_diffusers(tiny_sd2_v):
     from erasekit.generation import generate, initial_latents
 

@@ -199,10 +199,11 @@ def main(argv=None):
 
 def render(report: dict, scenarios) -> str:
     n = report["n_per_cell"]
-    lines = [f"Adversarial prompts on the embedded world: {n} images per cell ({report.get('n_optim', n)} for "
-             "UnlearnDiffAtk and P4D: the first of the same prompts and seeds) (prompt i mod P, seed i), toy detector "
-             "(P(label) > 0.5), Wilson 95% interval. ASR before = the model on the same prompts and seeds, no attack; "
-             "UnlearnDiffAtk / P4D: ASR = (successes before + new successes) / N.", ""]
+    n_optim = report.get("n_optim", n)
+    fewer = f" ({n_optim} for UnlearnDiffAtk and P4D: the first of the same prompts and seeds)" if n_optim != n else ""
+    lines = [f"Adversarial prompts on the embedded world: {n} images per cell{fewer} (prompt i mod P, seed i), toy "
+             "detector (P(label) > 0.5), Wilson 95% interval. ASR before = the model on the same prompts and seeds, no "
+             "attack; UnlearnDiffAtk / P4D: ASR = (successes before + new successes) / N.", ""]
     head = ["concept", "model", "ASR before (text, n)"] + [s for s in scenarios if s != "text"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

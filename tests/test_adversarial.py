@@ -104,7 +104,7 @@ def test_attack_end_to_end_on_the_embedded_world(uce_toy, scenario, tmp_path):
     assert again["generation"]["images_generated"] == 0 and again["crr"] == s["crr"]
 
 
-@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sd2", "tiny_sd2_v", "tiny_sdxl"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_attacks_run_on_tiny_sd(pipe_name, scenario, request, tmp_path):
     pipe = request.getfixturevalue(pipe_name)

@@ -67,7 +67,7 @@ def test_unlearndiffatk_relaxed_tokens_stay_on_the_simplex(toy_random):
 
 def test_prefix_encoding_equals_typing_the_tokens(toy_random):
     """Prefix vectors equal to real tokens' embeddings give the states of the typed prompt."""
-    from erasekit.attacks.unlearndiffatk import encode_with_prefix
+    from erasekit.diffusion.family import family_of
     from erasekit.models.prompts import encode_prompts
 
     tok = toy_random.tokenizer
@@ -75,9 +75,32 @@ def test_prefix_encoding_equals_typing_the_tokens(toy_random):
     assert len(ids) == 2
     table = toy_random.text_encoder.get_input_embeddings().weight.detach()
     with torch.no_grad():
-        got = encode_with_prefix(toy_random, ["a star"], table[ids][None])
+        got = family_of(toy_random).encode_with_prefix(toy_random, ["a star"], [table[ids][None]])
         want = encode_prompts(toy_random, ["red dotted a star"])
-    assert torch.allclose(got, want, atol=1e-5)
+    assert not got.added and torch.allclose(got.states, want, atol=1e-5)
+
+
+def test_relaxed_prefix_at_one_hot_vertices_encodes_like_typing_on_sdxl(tiny_sdxl):
+    """SDXL: one relaxed one-hot drives both encoders; at its vertices the conditioning (concatenated states,
+    pooled projection, time ids) is the typed prompt's."""
+    from erasekit.attacks.unlearndiffatk import candidate_vocabulary
+    from erasekit.diffusion.family import family_of
+
+    pipe, family = tiny_sdxl, family_of(tiny_sdxl)
+    vocab = candidate_vocabulary(pipe.tokenizer)
+    ids = pipe.tokenizer("red dotted", add_special_tokens=False).input_ids
+    assert pipe.tokenizer_2("red dotted", add_special_tokens=False).input_ids == ids  # one BPE for both
+    w = torch.zeros(2, len(ids), len(vocab))
+    for j, i in enumerate(ids):
+        w[:, j, vocab.tolist().index(i)] = 1.0
+    tables = [t.detach()[vocab].float() for t in family.token_embeddings(pipe)]
+    with torch.no_grad():
+        got = family.encode_with_prefix(pipe, ["a star", "a blue circle"], [w @ t for t in tables])
+        want = family.encode(pipe, ["red dotted a star", "red dotted a blue circle"])
+    assert got.states.shape == want.states.shape == (2, 77, 96) and set(got.added) == set(want.added)
+    torch.testing.assert_close(got.states, want.states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.added["text_embeds"], want.added["text_embeds"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.added["time_ids"], want.added["time_ids"])
 
 
 def test_candidate_vocabulary_round_trips(toy_random, tiny_sd1):
@@ -159,6 +182,33 @@ def test_ring_a_bell_continuous_states_are_shifted(toy_random):
     base = encode_prompts(toy_random, [target.world.concept_prompts("star")[0]])
     v = concept_vector(toy_random, concept_pairs(target.world, "star", 6))
     assert torch.allclose(states, base + 2.0 * v, atol=1e-5)
+
+
+def test_ring_a_bell_and_p4d_soft_states_on_sdxl(tiny_sdxl, tmp_path):
+    """SDXL: Ring-A-Bell shifts the concatenated token states and keeps the base prompt's pooled embedding; P4D's
+    soft prompts carry their own pooled embedding (both as a Conditioning the generator takes)."""
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.ring_a_bell import RingABell, concept_pairs, concept_vector
+    from erasekit.diffusion.family import family_of
+
+    target = Target(tiny_sdxl)
+    attack = RingABell.from_overrides({"max_prompts": 1, "pairs": 6, "eta": 2.0})
+    inputs = attack.inputs(AttackContext(target=target, concept="nudity", n=2, cache_dir=None), mode="continuous")
+    got = inputs.learned.encode(tiny_sdxl, inputs.prompts[:1])
+    base = family_of(tiny_sdxl).encode(tiny_sdxl, [target.world.concept_prompts("nudity")[0]])
+    v = concept_vector(tiny_sdxl, concept_pairs(target.world, "nudity", 6))
+    assert v.shape == (77, 96)
+    torch.testing.assert_close(got.states, base.states + 2.0 * v)
+    assert torch.equal(got.added["text_embeds"], base.added["text_embeds"])
+    s = run_scenario(ScenarioConfig("p4d-soft", "nudity", n=2, steps=2, settings=TINY), target,
+                     _detector(threshold=0.999999), tmp_path, progress=False)
+    assert s["attack"]["images_attacked"] == 2
+    from erasekit.attacks.p4d import StatesTable
+
+    (states_file,) = tmp_path.rglob("p4d-soft-*-states.safetensors")
+    table = StatesTable.load(states_file)
+    assert set(table.pooled) == set(table.states) and len(table.states) == 2
+    assert next(iter(table.pooled.values())).shape == (int(tiny_sdxl.text_encoder_2.config.projection_dim),)
 
 
 @pytest.mark.parametrize("args, fragment", [

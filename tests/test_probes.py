@@ -176,6 +176,21 @@ def test_likelihood_and_verdict(toy_random, uce_toy):
     assert verdict({"a": 0.05}, gap)[0] == "mixed"
 
 
+def test_likelihood_on_sdxl(tiny_sdxl):
+    """SDXL: the UNet gets the pooled embedding and time ids; the same model twice gives ratio 1, gap 0."""
+    from erasekit.attacks.images import render_concept_images
+    from erasekit.probes.verdict import denoising_losses, likelihood_gap
+
+    images, _ = render_concept_images("star", 2, 32, seed=1)
+    o = denoising_losses(Target(tiny_sdxl), images, ["a star"] * 2, timesteps=(100, 600))
+    e = denoising_losses(Target(tiny_sdxl), images, ["a star"] * 2, timesteps=(100, 600))
+    assert all(np.isfinite(v) and v > 0 for branch in o.values() for v in branch.values())
+    assert o["cond"] != o["uncond"]  # the prompt reaches the UNet (SDXL's unconditional branch is zeros)
+    gap = likelihood_gap(e, o, o, o)
+    assert gap["uncond"]["ratio_concept"] == 1.0 and gap["cond"]["ratio_concept"] == 1.0
+    assert gap["uncond"]["gap"] == 0.0
+
+
 # -- bad input ----------------------------------------------------------------------------------------------
 def test_unknown_probe_setting_is_one_clear_error():
     with pytest.raises(ErasekitError, match="unknown setting 'bogus'"):
@@ -236,3 +251,16 @@ def test_cli_k_out_of_range_on_the_trained_world(tmp_path):
     result = CliRunner().invoke(app, ["attack", "--scenario", "probe-completion", "--concept", "star", "-n", "1",
                                       "--steps", "4", "--set", "completion.k=5", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "k=5 is out of range" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("pipe_name", ["tiny_sd1", "tiny_sdxl"])
+def test_probe_sampling_equals_generation(pipe_name, request):
+    """The probes' sampler builds conditioning, the unconditional branch (zeros for SDXL-base's empty prompt) and
+    guidance exactly as generation does: the same images for the same seeds."""
+    from erasekit.generation import generate
+    from erasekit.probes.sampling import sample
+
+    pipe = request.getfixturevalue(pipe_name)
+    ours = sample(Target(pipe), ["a star", "a cat"], [0, 1], steps=2, scale=5.0)
+    ref = generate(pipe, ["a star", "a cat"], [0, 1], steps=2, guidance=5.0, progress=False)
+    assert np.array_equal(ours, ref)

@@ -103,29 +103,38 @@ def _per_item(value, n: int, what: str) -> list | None:
     return value
 
 
-def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_given, generators, guidance_scale,
-                  seeds):
-    """One batch through the sampler, with the target's defences installed around it."""
+def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, seeds, size=None, unet=None):
+    """(guidance, defence hooks) for one batch: the family's conditioning (``embeds`` replace ``prompts``), the
+    unconditional branch when ``scale > 1`` (the negatives, or the family's empty prompt: zeros on SDXL-base),
+    classifier-free guidance over ``unet`` (default the pipeline's), then every defence's wrapper and hooks.
+    ``size``: the image size SDXL's time ids name (default the pipeline's)."""
     from erasekit.diffusion.context import SamplingContext
     from erasekit.diffusion.guidance import UNetDenoiser, guided
 
     pipe, family = target.pipe, target.family
     device = pipe.unet.device
-    z = latents_given if latents_given is not None else noise
-    size = (z.shape[-2] * pipe.vae_scale_factor, z.shape[-1] * pipe.vae_scale_factor)  # SDXL's time ids
     cond = (family.from_states(pipe, embeds, size=size) if embeds is not None
             else family.encode(pipe, prompts, device=device, size=size))
-    uncond = None
-    if guidance_scale > 1.0:
-        uncond = family.unconditional(pipe, negatives, device=device, size=size)
-    ctx = SamplingContext(target, sampler, prompts, cond, uncond, guidance_scale, seeds)
-    from erasekit.diffusion.speed import decode_batch, unet_for
-
-    guidance = guided(UNetDenoiser(unet_for(pipe)), cond, uncond, guidance_scale)
+    uncond = family.unconditional(pipe, negatives, device=device, size=size) if scale > 1.0 else None
+    ctx = SamplingContext(target, sampler, prompts, cond, uncond, scale, seeds)
+    guidance = guided(UNetDenoiser(unet if unet is not None else pipe.unet), cond, uncond, scale)
     hooks: list = []
     for defence in target.defences:
         guidance = defence.wrap(guidance, ctx)
         hooks.extend(defence.hooks(ctx))
+    return guidance, hooks
+
+
+def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_given, generators, guidance_scale,
+                  seeds):
+    """One batch through the sampler, with the target's defences installed around it."""
+    from erasekit.diffusion.speed import decode_batch, unet_for
+
+    pipe = target.pipe
+    z = latents_given if latents_given is not None else noise
+    size = (z.shape[-2] * pipe.vae_scale_factor, z.shape[-1] * pipe.vae_scale_factor)  # SDXL's time ids
+    guidance, hooks = build_guidance(target, sampler, prompts, embeds, negatives, guidance_scale, seeds, size=size,
+                                     unet=unet_for(pipe))
     z = sampler.prepare_latents(z)
     z = sampler.denoise(z, guidance, hooks, generators=generators)
     from erasekit.diffusion.vae import decode_latents

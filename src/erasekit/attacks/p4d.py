@@ -14,6 +14,10 @@ under the erased ones). Two modes, two scenarios:
 - ``p4d-hard``: P is projected each iteration to its nearest vocabulary embeddings and the gradient at the
   projection updates the free vectors (PEZ, as P4D does); the attack prompt is the nearest tokens followed by p.
 
+The regression target is the original model's own output, so it is in the model's prediction type (epsilon or
+v) as is. On SDXL the prefix is one free vector per position and text encoder (their widths differ), encoded by
+`SDXLFamily.encode_with_prefix`; hard mode projects the joined vectors to one token for both encoders.
+
 As for UnlearnDiffAtk, images the erased model already draws with the concept are not attacked (``attack_all``)
 and count as successes, so the scenario's CRR is ASR = (successes before + new successes) / N.
 Defaults for the embedded world's CPU budget: k = 5, 40 iterations, lr 0.01 (soft) / 0.1 (hard), batch 16.
@@ -32,46 +36,72 @@ import torch
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
 from erasekit.attacks.unlearndiffatk import (
     check_prefix_settings,
-    _frozen, before_attack, cache_path, candidate_vocabulary, encode_with_prefix, original_latents, tokens_text,
+    _frozen, before_attack, cache_path, candidate_vocabulary, original_latents, tokens_text,
     world_prompts)
+from erasekit.diffusion.conditioning import Conditioning
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings
 
 
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
 class StatesTable:
-    """Ready-made text states per prompt label: the `GenerationInputs.learned` interface (``encode``, ``digest``)."""
+    """Ready-made text states per prompt label: the `GenerationInputs.learned` interface (``encode``, ``digest``).
+    On SDXL each label also has its pooled text embedding (``pooled``), and ``encode`` gives a `Conditioning`."""
 
-    def __init__(self, states: dict[str, torch.Tensor]):
-        self.states = {k: v.detach().to("cpu", torch.float32) for k, v in states.items()}
+    def __init__(self, states: dict[str, torch.Tensor] | None = None, pooled: dict[str, torch.Tensor] | None = None):
+        self.states = {k: _cpu(v) for k, v in (states or {}).items()}
+        self.pooled = {k: _cpu(v) for k, v in (pooled or {}).items()}
 
-    def encode(self, pipe, prompts, device=None) -> torch.Tensor:
+    def add(self, labels, cond: Conditioning) -> "StatesTable":
+        """Item j of ``cond`` under ``labels[j]`` (its states, and SDXL's pooled embedding when there)."""
+        pooled = cond.added.get("text_embeds")
+        for j, label in enumerate(labels):
+            self.states[label] = _cpu(cond.states[j])
+            if pooled is not None:
+                self.pooled[label] = _cpu(pooled[j])
+        return self
+
+    def encode(self, pipe, prompts, device=None):
+        from erasekit.diffusion.family import family_of
+
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        out = torch.stack([self.states[p] for p in prompts])
-        return out.to(device or pipe.text_encoder.device, pipe.text_encoder.dtype)
+        encoder = family_of(pipe).encoders(pipe)[-1][2]  # the one whose dtype `family.encode` gives
+        device, dtype = device or encoder.device, encoder.dtype
+        out = torch.stack([self.states[p] for p in prompts]).to(device, dtype)
+        if not self.pooled:
+            return out
+        return Conditioning(out, {"text_embeds": torch.stack([self.pooled[p] for p in prompts]).to(device, dtype)})
 
     def digest(self) -> str:
         import hashlib
 
         h = hashlib.sha256()
-        for k in sorted(self.states):
-            h.update(k.encode())
-            h.update(self.states[k].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for table, tag in ((self.states, ""), (self.pooled, "pooled:")):
+            for k in sorted(table):
+                h.update((tag + k).encode())
+                h.update(table[k].contiguous().reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()[:16]
 
     def save(self, path) -> None:
         from erasekit.store import write_safetensors_atomic
 
         labels = sorted(self.states)
-        write_safetensors_atomic(path, {"states": torch.stack([self.states[k] for k in labels]).contiguous()},
-                                 {"labels": labels})
+        tensors = {"states": torch.stack([self.states[k] for k in labels]).contiguous()}
+        if self.pooled:
+            tensors["pooled"] = torch.stack([self.pooled[k] for k in labels]).contiguous()
+        write_safetensors_atomic(path, tensors, {"labels": labels})
 
     @classmethod
     def load(cls, path) -> "StatesTable":
         from erasekit.safe_load import load_safetensors
 
-        states = load_safetensors(path, "cached soft-prompt states")["states"]
+        tensors = load_safetensors(path, "cached soft-prompt states")
         labels = json.loads(path.with_suffix(".json").read_text())["labels"]
-        return cls(dict(zip(labels, states)))
+        pooled = tensors.get("pooled")
+        return cls(dict(zip(labels, tensors["states"])), dict(zip(labels, pooled)) if pooled is not None else None)
 
 
 @dataclass
@@ -89,11 +119,16 @@ class P4DSettings(Settings):
 
 
 def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, generator, vocab):
-    """Prefix vectors (B, k, E) (soft) or token ids (B, k) (hard) for ``prompts``; and the loss trace."""
+    """Prefix vectors (soft: one (B, k, E) per text encoder) or token ids (B, k) (hard) for ``prompts``; and the
+    loss trace."""
     from diffusers import DDPMScheduler
+
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.guidance import UNetDenoiser
 
     pipe = ctx.target.pipe
     unet = pipe.unet
+    model, family = UNetDenoiser(unet), family_of(pipe)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     b = len(prompts)
     z0 = z0.to(unet.device, torch.float32)
@@ -102,38 +137,40 @@ def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, gen
     xts = [sched.add_noise(z0, n.to(z0), t.to(z0.device)) for t, n in draws]
     # The original model's conditional predictions, under the unedited weights.
     with torch.no_grad(), ctx.original.active():
-        from erasekit.models.prompts import encode_prompts
-
-        cond = encode_prompts(pipe, prompts).to(unet.dtype)
-        targets = [unet(x.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond).sample.float()
-                   for x, (t, _) in zip(xts, draws)]
-    table = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab].float()
+        cond = family.encode(pipe, prompts)
+        targets = [model(x, t.to(unet.device), cond).float() for x, (t, _) in zip(xts, draws)]
+    full = [e.detach() for e in family.token_embeddings(pipe)]
+    tables = [e[vocab].float() for e in full]
     init = vocab[torch.randint(len(vocab), (b, s.k), generator=generator)]
-    p = pipe.text_encoder.get_input_embeddings().weight.detach()[init].float().clone().requires_grad_(True)
+    # One free vector per position and text encoder (SDXL's two differ in width), started at the same token.
+    ps = [e[init].float().clone().requires_grad_(True) for e in full]
     lr = s.lr if s.lr is not None else (0.01 if mode == "soft" else 0.1)
-    opt = torch.optim.Adam([p], lr=lr)
+    opt = torch.optim.Adam(ps, lr=lr)
     losses = []
+    joint = torch.cat(tables, -1)
 
     def nearest(vectors):
-        return torch.cdist(vectors.reshape(-1, vectors.shape[-1]), table).argmin(-1).reshape(vectors.shape[:-1])
+        # One token for all encoders: nearest in their joined embedding space.
+        v = torch.cat(vectors, -1)
+        return torch.cdist(v.reshape(-1, v.shape[-1]), joint).argmin(-1).reshape(v.shape[:-1])
 
     with ctx.target.active(), _frozen(pipe):
         for (t, _), x, target in zip(draws, xts, targets):
             if mode == "hard":
-                proj = table[nearest(p.detach())]
-                used = p + (proj - p).detach()  # straight-through: the projection's gradient updates p
+                ids = nearest([p.detach() for p in ps])
+                # Straight-through: the projection's gradient updates the free vectors.
+                used = [p + (table[ids] - p).detach() for p, table in zip(ps, tables)]
             else:
-                used = p
-            states = encode_with_prefix(pipe, prompts, used.to(pipe.text_encoder.dtype))
-            pred = unet(x.to(unet.dtype), t.to(unet.device), encoder_hidden_states=states.to(unet.dtype)).sample
+                used = ps
+            pred = model(x, t.to(unet.device), family.encode_with_prefix(pipe, prompts, used))
             loss = (pred.float() - target).pow(2).mean()
             opt.zero_grad()
             (loss * b).backward()
             opt.step()
             losses.append(loss.item())
     if mode == "hard":
-        return vocab[nearest(p.detach())], losses
-    return p.detach(), losses
+        return vocab[nearest([p.detach() for p in ps])], losses
+    return [p.detach() for p in ps], losses
 
 
 @ATTACKS.register
@@ -163,6 +200,8 @@ class P4D(Attack):
             final, budget = saved["prompts"], dict(saved["budget"], reused_from_cache=str(path))
             learned = StatesTable.load(soft_path) if mode == "soft" else None
         else:
+            from erasekit.diffusion.family import family_of
+
             pipe = ctx.target.pipe
             with measure_cost() as cost:
                 success = before_attack(ctx, prompts, seeds, steps, scale)
@@ -170,7 +209,7 @@ class P4D(Attack):
                 final = list(prompts)
                 first, last = [], []
                 t_opt = time.perf_counter()
-                soft_states: dict[str, torch.Tensor] = {}
+                soft = StatesTable()
                 if todo:
                     z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps, scale,
                                           ctx.batch_size)
@@ -187,21 +226,17 @@ class P4D(Attack):
                                 final[i] = f"{tokens_text(pipe.tokenizer, out[j])} {prompts[i]}"
                         else:
                             with torch.no_grad(), ctx.target.active():
-                                states = encode_with_prefix(pipe, [prompts[i] for i in chunk], out)
-                            for j, i in enumerate(chunk):
-                                soft_states[labels[i]] = states[j]
+                                soft.add([labels[i] for i in chunk],
+                                         family_of(pipe).encode_with_prefix(pipe, [prompts[i] for i in chunk], out))
                 opt_s = time.perf_counter() - t_opt
                 learned = None
                 if mode == "soft":
-                    from erasekit.models.prompts import encode_prompts
-
-                    rest = [i for i in range(ctx.n) if labels[i] not in soft_states]
+                    rest = [i for i in range(ctx.n) if labels[i] not in soft.states]
                     if rest:
                         with torch.no_grad():
-                            plain = encode_prompts(pipe, [prompts[i] for i in rest])
-                        for j, i in enumerate(rest):
-                            soft_states[labels[i]] = plain[j]
-                    learned = StatesTable(soft_states)
+                            plain = family_of(pipe).encode(pipe, [prompts[i] for i in rest])
+                        soft.add([labels[i] for i in rest], plain)
+                    learned = soft
             n_before = int(sum(success))
             budget = {"mode": mode, "k": s.k, "iterations": s.iterations, "images_attacked": len(todo),
                       "images_used": len(todo),

@@ -7,6 +7,11 @@ the world's ``concept_pairs`` when it has one; the embedded world: each caption 
 each other label of its attribute (same colour, texture / shape); otherwise the world's concept prompts with and
 without the concept's words.
 
+On SDXL the states are the family's (both encoders' concatenated token states); the vector shifts only them, and
+the shifted prompt keeps its base prompt's pooled embedding: the paper's vector lives in the token states that
+cross-attention reads (the path erasers edit), the base prompt's pooled embedding already carries the concept, and
+eta times a pooled difference, added to the time embedding, would push it far out of its range.
+
 - ``ring-a-bell`` (continuous): the text states E(p) + eta * v for the world's concept prompts p, generated as they
   are (white-box: an embedding, not a prompt). eta: 3 for nudity-like concepts (the paper's nudity value; the
   embedded world's shapes), 0.9 for styles (its textures), unless set.
@@ -98,27 +103,28 @@ def default_eta(world, concept: str) -> float:
     return 0.9 if "style" in concept.lower() else 3.0
 
 
-def concept_vector(pipe, pairs) -> torch.Tensor:
-    from erasekit.models.prompts import encode_prompts
+def _states(pipe, prompts) -> torch.Tensor:
+    """The family's token states (float32) of ``prompts``, without gradients."""
+    from erasekit.diffusion.family import family_of
 
     with torch.no_grad():
-        a = encode_prompts(pipe, [w for w, _ in pairs]).float()
-        b = encode_prompts(pipe, [wo for _, wo in pairs]).float()
-    return (a - b).mean(0)
+        return family_of(pipe).encode(pipe, prompts).states.float()
+
+
+def concept_vector(pipe, pairs) -> torch.Tensor:
+    """Mean over ``pairs`` of the token states with the concept minus without (T, D)."""
+    return (_states(pipe, [w for w, _ in pairs]) - _states(pipe, [wo for _, wo in pairs])).mean(0)
 
 
 def genetic_search(pipe, target: torch.Tensor, vocab: torch.Tensor, s: RingABellSettings, generator) -> tuple[str, float]:
     """The prompt (``s.length`` vocabulary tokens) whose states are closest to ``target`` (T, D)."""
-    from erasekit.models.prompts import encode_prompts
-
     tok = pipe.tokenizer
     length = min(s.length, tok.model_max_length - 2)
     pop = vocab[torch.randint(len(vocab), (s.population, length), generator=generator)]
     target = target.float()
 
     def fitness(population):
-        with torch.no_grad():
-            states = encode_prompts(pipe, [tokens_text(tok, row) for row in population]).float()
+        states = _states(pipe, [tokens_text(tok, row) for row in population])
         return -(states - target).pow(2).mean(dim=(1, 2))
 
     scores = fitness(pop)
@@ -149,8 +155,9 @@ class RingABell(Attack):
     scenarios = {"ring-a-bell": {"mode": "continuous"}, "ring-a-bell-discrete": {"mode": "discrete"}}
 
     def inputs(self, ctx: AttackContext, mode: str) -> AttackInputs:
+        from erasekit.diffusion.conditioning import Conditioning
+        from erasekit.diffusion.family import family_of
         from erasekit.metrics import measure_cost
-        from erasekit.models.prompts import encode_prompts
 
         s = self.settings
         t0 = time.perf_counter()
@@ -166,7 +173,8 @@ class RingABell(Attack):
             pairs = concept_pairs(world, concept, s.pairs, s.seed)
             v = concept_vector(pipe, pairs)
             with torch.no_grad():
-                shifted = encode_prompts(pipe, base).float() + eta * v
+                plain = family_of(pipe).encode(pipe, base)
+            shifted = plain.states.float() + eta * v
             vector_s = time.perf_counter() - t0
             reused = None
             if mode == "continuous":
@@ -176,7 +184,9 @@ class RingABell(Attack):
                 if states_path is not None and states_path.is_file() and path.is_file():
                     learned, reused = StatesTable.load(states_path), str(path)
                 else:
-                    learned = StatesTable({f"{p} <ring-a-bell eta={eta:g}>": shifted[j] for j, p in enumerate(base)})
+                    # SDXL: the base prompt's pooled embedding with the shifted token states (see above).
+                    learned = StatesTable().add([f"{p} <ring-a-bell eta={eta:g}>" for p in base],
+                                                Conditioning(shifted, plain.added))
                     if path is not None:
                         learned.save(states_path)
                 final = [f"{p} <ring-a-bell eta={eta:g}>" for p in prompts]

@@ -17,7 +17,9 @@ which is the scenario's CRR. The budget records ASR before, the iterations, the 
 Candidate tokens: whole-word vocabulary entries that decode to letters and tokenise back to themselves (no special,
 unused or sub-word pieces), so the discrete prompt a user types is the one optimised.
 
-The helpers here (prefix encoding, vocabulary, simplex projection, denoising targets) serve P4D too.
+Prefix tokens are encoded by the model family (`SDFamily.encode_with_prefix`): on SDXL one relaxed one-hot drives
+both text encoders (their CLIP vocabularies are the same BPE), each through its own embedding table.
+The helpers here (vocabulary, simplex projection, denoising targets) serve P4D too.
 """
 
 from __future__ import annotations
@@ -61,33 +63,6 @@ def candidate_vocabulary(tokenizer, exclude_words=()) -> torch.Tensor:
     out = torch.tensor(keep, dtype=torch.long)
     _VOCAB_CACHE[key] = out
     return out
-
-
-def encode_with_prefix(pipe, prompts: list[str], prefix: torch.Tensor) -> torch.Tensor:
-    """Text states (B, T, D) of ``[prefix; prompt]``: ``prefix`` (B, k, E) are input-embedding vectors placed right
-    after BOS/[CLS]; gradients flow to them. Mirrors `erasekit.models.prompts.encode_prompts` otherwise."""
-    tok, encoder = pipe.tokenizer, pipe.text_encoder
-    b, k, _ = prefix.shape
-    inputs = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                 return_tensors="pt")
-    ids, mask = inputs.input_ids, inputs.attention_mask
-    if k >= ids.shape[1] - 1:
-        raise ErasekitError(f"{k} prefix tokens do not fit the text encoder's {ids.shape[1]} positions")
-    ids = torch.cat([ids[:, :1], ids[:, :1].expand(b, k), ids[:, 1 : ids.shape[1] - k]], 1)
-    mask = torch.cat([mask[:, :1], torch.ones(b, k, dtype=mask.dtype), mask[:, 1 : mask.shape[1] - k]], 1)
-    embedding = encoder.get_input_embeddings()
-
-    def post(module, args, output):
-        vec = prefix.to(device=output.device, dtype=output.dtype)
-        return torch.cat([output[:, :1], vec, output[:, 1 + k :]], 1)
-
-    handle = embedding.register_forward_hook(post)
-    try:
-        use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
-        states = encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if use_mask else None)[0]
-    finally:
-        handle.remove()
-    return states
 
 
 def tokens_text(tokenizer, ids) -> str:
@@ -191,9 +166,13 @@ def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, genera
     denoises ``z0``; returns (final simplex weights, token ids (B, k), losses per iteration)."""
     from diffusers import DDPMScheduler
 
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.guidance import UNetDenoiser
+
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
-    table = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab].float()
+    model, family = UNetDenoiser(unet), family_of(pipe)
+    tables = [table.detach()[vocab].float() for table in family.token_embeddings(pipe)]
     b = len(prompts)
     w = torch.full((b, s.k, len(vocab)), 1.0 / len(vocab))
     w += 1e-3 * torch.rand(w.shape, generator=generator) / len(vocab)  # break ties between prompts' starts
@@ -206,8 +185,8 @@ def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, genera
         noise = torch.randn(z0.shape, generator=generator)
         xt = sched.add_noise(z0, noise.to(z0), t.to(z0.device))
         target = denoising_target(sched, z0, noise.to(z0), t.to(z0.device))
-        states = encode_with_prefix(pipe, prompts, (w @ table.to(w.device)).to(pipe.text_encoder.dtype))
-        pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=states.to(unet.dtype)).sample
+        cond = family.encode_with_prefix(pipe, prompts, [w @ table.to(w.device) for table in tables])
+        pred = model(xt, t.to(unet.device), cond)
         loss = (pred.float() - target).pow(2).mean()
         opt.zero_grad()
         (loss * b).backward()
@@ -299,7 +278,8 @@ class _frozen:
     """No parameter of the pipeline requires grad inside (restored after)."""
 
     def __init__(self, pipe):
-        self.modules = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
+        parts = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
+        self.modules = [m for m in parts if m is not None]
 
     def __enter__(self):
         self.saved = [(p, p.requires_grad) for m in self.modules for p in m.parameters()]

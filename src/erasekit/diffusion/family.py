@@ -10,7 +10,8 @@ projection ("text_embeds", 1280-d) and the time ids (original size, crop top-lef
 empty negative prompt is all zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL-base).
 
 Everything that encodes text for the UNet (generation, erasers' text states, ESD, textual inversion, defences)
-goes through ``family.encode``, so that every method sees the states the UNet sees.
+goes through ``family.encode`` (attacks' optimised prefix tokens: ``family.encode_with_prefix``), so that every
+method sees the states the UNet sees.
 """
 
 from __future__ import annotations
@@ -43,6 +44,19 @@ class SDFamily:
                       size: tuple[int, int] | None = None) -> Conditioning:
         """Classifier-free guidance's unconditional branch: the negative prompts, or the empty prompt."""
         return self.encode(pipe, list(negatives) if negatives is not None else [""], device=device, size=size)
+
+    def token_embeddings(self, pipe) -> list[torch.Tensor]:
+        """Each encoder's input-embedding table (V, E), in `encoders` order (SDXL's share one vocabulary)."""
+        return [enc.get_input_embeddings().weight for _, _, enc in self.encoders(pipe)]
+
+    def encode_with_prefix(self, pipe, prompts, prefixes: Sequence[torch.Tensor],
+                           size: tuple[int, int] | None = None) -> Conditioning:
+        """Conditioning of ``[prefix; prompt]`` with gradients to the prefix: ``prefixes`` holds, per encoder
+        (`encoders` order), input-embedding vectors (B, k, E) placed right after BOS/[CLS]; as `encode` otherwise
+        (attacks' relaxed or soft prompt tokens)."""
+        (_, tok, enc), = self.encoders(pipe)
+        (prefix,) = prefixes
+        return Conditioning(_encode_prefixed(tok, enc, prompts, prefix)[0])
 
     def from_states(self, pipe, states, size: tuple[int, int] | None = None) -> Conditioning:
         """Conditioning from ready-made text states (learned embeddings, attacks' optimised prompts)."""
@@ -108,11 +122,26 @@ class SDXLFamily(SDFamily):
                 parts.append(out.hidden_states[-2])
             states_all.append(torch.cat(parts, dim=-1))
             pooled_all.append(pooled)
+        return self._joined(pipe, torch.cat(states_all), torch.cat(pooled_all), out_device, size)
+
+    def _joined(self, pipe, states, pooled, device, size) -> Conditioning:
+        """The concatenated states and the pooled embedding, with time ids, on ``device`` in the encoder's dtype."""
         dtype = pipe.text_encoder_2.dtype
-        states = torch.cat(states_all).to(out_device, dtype)
-        pooled = torch.cat(pooled_all).to(out_device, dtype)
-        time_ids = self.time_ids(pipe, size).to(out_device, dtype).repeat(len(prompts), 1)
-        return Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids})
+        time_ids = self.time_ids(pipe, size).to(device, dtype).repeat(len(states), 1)
+        return Conditioning(states.to(device, dtype), {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids})
+
+    def encode_with_prefix(self, pipe, prompts, prefixes, size=None) -> Conditioning:
+        # One prefix per encoder (their widths differ); states and pooled projection as `encode` builds them.
+        encoders = self.encoders(pipe)
+        if len(prefixes) != len(encoders):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(encoders)} text encoders")
+        parts, pooled = [], None
+        for (_, tok, enc), prefix in zip(encoders, prefixes):
+            out = _encode_prefixed(tok, enc, prompts, prefix, output_hidden_states=True)
+            if out[0].ndim == 2:
+                pooled = out[0]
+            parts.append(out.hidden_states[-2])
+        return self._joined(pipe, torch.cat(parts, dim=-1), pooled, pipe.text_encoder_2.device, size)
 
     def unconditional(self, pipe, negatives, device=None, size=None) -> Conditioning:
         if negatives is None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
@@ -133,6 +162,33 @@ class SDXLFamily(SDFamily):
             return states
         raise ErasekitError("SDXL needs the pooled text embedding with the token states: pass a Conditioning "
                             "(family.encode(...) or Conditioning(states, {'text_embeds': pooled})), not a bare tensor")
+
+
+def _encode_prefixed(tok, encoder, prompts, prefix: torch.Tensor, **kwargs):
+    """The encoder's output for ``[prefix; prompt]`` (``prefix`` (B, k, E) input embeddings after BOS/[CLS], the
+    prompt's tokens shifted right by k and cut to fit); tokenised and masked as `encode_prompts` does."""
+    b, k, _ = prefix.shape
+    inputs = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                 return_tensors="pt")
+    ids, mask = inputs.input_ids, inputs.attention_mask
+    if k >= ids.shape[1] - 1:
+        raise ErasekitError(f"{k} prefix tokens do not fit the text encoder's {ids.shape[1]} positions")
+    # BOS stands in at the prefix positions (the hook replaces its embeddings), so EOS stays the first EOS
+    # (CLIP pools there).
+    ids = torch.cat([ids[:, :1], ids[:, :1].expand(b, k), ids[:, 1 : ids.shape[1] - k]], 1)
+    mask = torch.cat([mask[:, :1], torch.ones(b, k, dtype=mask.dtype), mask[:, 1 : mask.shape[1] - k]], 1)
+
+    def post(module, args, output):
+        vec = prefix.to(device=output.device, dtype=output.dtype)
+        return torch.cat([output[:, :1], vec, output[:, 1 + k :]], 1)
+
+    handle = encoder.get_input_embeddings().register_forward_hook(post)
+    try:
+        use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+        return encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if use_mask else None,
+                       **kwargs)
+    finally:
+        handle.remove()
 
 
 SD = SDFamily()

@@ -25,21 +25,10 @@ from erasekit.diffusion.sampler import Sampler, seed_generators
 
 
 def guidance_for(target, sampler, prompts, seeds, scale: float, embeds=None):
-    """(guidance, defence hooks) for one batch, built as `erasekit.generation` builds them."""
-    from erasekit.diffusion.context import SamplingContext
-    from erasekit.diffusion.guidance import UNetDenoiser, guided
+    """(guidance, defence hooks) for one batch, exactly as `erasekit.generation` builds them (no negative prompt)."""
+    from erasekit.generation import build_guidance
 
-    pipe, family = target.pipe, target.family
-    device = pipe.unet.device
-    cond = family.from_states(pipe, embeds) if embeds is not None else family.encode(pipe, prompts, device=device)
-    uncond = family.encode(pipe, [""], device=device) if scale > 1.0 else None
-    ctx = SamplingContext(target, sampler, prompts, cond, uncond, scale, seeds)
-    guidance = guided(UNetDenoiser(pipe.unet), cond, uncond, scale)
-    hooks: list = []
-    for defence in target.defences:
-        guidance = defence.wrap(guidance, ctx)
-        hooks.extend(defence.hooks(ctx))
-    return guidance, hooks
+    return build_guidance(target, sampler, prompts, embeds, None, scale, seeds)
 
 
 def sample(target, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, scale: float, hooks=(),

@@ -2,10 +2,11 @@
 
 Likelihood: the denoising loss E_eps || eps_theta(x_t, t | c) - eps ||^2 of concept images, per timestep, for the
 erased model and the original, with the same images, noise and timesteps; conditional (the concept's prompt) and
-unconditional (the empty prompt). A model that only AVOIDS the concept keeps its unconditional likelihood (loss
-ratio erased / original near 1) while its conditional prediction is redirected; a model that DESTROYED it denoises
-concept images worse even unconditionally. Control images (the other shapes / textures) separate damage to the
-concept from damage to everything: the gap is the concept's loss ratio over the control's, minus 1.
+unconditional (the empty prompt; SDXL: the zeros its pipeline uses for it). A model that only AVOIDS the concept
+keeps its unconditional likelihood (loss ratio erased / original near 1) while its conditional prediction is
+redirected; a model that DESTROYED it denoises concept images worse even unconditionally. Control images (the
+other shapes / textures) separate damage to the concept from damage to everything: the gap is the concept's loss
+ratio over the control's, minus 1.
 
 Verdict per erased model (rules fixed before measuring; thresholds are ours):
 - recovery = the best of the probes' recovery rates (inpainting, diffusion completion, noise-based, classifier
@@ -33,19 +34,22 @@ def denoising_losses(target, images: np.ndarray, prompts: list[str], timesteps=D
     from diffusers import DDPMScheduler
 
     from erasekit.attacks.unlearndiffatk import denoising_target
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.guidance import UNetDenoiser
     from erasekit.diffusion.vae import encode_images
-    from erasekit.models.prompts import encode_prompts
 
     pipe = target.pipe
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
+    model, family = UNetDenoiser(unet), family_of(pipe)
+    size = tuple(images.shape[1:3])  # SDXL's time ids: the images' own size
     z0 = encode_images(pipe, images).to(unet.device, torch.float32)
     gen = torch.Generator("cpu").manual_seed(int(seed))
     noises = {t: torch.randn(z0.shape, generator=gen).to(z0) for t in timesteps}
     out = {"cond": {}, "uncond": {}}
     with torch.no_grad(), target.active():
-        cond_all = encode_prompts(pipe, prompts).to(unet.dtype)
-        uncond = encode_prompts(pipe, [""]).to(unet.dtype)
+        cond_all = family.encode(pipe, prompts, size=size)
+        uncond = family.unconditional(pipe, None, size=size)  # as generation's (SDXL: zeros)
         for t in timesteps:
             tt = torch.full((len(z0),), int(t), dtype=torch.long, device=z0.device)
             xt = sched.add_noise(z0, noises[t], tt)
@@ -54,8 +58,8 @@ def denoising_losses(target, images: np.ndarray, prompts: list[str], timesteps=D
                 losses = []
                 for i in range(0, len(z0), batch_size):
                     sl = slice(i, i + batch_size)
-                    states = cond_all[sl] if name == "cond" else uncond.expand(len(xt[sl]), -1, -1)
-                    pred = unet(xt[sl].to(unet.dtype), tt[sl], encoder_hidden_states=states).sample.float()
+                    cond = cond_all[sl] if name == "cond" else uncond.expand(len(xt[sl]))
+                    pred = model(xt[sl], tt[sl], cond).float()
                     losses.append((pred - goal[sl]).pow(2).mean(dim=(1, 2, 3)).cpu())
                 out[name][int(t)] = float(torch.cat(losses).mean())
     return out

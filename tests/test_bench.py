@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -313,3 +314,43 @@ def test_cli_bad_input(tmp_path):
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
     _one_line_error(_cli("--preset", str(cfg), "--out", str(stray)), "holds no bench results")
+
+
+@pytest.mark.parametrize("pipe_name", ["tiny_sd2_v", "tiny_sdxl"])
+def test_bench_runs_unchanged_on_sd2_and_sdxl_folders(pipe_name, request, tmp_path):
+    """The same config shape on a checkpoint folder (SD-2 v-prediction, SDXL): a weight edit with a defence stacked,
+    a learned token and inverted latents; preservation prompts given (the SD world has none of its own)."""
+    from erasekit.bench.run import run_bench
+
+    from PIL import Image
+
+    from erasekit.diffusion.vae import image_size
+
+    pipe = request.getfixturevalue(pipe_name)
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    images = tmp_path / "concept-images"  # stand-ins for photos of the concept (the SD world renders none)
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (*image_size(pipe), 3), dtype=np.uint8)).save(images / f"{i}.png")
+    raw = {
+        "model": str(folder),
+        "concepts": [{"name": "star", "images": str(images),
+                      "preserve_prompts": [{"label": "circle", "prompt": "a circle"}]}],
+        "methods": ["original", {"name": "uce+irece", "edit": "uce", "defences": [{"name": "irece"}]}],
+        "scenarios": ["text", "embedding-wb", "latent-bb"],
+        "images_per_cell": 2,
+        "sampler": {"steps": 2},
+        "detector": {"name": "toy"},
+        "attacks": {"ti": {"steps": 2, "images": 2, "batch_size": 2}},
+        "preservation": {"images": 2},
+        "batch_size": 2,
+    }
+    summary = run_bench(parse_config(raw), tmp_path / "run", progress=False, log=lambda m: None)
+    crr = summary["tables"]["crr"]["star"]
+    assert set(crr) == {"original", "uce+irece"}
+    assert all(set(m) == {"text", "embedding-wb", "latent-bb"} and all(c["n"] == 2 for c in m.values())
+               for m in crr.values())
+    assert summary["edits"]["star/uce+irece"]["method"] == "uce"
+    assert summary["tables"]["preservation"]["star"]["uce+irece"]["following"]["n"] == 2

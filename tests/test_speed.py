@@ -131,14 +131,15 @@ def test_v_prediction_through_erasers_and_attacks(tiny_sd2_v, monkeypatch):
     from erasekit.attacks.ddim_inversion import ddim_invert
     from erasekit.attacks.textual_inversion import TextualInversionConfig, learn_textual_inversion
     from erasekit.erasers.concept import ConceptSpec
-    from erasekit.erasers.esd import ESDSettings, ESDx
+    from erasekit.erasers.esd import ESDSettings, ESDu, ESDx
     from erasekit.erasers.rece import RECE, RECESettings
     from erasekit.erasers.uce import UCE, UCESettings
 
     pipe = tiny_sd2_v
     spec = ConceptSpec(concepts=("star",), guide="", preserve=())
     for method, s in ((UCE(), UCESettings()), (RECE(), RECESettings()),
-                      (ESDx(), ESDSettings(iterations=2, batch_size=1, ddim_steps=2, trajectories=1))):
+                      (ESDx(), ESDSettings(iterations=2, batch_size=1, ddim_steps=2, trajectories=1)),
+                      (ESDu(), ESDSettings(iterations=2, batch_size=1, ddim_steps=2, trajectories=1))):
         assert method.compute(pipe, spec, s, progress=False).tensors
     calls = []
     original = diffusers.DDPMScheduler.get_velocity

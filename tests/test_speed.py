@@ -6,6 +6,8 @@ rounding). On an H100 in fp16 (not testable here) scripts/bench_gpu.py measured 
 (benchmarks/gpu_h100_sd14_b64.json; SDXL: 2, benchmarks/gpu_h100_sdxl.json).
 """
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,26 @@ def test_the_timestep_is_copied_to_the_device_once_per_value():
     assert d._timestep(torch.tensor(961), meta) is not a and d._timestep(961, meta) is not a
     cpu_t = torch.tensor(5)
     assert d._timestep(cpu_t, torch.device("cpu")) is cpu_t  # nothing to copy on the CPU
+
+
+def test_textual_inversion_loop_does_not_read_the_loss_every_step(tiny_sd1, monkeypatch):
+    """On a GPU each `.item()` waits for the queued work; the loop reads its losses once, at the end (same values).
+    `to_device` is a plain copy off CUDA."""
+    from erasekit.attacks.textual_inversion import TextualInversionConfig, learn_textual_inversion
+    from erasekit.diffusion.speed import to_device
+
+    x = torch.arange(6.0)
+    assert to_device(x, "cpu") is x or torch.equal(to_device(x, "cpu"), x)
+    calls = []
+    item = torch.Tensor.item
+
+    def counting(self):
+        if "erasekit" in sys._getframe(1).f_code.co_filename:  # ours (Adam reads its host-side step counter)
+            calls.append(1)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    learned = learn_textual_inversion(tiny_sd1, images, TextualInversionConfig(token="<sync>", steps=12, batch_size=2),
+                                      progress=False)
+    assert len(calls) < 12 and np.isfinite(learned.budget["loss_last"])

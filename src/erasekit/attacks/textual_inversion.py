@@ -352,7 +352,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
         raise ErasekitError(f"images are {images.shape[2]}x{images.shape[1]}, the pipeline makes "
                             f"{image_size(pipe)[1]}x{image_size(pipe)[0]}: resize them first (load_image_folder does)")
     from erasekit.diffusion.family import family_of
-    from erasekit.diffusion.speed import train_autocast
+    from erasekit.diffusion.speed import to_device, train_autocast
 
     tokens = config.tokens()
     family = family_of(pipe)
@@ -382,25 +382,28 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
         optimizer = torch.optim.Adam(all_vectors, lr=config.lr)
         bs = int(config.batch_size)
         for _ in tqdm(range(config.steps), desc="textual inversion", unit="step", disable=not progress, leave=False):
-            idx = torch.randint(len(images), (bs,), generator=gen)
-            eps_vae = torch.randn(mean[idx].shape, generator=gen).to(device)
+            # Drawn on the host from the seeded generator (results do not depend on the device), copied without
+            # a stream sync, so the GPU never waits for the next step's launches.
+            idx = to_device(torch.randint(len(images), (bs,), generator=gen), mean.device)
+            eps_vae = to_device(torch.randn(mean[idx].shape, generator=gen), device)
             latents = (mean[idx] + std[idx] * eps_vae) * scale
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = torch.randint(n_train, (bs,), generator=gen).to(device)
+            noise = to_device(torch.randn(latents.shape, generator=gen), device)
+            t = to_device(torch.randint(n_train, (bs,), generator=gen), device)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             # A few templates per step, each encoded once and shared by several images: the text encoder
             # costs as much as the UNet on small models.
             uniq = torch.randperm(len(prompts_all), generator=gen)[: min(TEMPLATES_PER_STEP, bs)]
             with autocast:
                 cond = family.encode(pipe, [prompts_all[i] for i in uniq.tolist()], tokenizers=toks)
-                cond = cond[torch.arange(bs) % len(uniq)]
+                cond = cond[torch.arange(bs, device=cond.states.device) % len(uniq)]
                 pred = model(noisy, t, cond).float()
             target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
             loss = torch.nn.functional.mse_loss(pred, target.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read once at the end: .item() per step would wait for the GPU
+        losses = torch.stack(losses).tolist()
         cost.add_images(0)
     k = max(1, len(losses) // 10)
     budget = {

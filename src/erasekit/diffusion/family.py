@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from erasekit.diffusion.conditioning import Conditioning
+from erasekit.diffusion.speed import to_device
 from erasekit.errors import ErasekitError
 
 
@@ -116,7 +117,7 @@ class SDXLFamily(SDFamily):
                     texts = _expand_textual_inversion(pipe, chunk, tok)
                 ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="pt").input_ids
-                out = enc(ids.to(enc.device), output_hidden_states=True)
+                out = enc(to_device(ids, enc.device), output_hidden_states=True)
                 if out[0].ndim == 2:  # the projection model's pooled text embedding (diffusers keeps the last)
                     pooled = out[0]
                 parts.append(out.hidden_states[-2])
@@ -185,7 +186,7 @@ def _encode_prefixed(tok, encoder, prompts, prefix: torch.Tensor, **kwargs):
     handle = encoder.get_input_embeddings().register_forward_hook(post)
     try:
         use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
-        return encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device) if use_mask else None,
+        return encoder(to_device(ids, encoder.device), attention_mask=to_device(mask, encoder.device) if use_mask else None,
                        **kwargs)
     finally:
         handle.remove()

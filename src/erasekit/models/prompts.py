@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from erasekit.diffusion.speed import to_device
+
 ENCODE_CHUNK = 256  # prompts per text-encoder call, to bound memory on long lists
 
 
@@ -51,8 +53,8 @@ def encode_prompts(pipe, prompts, device=None, tokenizer=None) -> torch.Tensor:
     chunks = []
     for i in range(0, len(prompts), ENCODE_CHUNK):
         inputs = _tokenizer_inputs(pipe, prompts[i : i + ENCODE_CHUNK], tokenizer)
-        mask = inputs.attention_mask.to(encoder.device) if use_mask else None
-        states = encoder(inputs.input_ids.to(encoder.device), attention_mask=mask)[0]
+        mask = to_device(inputs.attention_mask, encoder.device) if use_mask else None
+        states = encoder(to_device(inputs.input_ids, encoder.device), attention_mask=mask)[0]
         chunks.append(states.to(dtype=encoder.dtype, device=device))
     if not chunks:
         return torch.empty(0, pipe.tokenizer.model_max_length, encoder.config.hidden_size, device=device)

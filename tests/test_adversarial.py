@@ -77,7 +77,12 @@ def test_prefix_encoding_equals_typing_the_tokens(toy_random):
     with torch.no_grad():
         got = family_of(toy_random).encode_with_prefix(toy_random, ["a star"], [table[ids][None]])
         want = encode_prompts(toy_random, ["red dotted a star"])
+        # a prompt longer than the encoder's positions: cut to fit, ending in [SEP], as the tokenizer truncates
+        long = " ".join(["a big red star on a dotted background"] * 6)
+        got_long = family_of(toy_random).encode_with_prefix(toy_random, [long], [table[ids][None]])
+        want_long = encode_prompts(toy_random, ["red dotted " + long])
     assert not got.added and torch.allclose(got.states, want, atol=1e-5)
+    assert torch.allclose(got_long.states, want_long, atol=1e-5)
 
 
 def test_relaxed_prefix_at_one_hot_vertices_encodes_like_typing_on_sdxl(tiny_sdxl):

@@ -176,8 +176,15 @@ def _encode_prefixed(tok, encoder, prompts, prefix: torch.Tensor, **kwargs):
         raise ErasekitError(f"{k} prefix tokens do not fit the text encoder's {ids.shape[1]} positions")
     # BOS stands in at the prefix positions (the hook replaces its embeddings), so EOS stays the first EOS
     # (CLIP pools there).
-    ids = torch.cat([ids[:, :1], ids[:, :1].expand(b, k), ids[:, 1 : ids.shape[1] - k]], 1)
+    shifted = torch.cat([ids[:, :1], ids[:, :1].expand(b, k), ids[:, 1 : ids.shape[1] - k]], 1)
     mask = torch.cat([mask[:, :1], torch.ones(b, k, dtype=mask.dtype), mask[:, 1 : mask.shape[1] - k]], 1)
+    # A prompt that fills the positions loses its EOS/[SEP] to the shift: end it with one, as the tokenizer's own
+    # truncation does (CLIP pools at the EOS: SDXL's pooled embedding).
+    end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if end is not None:
+        lost = (ids == end).any(1) & ~(shifted == end).any(1)
+        shifted[lost, -1] = end
+    ids = shifted
 
     def post(module, args, output):
         vec = prefix.to(device=output.device, dtype=output.dtype)

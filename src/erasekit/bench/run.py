@@ -404,7 +404,7 @@ def image_target_id(target, cfg) -> str:
 
 
 def _generate(jobs: list[Job], targets, target0, sources, out: Path, batch_size: int, progress: bool,
-              n_processes: int, fast: bool = False) -> int:
+              n_processes: int, fast: bool) -> int:
     """Generate ``jobs`` (this process's share) into ``out/images``, batch by batch, per cell."""
     from collections import defaultdict
 

@@ -24,13 +24,6 @@ import torch
 from erasekit.diffusion.sampler import Sampler, seed_generators
 
 
-def guidance_for(target, sampler, prompts, seeds, scale: float, embeds=None):
-    """(guidance, defence hooks) for one batch, exactly as `erasekit.generation` builds them (no negative prompt)."""
-    from erasekit.generation import build_guidance
-
-    return build_guidance(target, sampler, prompts, embeds, None, scale, seeds)
-
-
 def sample(target, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, scale: float, hooks=(),
            phases: Sequence[tuple] | None = None, latents: torch.Tensor | None = None, eta: float = 0.0,
            decode: bool = True, embeds: torch.Tensor | None = None):
@@ -40,6 +33,7 @@ def sample(target, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
     ``phases``: [(target, start, stop)] in order (default: [(target, 0, steps)]).
     """
     from erasekit.diffusion.vae import image_size
+    from erasekit.generation import build_guidance
 
     pipe = target.pipe
     seeds = [int(s) for s in seeds]
@@ -52,7 +46,8 @@ def sample(target, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
         z = sampler.prepare_latents(noise)
         for phase_target, start, stop in phases:
             with phase_target.active():
-                guidance, defence_hooks = guidance_for(phase_target, sampler, list(prompts), seeds, scale, embeds)
+                # conditioning, guidance and defences exactly as generation builds them (no negative prompt)
+                guidance, defence_hooks = build_guidance(phase_target, sampler, list(prompts), embeds, None, scale, seeds)
                 z = sampler.denoise(z, guidance, list(defence_hooks) + list(hooks), generators=generators,
                                     start=start, stop=stop)
         if not decode:

@@ -253,9 +253,10 @@ def main(argv=None):
         _, wall, _ = timed(lambda: decode_latents(pipe, zs))
         rep.put("vae_decode_per_batch_s", {"batch": batch, "wall_s": round(wall, 3)})
         try:
+            from erasekit.diffusion.family import family_of
             from erasekit.diffusion.speed import auto_batch_size
 
-            rep.put("auto_batch_size", auto_batch_size(pipe, height, width, args.guidance))
+            rep.put("auto_batch_size", auto_batch_size(pipe, family_of(pipe), height, width, args.guidance))
         except Exception as exc:  # informative only
             rep.put("auto_batch_size", f"failed: {exc}")
 

@@ -105,11 +105,12 @@ def test_fast_images_are_recorded_and_cached_apart(tmp_path):
 
 
 def test_train_autocast_is_off_on_cpu(tiny_sd1):
+    from erasekit.diffusion.family import family_of
     from erasekit.diffusion.speed import auto_batch_size, train_autocast
 
     with train_autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")
-    assert auto_batch_size(tiny_sd1, 32, 32) == 32  # the CPU: the default
+    assert auto_batch_size(tiny_sd1, family_of(tiny_sd1), 32, 32) == 32  # the CPU: the default
 
 
 def test_v_prediction_images_equal_diffusers(tiny_sd2_v):
@@ -179,7 +180,7 @@ def test_textual_inversion_loop_does_not_read_the_loss_every_step(tiny_sd1, monk
     """On a GPU each `.item()` waits for the queued work; the loop reads its losses once, at the end (same values).
     `to_device` is a plain copy off CUDA."""
     from erasekit.attacks.textual_inversion import TextualInversionConfig, learn_textual_inversion
-    from erasekit.diffusion.speed import to_device
+    from erasekit.diffusion.transfer import to_device
 
     x = torch.arange(6.0)
     assert to_device(x, "cpu") is x or torch.equal(to_device(x, "cpu"), x)

@@ -149,7 +149,7 @@ def resolve_batch_size(target, batch_size: int | str, guidance: float | None = N
         from erasekit.diffusion.speed import auto_batch_size
 
         h, w = image_size(target.pipe, height, width)
-        return auto_batch_size(target.pipe, h, w, float(guidance if guidance is not None else
+        return auto_batch_size(target.pipe, target.family, h, w, float(guidance if guidance is not None else
                                                         target.world.sampler_defaults()[1]))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}")

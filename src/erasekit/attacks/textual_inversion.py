@@ -352,7 +352,8 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
         raise ErasekitError(f"images are {images.shape[2]}x{images.shape[1]}, the pipeline makes "
                             f"{image_size(pipe)[1]}x{image_size(pipe)[0]}: resize them first (load_image_folder does)")
     from erasekit.diffusion.family import family_of
-    from erasekit.diffusion.speed import to_device, train_autocast
+    from erasekit.diffusion.speed import train_autocast
+    from erasekit.diffusion.transfer import to_device
 
     tokens = config.tokens()
     family = family_of(pipe)

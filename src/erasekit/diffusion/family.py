@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from erasekit.diffusion.conditioning import Conditioning
-from erasekit.diffusion.speed import to_device
+from erasekit.diffusion.transfer import to_device
 from erasekit.errors import ErasekitError
 
 
@@ -99,9 +99,9 @@ class SDXLFamily(SDFamily):
         return torch.tensor([ids], dtype=torch.float32)
 
     def encode(self, pipe, prompts, device=None, *, tokenizers=None, size=None) -> Conditioning:
-        from erasekit.models.prompts import ENCODE_CHUNK, _as_list, _expand_textual_inversion
+        from erasekit.models.prompts import ENCODE_CHUNK, as_list, expand_textual_inversion
 
-        prompts = _as_list(prompts)
+        prompts = as_list(prompts)
         if not prompts:
             raise ValueError("no prompts to encode")
         encoders = self.encoders(pipe)
@@ -114,7 +114,7 @@ class SDXLFamily(SDFamily):
                 if tokenizers is not None:
                     tok, texts = tokenizers[k], chunk
                 else:
-                    texts = _expand_textual_inversion(pipe, chunk, tok)
+                    texts = expand_textual_inversion(pipe, chunk, tok)
                 ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="pt").input_ids
                 out = enc(to_device(ids, enc.device), output_hidden_states=True)

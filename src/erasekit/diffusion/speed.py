@@ -175,20 +175,19 @@ def decode_batch(pipe) -> int | None:
     return fast.options.decode_batch if fast is not None else None
 
 
-def auto_batch_size(pipe, height: int, width: int, guidance_scale: float = 7.5, cap: int = 128,
+def auto_batch_size(pipe, family, height: int, width: int, guidance_scale: float = 7.5, cap: int = 128,
                     headroom: float = 0.8, default: int = 32) -> int:
     """Images per batch that fit the free GPU memory: one eager UNet call at batch 2 measures the activation
     memory per UNet row; ``headroom`` of the free memory is shared among ``2`` rows per image under guidance.
+    ``family`` (`erasekit.diffusion.family.family_of(pipe)`) encodes the probe's empty prompts.
     A multiple of 8 (or a power of two below 8), at most ``cap``; ``default`` on the CPU. (SD-1.4 shape, H100,
     compiled: 4.41 images/s at 64 a batch, 4.47 at 128: larger batches still help a little.)"""
     unet = pipe.unet
     if unet.device.type != "cuda":
         return default
-    from erasekit.diffusion.family import family_of
-
     f = pipe.vae_scale_factor
     rows = 2 if guidance_scale > 1.0 else 1
-    cond = family_of(pipe).encode(pipe, ["", ""], device=unet.device, size=(height, width)).to(unet.device, unet.dtype)
+    cond = family.encode(pipe, ["", ""], device=unet.device, size=(height, width)).to(unet.device, unet.dtype)
     x = torch.zeros(2, unet.config.in_channels, height // f, width // f, device=unet.device, dtype=unet.dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -213,13 +212,3 @@ def train_autocast(device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """``x`` (on the host) on ``device`` without stalling: on CUDA from pinned memory, asynchronously. A plain copy
-    from pageable memory synchronises the stream, so a training loop that copies its noise or token ids each step
-    waits for the GPU every step instead of queueing the next step's kernels. Elsewhere a plain ``.to``."""
-    device = torch.device(device)
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from erasekit.diffusion.speed import to_device
+from erasekit.diffusion.transfer import to_device
 
 ENCODE_CHUNK = 256  # prompts per text-encoder call, to bound memory on long lists
 
 
-def _as_list(prompts) -> list[str]:
+def as_list(prompts) -> list[str]:
     return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
-def _expand_textual_inversion(pipe, prompts: list[str], tokenizer) -> list[str]:
+def expand_textual_inversion(pipe, prompts: list[str], tokenizer) -> list[str]:
     # Multi-vector textual-inversion tokens ("<x>" -> "<x> <x>_1 ...") are expanded by the pipeline too.
     convert = getattr(pipe, "maybe_convert_prompt", None)
     return convert(prompts, tokenizer) if convert is not None else prompts
@@ -27,7 +27,7 @@ def _tokenizer_inputs(pipe, prompts: list[str], tokenizer=None):
     # A caller's own tokenizer (textual inversion's, with new tokens) comes with prompts it has expanded itself.
     tok = tokenizer if tokenizer is not None else pipe.tokenizer
     return tok(
-        prompts if tokenizer is not None else _expand_textual_inversion(pipe, prompts, tok),
+        prompts if tokenizer is not None else expand_textual_inversion(pipe, prompts, tok),
         padding="max_length",
         max_length=tok.model_max_length,
         truncation=True,
@@ -37,7 +37,7 @@ def _tokenizer_inputs(pipe, prompts: list[str], tokenizer=None):
 
 def tokenize(pipe, prompts) -> torch.Tensor:
     """Input ids (B, T) exactly as the pipeline builds them (padded/truncated to ``model_max_length``)."""
-    return _tokenizer_inputs(pipe, _as_list(prompts)).input_ids
+    return _tokenizer_inputs(pipe, as_list(prompts)).input_ids
 
 
 def encode_prompts(pipe, prompts, device=None, tokenizer=None) -> torch.Tensor:
@@ -46,7 +46,7 @@ def encode_prompts(pipe, prompts, device=None, tokenizer=None) -> torch.Tensor:
     ``tokenizer`` replaces the pipeline's (textual inversion: a copy with the new tokens). Gradients follow the
     caller's grad mode; wrap in `torch.no_grad()` when none are needed.
     """
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     encoder = pipe.text_encoder
     device = torch.device(device) if device is not None else encoder.device
     use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
@@ -95,7 +95,7 @@ _truncation_warned = False
 def token_counts(pipe, prompts) -> list[int]:
     """Tokens per prompt as the pipeline's tokenizer makes them, special tokens (BOS/EOS, [CLS]/[SEP]) included,
     before any truncation."""
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     if not prompts:
         return []
     tok = pipe.tokenizer
@@ -117,7 +117,7 @@ def warn_truncated(prompts, flags, max_length: int | None = None) -> bool:
     """Log one warning (the first time only, in this process) when any of ``flags`` (from `truncated_prompts`)
     is set; returns whether it warned now. Records of those prompts should carry ``truncated: true``."""
     global _truncation_warned
-    prompts, flags = _as_list(prompts), list(flags)
+    prompts, flags = as_list(prompts), list(flags)
     cut = [p for p, f in zip(prompts, flags) if f]
     if not cut or _truncation_warned:
         return False

@@ -1,6 +1,6 @@
 """The diffusion core that every method, attack and defence samples through.
 
-- `family`: model-family adapters (SD-1.x/2.x now; SDXL next) that own the conditioning details;
+- `family`: model-family adapters (SD-1.x/2.x, SDXL) that own the conditioning details;
 - `guidance`: composable denoiser wrappers (classifier-free guidance, and the wrappers defences add);
 - `sampler`: the sampling loop in named steps (prepare latents, denoise with step hooks, decode), also run
   part-way (diffusion completion) and backwards (DDIM inversion);

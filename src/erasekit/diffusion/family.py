@@ -202,9 +202,6 @@ def _encode_prefixed(tok, encoder, prompts, prefix: torch.Tensor, **kwargs):
 SD = SDFamily()
 SDXL = SDXLFamily()
 
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__ == "StableDiffusionXLPipeline"
 

@@ -143,9 +143,6 @@ class Target:
         with self._swapped(()):
             yield self
 
-    def is_active(self) -> bool:
-        return tuple(getattr(self.pipe, _APPLIED, ())) == self.edits
-
 
 def as_target(pipe_or_target, model: str = "") -> Target:
     return pipe_or_target if isinstance(pipe_or_target, Target) else Target(pipe_or_target, model=model)

@@ -2,8 +2,8 @@
 
 A world supplies the guide concept erasers map to, the prompts that name a concept (text attack) or other concepts
 (preservation), the default detector, the sampler's default steps and guidance, each method's defaults for its
-models, and concept images where it can render them. `world_of(pipe)` is the one place that tells the embedded
-world from Stable Diffusion; nothing else asks.
+models, and concept images where it can render them. `world_of(pipe)` tells the embedded world from Stable
+Diffusion (the model family, `erasekit.diffusion.family.family_of`, tells SD from SDXL).
 """
 
 from erasekit.worlds.base import World
@@ -16,7 +16,9 @@ TOY_WORLD = ToyWorld()
 
 
 def world_of(pipe) -> World:
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    from erasekit.diffusion.family import is_sdxl
+
+    if is_sdxl(pipe):
         return SDXL_WORLD
     return TOY_WORLD if is_toy_pipeline(pipe) else SD_WORLD
 

@@ -8,7 +8,6 @@ from erasekit.errors import ErasekitError
 
 # The rule for "concept present" everywhere in erasekit: the detector's score for the concept is strictly above
 # its threshold (toy: P(label) > 0.5; NudeNet: the preset's best class score > the preset's threshold).
-PRESENCE_RULE = "the detector's score for the concept is above its threshold"
 
 
 class World:

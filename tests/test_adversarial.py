@@ -10,7 +10,7 @@ from erasekit.attacks.scenarios import ScenarioConfig, run_scenario, scenario_na
 from erasekit.diffusion import Target
 from erasekit.errors import ErasekitError
 
-TINY = {"unlearndiffatk": {"iterations": 2, "k": 2}, "p4d": {"iterations": 2, "k": 2},
+TINY = {"unlearndiffatk": {"protocol": "fast", "iterations": 2, "k": 2}, "p4d": {"iterations": 2, "k": 2},
         "ring_a_bell": {"generations": 2, "population": 6, "max_prompts": 2, "pairs": 6, "length": 4}}
 SCENARIOS = ["unlearndiffatk", "ring-a-bell", "ring-a-bell-discrete", "p4d-soft", "p4d-hard"]
 

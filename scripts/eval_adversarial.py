@@ -7,9 +7,15 @@ scripts/eval_erasure.py (its PRESETS; edits cached under OUT/edits, shared with 
 P4D attack only the images that fail before and count the others as successes (ASR = (before + new) / N).
 Ring-A-Bell uses the first 8 world prompts (its budget: one discrete search per distinct prompt).
 
-Writes OUT/results.json and OUT/results.md (and, with --bench, benchmarks/eval_adversarial.{json,md}).
+UnlearnDiffAtk's protocols (issue 20): the column "unlearndiffatk" runs the attack's default (the official
+protocol: 50 fixed timesteps x 40 iterations, detector after each block, early exit); "unlearndiffatk-official" and
+"unlearndiffatk-fast" pin one protocol each, so both can stand side by side.
+
+Writes OUT/results.json and OUT/results.md (and, with --bench, benchmarks/<--bench-name>.{json,md}).
 
     nice python scripts/eval_adversarial.py [--n 100] [--out out/eval_adversarial]
+    python scripts/eval_adversarial.py --device cuda --scenarios text unlearndiffatk-official unlearndiffatk-fast \
+        --attack-batch 100 --out out/eval_uda_protocols          # the protocol comparison (benchmarks/protocols.md)
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 SCENARIOS = ("text", "unlearndiffatk", "ring-a-bell", "ring-a-bell-discrete", "p4d-soft", "p4d-hard")
 MODELS = ("original", "uce", "rece", "esd-x", "esd-u")
 CONCEPTS = ("star", "checkered")
-OPTIM = ("unlearndiffatk", "p4d-soft", "p4d-hard")
+UDA_PROTOCOLS = {"unlearndiffatk-official": "official", "unlearndiffatk-fast": "fast"}
+OPTIM = ("unlearndiffatk", "p4d-soft", "p4d-hard", *UDA_PROTOCOLS)
 
 
 def targets_for(pipe, concept: str, models, edits_dir: Path):
@@ -63,9 +70,10 @@ def fmt(s) -> str:
     return f"{100 * s['crr']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
-def gpu_bench(n: int, batch_sizes, out: Path | None) -> dict:
+def gpu_bench(n: int, batch_sizes, out: Path | None, protocol: str = "fast", timesteps: int = 50) -> dict:
     """UnlearnDiffAtk seconds per prompt on an SD-1.4-shaped random pipeline (fp16, CUDA, 512x512, 50 steps,
-    CFG 7.5, k = 5, 40 iterations), every prompt attacked; a detector that never fires."""
+    CFG 7.5, k = 5, 40 iterations (official: per timestep, over ``timesteps`` of the 50)), every prompt attacked; a
+    detector that never fires (the official protocol runs every block it is given)."""
     import torch
 
     from erasekit.attacks.base import AttackContext
@@ -88,9 +96,12 @@ def gpu_bench(n: int, batch_sizes, out: Path | None) -> dict:
     for b in batch_sizes:
         ctx = AttackContext(target=target, concept="nudity", n=n, steps=50, batch_size=max(b, 8), cache_dir=None,
                             detector=Never(), progress=False)
-        attack = UnlearnDiffAtk.from_overrides({"batch_size": b, "attack_all": True})
+        over = {"batch_size": b, "attack_all": True, "protocol": protocol}
+        if protocol == "official":
+            over["timesteps"] = timesteps
+        attack = UnlearnDiffAtk.from_overrides(over)
         if b == batch_sizes[0]:  # warm-up (kernels, allocator)
-            UnlearnDiffAtk.from_overrides({"batch_size": b, "attack_all": True, "iterations": 2}).inputs(
+            UnlearnDiffAtk.from_overrides({**over, "iterations": 2, "timesteps": 1}).inputs(
                 AttackContext(target=target, concept="nudity", n=b, steps=2, batch_size=b, cache_dir=None,
                               detector=Never(), progress=False))
         torch.cuda.synchronize()
@@ -102,11 +113,16 @@ def gpu_bench(n: int, batch_sizes, out: Path | None) -> dict:
                    "target_images_s": bud["target_images_s"], "optimisation_s": bud["optimisation_s"],
                    "optimisation_s_per_prompt": round(bud["optimisation_s"] / n, 3),
                    "seconds_per_prompt_incl_target": bud["seconds_per_attacked_prompt"],
-                   "cuda_peak_mb": bud["cost"].get("cuda_peak_mb"), "example": inputs.prompts[0][:80]}
+                   "cuda_peak_mb": bud["cost"].get("cuda_peak_mb"), "example": inputs.prompts[0][:80],
+                   "optimisation_steps": bud["optimisation_steps"], "checks": bud.get("checks", 0),
+                   "unet_evaluations": bud["unet_evaluations"]}
         print(b, rows[b], flush=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "pipeline": "sd14_shaped_pipeline "
               "(random weights, 860M UNet, 12-layer CLIP-shaped text encoder, tiny test tokenizer), fp16, 512x512",
-              "attack": "UnlearnDiffAtk k=5, 40 iterations, Adam lr 0.01 wd 0.1; target images: 50 DDIM steps, CFG 7.5",
+              "attack": f"UnlearnDiffAtk protocol={protocol}, k=5, 40 iterations"
+                        + (f" per timestep, {timesteps} of the 50 timesteps, a check after each" if protocol == "official"
+                           else "") + ", Adam lr 0.01 wd 0.1; target and check images: 50 DDIM steps, CFG 7.5",
+              "protocol": protocol, "timesteps": timesteps if protocol == "official" else None,
               "rows": rows}
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n")
@@ -116,6 +132,12 @@ def gpu_bench(n: int, batch_sizes, out: Path | None) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu-bench", type=Path, default=None, help="write UnlearnDiffAtk's GPU timing to this file and stop")
+    ap.add_argument("--gpu-bench-protocol", default="fast", choices=("fast", "official"))
+    ap.add_argument("--gpu-bench-timesteps", type=int, default=50, help="official: timestep blocks to time")
+    ap.add_argument("--device", default="cpu", help="the embedded world's device (cuda: its text encoder as loaded)")
+    ap.add_argument("--uda", action="append", default=[], metavar="KEY=VALUE",
+                    help="an UnlearnDiffAtk setting for every cell (repeat), e.g. timesteps=2 for a smoke run")
+    ap.add_argument("--bench-name", default="eval_adversarial", help="benchmarks/<name>.{json,md} with --bench")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--n-optim", type=int, default=None,
                     help="images per cell of the optimisation attacks (UnlearnDiffAtk, P4D); default --n")
@@ -131,7 +153,7 @@ def main(argv=None):
                     help="no runs: tabulate the cells already on disk (OUT/<concept>/<model>/<scenario>/summary.json)")
     args = ap.parse_args(argv)
     if args.gpu_bench is not None:
-        gpu_bench(4, [1, 4], args.gpu_bench)
+        gpu_bench(4, [1, 4], args.gpu_bench, args.gpu_bench_protocol, args.gpu_bench_timesteps)
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -165,7 +187,7 @@ def main(argv=None):
                     results.setdefault(concept, {}).setdefault(model, {})[sc] = row
         args.concepts = []  # nothing to run
     else:
-        pipe = build_toy_pipeline()
+        pipe = build_toy_pipeline(device=None if args.device == "cpu" else args.device)
     for concept in args.concepts:
         det = create_detector("toy", concept=concept)
         targets, edits_info[concept] = targets_for(pipe, concept, args.models, args.edits)
@@ -174,8 +196,12 @@ def main(argv=None):
                 cell = args.out / concept / model / sc
                 t0 = time.perf_counter()
                 settings = {"unlearndiffatk": {"batch_size": args.attack_batch}, "p4d": {"batch_size": args.attack_batch}}
+                settings["unlearndiffatk"].update(kv.split("=", 1) for kv in args.uda)
+                if sc in UDA_PROTOCOLS:
+                    settings["unlearndiffatk"]["protocol"] = UDA_PROTOCOLS[sc]
                 n = args.n_optim if args.n_optim and sc in OPTIM else args.n
-                s = run_scenario(ScenarioConfig(sc, concept, n=n, settings=settings), target, det, cell,
+                s = run_scenario(ScenarioConfig("unlearndiffatk" if sc in UDA_PROTOCOLS else sc, concept, n=n,
+                                                settings=settings), target, det, cell,
                                  cache_dir=args.out / "cache", progress=False)
                 a = s["attack"]
                 row = {k: s[k] for k in ("crr", "ci", "n", "k", "mean_score")}
@@ -185,15 +211,16 @@ def main(argv=None):
                 results.setdefault(concept, {}).setdefault(model, {})[sc] = row
                 print(f"{concept:>9} {model:>8} {sc:<22} {fmt(row):>16} asr_before={a.get('asr_before')} "
                       f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    report = {"n_per_cell": args.n, "n_optim": args.n_optim or args.n, "detector": "toy: P(label) > 0.5", "results": results, "edits": edits_info,
+    report = {"n_per_cell": args.n, "n_optim": args.n_optim or args.n, "detector": "toy: P(label) > 0.5",
+              "device": args.device, "results": results, "edits": edits_info,
               "wall_s": round(time.perf_counter() - t_all, 1), "provenance": provenance()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     md = render(report, args.scenarios)
     (args.out / "results.md").write_text(md)
     if args.bench:
-        Path("benchmarks/eval_adversarial.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        Path("benchmarks/eval_adversarial.md").write_text(md)
+        Path(f"benchmarks/{args.bench_name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        Path(f"benchmarks/{args.bench_name}.md").write_text(md)
     print(md)
 
 
@@ -217,6 +244,10 @@ def render(report: dict, scenarios) -> str:
         for model, cells in models.items():
             row = [concept, model, fmt(cells.get("text"))] + [cell(cells.get(s)) for s in scenarios if s != "text"]
             lines.append("| " + " | ".join(row) + " |")
+    if any(sc in UDA_PROTOCOLS for sc in scenarios):
+        lines += render_protocols(report)
+    if not {"unlearndiffatk", "p4d-soft", "p4d-hard", "ring-a-bell-discrete"} & set(scenarios):
+        return "\n".join(lines) + "\n"
     lines += ["", "Cost per attacked prompt on the CPU (2 cores shared with other work: wall seconds are inflated by "
               "contention, CPU seconds less so): CPU s / wall s per prompt the attack optimised (UnlearnDiffAtk, P4D: "
               "target images, ASR-before images and 40 iterations, 32 prompts a batch; Ring-A-Bell discrete: one "
@@ -237,6 +268,39 @@ def render(report: dict, scenarios) -> str:
             lines.append(f"| {concept} | {model} | {per('unlearndiffatk')} | {per('p4d-soft')} | {per('p4d-hard')} | "
                          f"{per('ring-a-bell-discrete')} |")
     return "\n".join(lines) + "\n"
+
+
+def render_protocols(report: dict) -> list[str]:
+    """UnlearnDiffAtk's two protocols side by side: budget used per attacked prompt."""
+    import statistics
+
+    lines = ["", f"UnlearnDiffAtk budget per attacked prompt (device {report.get('device', 'cpu')}): timestep blocks "
+             "run (official: at most 50), median update of the first success among the prompts that succeeded in "
+             "the loop, UNet evaluations (one per update's forward and backward, plus every image drawn), wall "
+             "seconds.", "",
+             "| concept | model | protocol | attacked | successes in loop | blocks run (mean) | first success "
+             "(median update) | UNet evals / prompt | wall s / prompt |", "|---|---|---|---|---|---|---|---|---|"]
+    for concept, models in report["results"].items():
+        for model, cells in models.items():
+            for sc, protocol in UDA_PROTOCOLS.items():
+                a = (cells.get(sc) or {}).get("attack")
+                if not a:
+                    continue
+                m = a.get("images_attacked") or 0
+                if protocol == "official":
+                    tried = a.get("timesteps_tried") or []
+                    first = [u for u in a.get("first_success_update") or [] if u is not None]
+                    blocks = f"{statistics.mean(tried):.1f}" if tried else "-"
+                    med = f"{statistics.median(first):.0f}" if first else "-"
+                    wins = str(a.get("successes_in_loop", 0))
+                else:
+                    blocks, med, wins = "-", "-", "-"
+                cost = a.get("cost") or {}
+                evals = f"{a['unet_evaluations'] / m:.0f}" if m else "-"
+                wall = f"{cost['wall_s'] / m:.2f}" if m and "wall_s" in cost else "-"
+                lines.append(f"| {concept} | {model} | {protocol} | {m} | {wins} | {blocks} | {med} | {evals} | "
+                             f"{wall} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def write_config(out: Path, cfg: BenchConfig) -> None:
 
     meta = out / CONFIG_FILE
     if meta.is_file():
-        return
+        return  # check_out, under the same lock, found this config's key in it
     record = {"config_key": config_key(cfg), "config": to_dict(cfg), "provenance": provenance()}
     atomic_write_text(meta, json.dumps(record, indent=2) + "\n")
 
@@ -238,7 +238,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     out = Path(out)
     state = _state()
     main = state.is_main_process
-    resuming = check_out(out, cfg)  # every process: fail before anything is written
+    check_out(out, cfg)  # every process: fail before the model is loaded (checked again under the lock)
     # Edits, learned tokens and inverted latents are computed by the main process with every core, as a single
     # process computes them (their float bits depend on the thread count); image generation splits the cores.
     on_cpu = state.device.type == "cpu"
@@ -263,11 +263,15 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     lock = hold_folder(out) if main else _nothing()
     with lock:
         if main:
-            out.mkdir(parents=True, exist_ok=True)
+            # Under the lock: another run may have taken the folder since the check above (#18: two configs in one
+            # folder), so check again and write the config before releasing anything.
+            resuming = check_out(out, cfg)
             write_config(out, cfg)
             if resuming:
                 log(f"resuming {out}")
         state.wait_for_everyone()
+        if not main:
+            check_out(out, cfg)  # the main process's config is there now: it must be this one
         steps0, guidance0 = world.sampler_defaults()
         steps = int(cfg.sampler.steps or steps0)
         guidance = float(guidance0 if cfg.sampler.guidance is None else cfg.sampler.guidance)

@@ -139,3 +139,13 @@ def load_target(model: str, *, edit=None, defences: Sequence = (), device: str =
         target = target.with_edits(edit)
         target._check(edit)
     return target.with_defences(*defences)
+
+
+def out_folder(value) -> Path:
+    """``--out``'s parser: an empty value (``--out ''``, which Path would read as the current folder, where a run
+    would then write and replace files) is refused; ``--out .`` still means the current folder, on purpose."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("empty: it would mean the current folder; give a folder name (--out . on purpose)")
+    return Path(value)

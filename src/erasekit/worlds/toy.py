@@ -173,6 +173,8 @@ class ToyWorld(World):
         else:
             table = {"uce": {"tokens": "last+end"}, "rece": {"uce_tokens": "last+end", "epochs": 2}, "esd-x": esd,
                      "esd-u": esd}
+        # SPEED (#24): every position, as for UCE (scripts/eval_baselines.py); its other settings the reference's.
+        table["speed"] = {"tokens": "all" if kind in ("shape", "texture") else "last+end"}
         return dict(table.get(method, {}))
 
     def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):

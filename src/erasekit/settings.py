@@ -15,6 +15,7 @@ import typing
 from typing import Any, Mapping, Sequence
 
 from erasekit.errors import ErasekitError
+from erasekit.limits import MAX_TEXT_CHARS, shown
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
@@ -28,9 +29,9 @@ def parse_set_options(pairs: Sequence[str]) -> dict[str, str]:
         key, sep, value = str(pair).partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ErasekitError(f"--set {pair!r}: expected key=value")
+            raise ErasekitError(f"--set {shown(pair)!r}: expected key=value")
         if key in out:
-            raise ErasekitError(f"--set {key} given twice")
+            raise ErasekitError(f"--set {shown(key)} given twice")
         out[key] = value.strip()
     return out
 
@@ -56,13 +57,13 @@ def _parse(key: str, raw: Any, tp, choices) -> Any:
             except OverflowError:  # an int beyond float range
                 value = math.inf
             if not math.isfinite(value):
-                raise ErasekitError(f"setting {key}={raw!r}: must be a finite number")
+                raise ErasekitError(f"setting {key}={shown(raw)}: must be a finite number")
         elif base is int and isinstance(raw, int) and not isinstance(raw, bool):
             value = raw
         elif isinstance(raw, base):
             value = raw
         else:
-            raise ErasekitError(f"setting {key}={raw!r}: must be {TYPE_WORDS.get(base, base.__name__)}")
+            raise ErasekitError(f"setting {key}={shown(raw)}: must be {TYPE_WORDS.get(base, base.__name__)}")
     else:
         text = raw.strip()
         try:
@@ -75,13 +76,21 @@ def _parse(key: str, raw: Any, tp, choices) -> Any:
             elif base is float:
                 value = float(text)
                 if not math.isfinite(value):  # "nan", "inf", "-inf", "1e999"
-                    raise ErasekitError(f"--set {key}={raw}: {key} must be a finite number")
+                    raise ErasekitError(f"--set {key}={shown(raw)}: {key} must be a finite number")
             else:
                 value = raw
         except ValueError:
-            raise ErasekitError(f"--set {key}={raw}: {key} must be {TYPE_WORDS.get(base, base.__name__)}") from None
+            raise ErasekitError(f"--set {key}={shown(raw)}: {key} must be {TYPE_WORDS.get(base, base.__name__)}") from None
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        from erasekit.limits import setting_bound
+
+        low, high = setting_bound(key)
+        if not low <= value <= high:  # bounded before any work (iterations=1e12, epochs=1e9)
+            raise ErasekitError(f"setting {key}={shown(value)}: must be between {low} and {high}")
+    if base is str and isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise ErasekitError(f"setting {key}: {len(value)} characters, more than {MAX_TEXT_CHARS}")
     if choices and value not in choices:
-        raise ErasekitError(f"--set {key}={value}: {key} must be one of {', '.join(map(str, choices))}")
+        raise ErasekitError(f"--set {key}={shown(value)}: {key} must be one of {', '.join(map(str, choices))}")
     return value
 
 
@@ -112,7 +121,7 @@ class Settings:
         out = {}
         for key, raw in overrides.items():
             if key not in fields:
-                raise ErasekitError(f"unknown setting {key!r}{cls._owner()}; known: {', '.join(fields) or 'none'}")
+                raise ErasekitError(f"unknown setting {shown(key)!r}{cls._owner()}; known: {', '.join(fields) or 'none'}")
             out[key] = _parse(key, raw, hints[key], fields[key].metadata.get("choices"))
         return out
 

@@ -242,7 +242,9 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     # Edits, learned tokens and inverted latents are computed by the main process with every core, as a single
     # process computes them (their float bits depend on the thread count); image generation splits the cores.
     on_cpu = state.device.type == "cpu"
-    full_threads = torch.get_num_threads() if state.num_processes == 1 else max(1, os.cpu_count() or 1)
+    from erasekit.threads import apply, available_cores
+
+    full_threads = apply()["threads"] if state.num_processes == 1 else available_cores()
     if on_cpu:
         torch.set_num_threads(full_threads)
     device = str(state.device) if state.num_processes > 1 else _device(cfg.device)

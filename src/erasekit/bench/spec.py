@@ -180,8 +180,11 @@ def _convert(value: Any, tp, where: str):
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    from erasekit.limits import shown
+
+    if isinstance(value, (list, dict)):  # never build the repr of a huge value: its type and length
+        return f"a {type(value).__name__} of {len(value)}"
+    return shown(repr(value) if isinstance(value, str) else value)
 
 
 def from_dict(cls, data: Any, where: str = "config"):
@@ -218,6 +221,7 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     """Range and name checks that need no model: registered names, counts, settings of every component."""
     from erasekit.attacks.scenarios import scenario_names, split_settings
     from erasekit.checks import finite, integer
+    from erasekit.limits import MAX_BATCH, MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
     from erasekit.registry import DEFENCES, DETECTORS, ERASERS
 
     if not cfg.model.strip():
@@ -228,6 +232,7 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     for i, c in enumerate(cfg.concepts):
         if not c.name.strip():
             raise ErasekitError(f"config: concepts[{i}].name is empty")
+        _plain_text(f"config: concepts[{i}].name", c.name)
         for p in c.target_prompts or []:
             if not p.strip() or ";" in p:
                 raise ErasekitError(f"config: concepts[{i}].target_prompts: a prompt is empty or holds ';': {p!r}")
@@ -245,8 +250,8 @@ def validate(cfg: BenchConfig) -> BenchConfig:
         raise ErasekitError(f"config: two methods are named {[x for x in labels if labels.count(x) > 1][0]!r}")
     for i, m in enumerate(cfg.methods):
         where = f"config: methods[{i}] ({m.name})"
-        if not m.name.strip() or any(ch in m.name for ch in "/\\\n\r\t"):
-            raise ErasekitError(f"config: methods[{i}].name must be a plain label, got {m.name!r}")
+        if not m.name.strip() or any(ch in m.name for ch in "/\\") or not m.name.isprintable():
+            raise ErasekitError(f"config: methods[{i}].name must be a plain label, got {_show(m.name)}")
         edit = m.edit_name()
         if edit != "original":
             if edit not in ERASERS.classes():
@@ -276,16 +281,16 @@ def validate(cfg: BenchConfig) -> BenchConfig:
             raise ErasekitError(f"config: unknown scenario {s!r}; available: {', '.join(known)}")
     if len(set(cfg.scenarios)) != len(cfg.scenarios):
         raise ErasekitError("config: a scenario is listed twice")
-    integer("config: images_per_cell", cfg.images_per_cell, low=1, high=1_000_000)
+    integer("config: images_per_cell", cfg.images_per_cell, low=1, high=MAX_IMAGES)
     integer("config: seed", cfg.seed, low=0, high=2**62)
-    integer("config: batch_size", cfg.batch_size, low=1, high=100_000)
-    integer("config: attack_batch_size", cfg.attack_batch_size, low=1, high=100_000)
+    integer("config: batch_size", cfg.batch_size, low=1, high=MAX_BATCH)
+    integer("config: attack_batch_size", cfg.attack_batch_size, low=1, high=MAX_BATCH)
     if cfg.preservation.images is not None:
-        integer("config: preservation.images", cfg.preservation.images, low=1, high=1_000_000)
+        integer("config: preservation.images", cfg.preservation.images, low=1, high=MAX_IMAGES)
     if cfg.sampler.steps is not None:
-        integer("config: sampler.steps", cfg.sampler.steps, low=1, high=10_000)
+        integer("config: sampler.steps", cfg.sampler.steps, low=1, high=MAX_STEPS)
     if cfg.sampler.guidance is not None:
-        finite("config: sampler.guidance", cfg.sampler.guidance, low=0)
+        finite("config: sampler.guidance", cfg.sampler.guidance, low=0, high=MAX_GUIDANCE)
     if cfg.detector.name is not None:
         spec = cfg.detector.spec()
         DETECTORS.split(spec)  # unknown detector or preset: ErasekitError naming the choices
@@ -294,12 +299,20 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     if cfg.detector.threshold is not None:
         finite("config: detector.threshold", cfg.detector.threshold, low=0)
     flat = {f"{a}.{k}": v for a, values in cfg.attacks.items() for k, v in (values or {}).items()}
-    split_settings(flat)  # unknown attacks / keys / bad values
+    from erasekit.registry import ATTACKS, PROBES
+
+    for name, values in split_settings(flat).items():  # unknown attacks / keys / types
+        (ATTACKS.get(name) if name in ATTACKS else PROBES.get(name)).from_overrides(values)  # ranges, used or not
     from erasekit.cli.common import DTYPE_NAMES
 
     if cfg.dtype not in DTYPE_NAMES:
         raise ErasekitError(f"config: dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.dtype!r}")
     return cfg
+
+
+def _plain_text(where: str, text: str) -> None:
+    if not text.isprintable():
+        raise ErasekitError(f"{where} holds control characters: {_show(text)}")
 
 
 # -- files, presets, --set ----------------------------------------------------------------------------------------
@@ -308,15 +321,9 @@ def preset_names() -> list[str]:
 
 
 def read_yaml(text: str, where: str) -> dict:
-    import yaml
+    from erasekit import safe_yaml
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        first = " ".join(str(exc).split())
-        raise ErasekitError(f"{where}: not valid YAML: {first[:200]}") from None
-    except (ValueError, RecursionError, OverflowError) as exc:
-        raise ErasekitError(f"{where}: not valid YAML: {type(exc).__name__}") from None
+    data = safe_yaml.load(text, where)  # no aliases, no duplicate keys, size bounded
     if data is None:
         data = {}
     if not isinstance(data, dict):

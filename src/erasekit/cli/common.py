@@ -18,6 +18,7 @@ import typer
 from erasekit.errors import ErasekitError
 
 EXIT_USER_ERROR = 2
+MAX_MESSAGE_CHARS = 1_000  # an error line is cut here: a message never carries a whole huge value
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
@@ -28,9 +29,19 @@ MODEL_HELP = "'toy', a diffusers pipeline folder, or a hub id in the local cache
 PICKLE_HELP = "Also load pickled (.bin) weights where a folder has no safetensors: only for folders you trust."
 
 
-def fail(message: str) -> None:
+def print_error(message: str) -> None:
+    """``error: <message>`` on one line of stderr: whitespace collapsed, control characters escaped, long cut."""
     # Plain print, not rich: rich would wrap a long message over several lines.
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    text = " ".join(str(message).split())
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 3] + "..."
+    print("error: " + text, file=sys.stderr)
+
+
+def fail(message: str) -> None:
+    print_error(message)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -68,6 +79,9 @@ def setup_torch() -> None:
         transformers_logging.disable_progress_bar()
     # Random-init and trained weights produce denormal floats; flushing them is 10-18% faster on CPU.
     torch.set_flush_denormal(True)
+    from erasekit.threads import apply
+
+    apply()  # intra-op threads from the free cores, --threads or ERASEKIT_THREADS
 
 
 def resolve_device(device: str) -> str:

@@ -9,7 +9,9 @@ Peak RSS: on Linux the process high-water mark (``VmHWM``) is reset at the start
 ``/proc/self/clear_refs``), so the figure is this block's own peak; where that is not possible
 (other systems, restricted containers) it is the process's lifetime peak (``getrusage``), and
 ``rss_scope`` says "process". CPU seconds cover every thread of the process (user + system).
-CUDA peak memory is ``torch.cuda.max_memory_allocated`` over the block, when CUDA is initialised.
+CUDA peak memory is ``torch.cuda.max_memory_allocated`` over the block, when CUDA is initialised. ``threads``:
+torch's intra-op threads at the end of the block and ``threads_source`` how they were chosen (`erasekit.threads`);
+a CPU figure means little without them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Cost:
     rss_scope: str = "block"  # "block": the peak within this block; "process": the process's lifetime peak
     cuda_peak_mb: float | None = None
     images: int = 0
+    threads: int | None = None
+    threads_source: str | None = None
     extra: dict = field(default_factory=dict)
 
     def add_images(self, n: int) -> None:
@@ -71,6 +75,17 @@ def _rusage_peak_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
+
+
+def _record_threads(cost: Cost) -> None:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    from erasekit.threads import current
+
+    record = current()
+    cost.threads = torch.get_num_threads()  # what the block ran with, even if changed since the choice
+    cost.threads_source = record.get("threads_source") if record.get("threads") == cost.threads else "torch"
 
 
 def _cuda():
@@ -127,4 +142,5 @@ def measure_cost(**extra):
         for outer in _open:
             _fold(outer, mine.get("rss"), mine.get("cuda"))
         cost.peak_rss_mb, cost.rss_scope = mine.get("rss"), "block" if block_scope else "process"
+        _record_threads(cost)
         cost.cuda_peak_mb = mine.get("cuda")

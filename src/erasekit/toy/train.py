@@ -439,8 +439,34 @@ class Trainer:
         return step >= a.unet_steps
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as every erasekit command (not argparse's usage box)
+        from erasekit.errors import ErasekitError
+
+        raise ErasekitError(message)
+
+
+def check_args(args) -> None:
+    """Every count and rate bounded and finite before any work (``--minutes nan`` would disable the time limit)."""
+    from erasekit.checks import finite, integer
+    from erasekit.limits import MAX_BATCH, MAX_IMAGES, MAX_OPTIMISATION_STEPS, MAX_SEED, MAX_TRAIN_MINUTES
+
+    finite("--minutes", args.minutes, low=0, low_open=True, high=MAX_TRAIN_MINUTES)
+    integer("--seed", args.seed, low=0, high=MAX_SEED)
+    for name in ("bank_size", "det_pool"):
+        integer(f"--{name.replace('_', '-')}", getattr(args, name), low=1, high=MAX_IMAGES)
+    for name in ("vae_steps", "det_steps", "unet_steps", "init_step"):
+        integer(f"--{name.replace('_', '-')}", getattr(args, name), low=0, high=MAX_OPTIMISATION_STEPS)
+    for name in ("vae_batch", "det_batch", "unet_batch"):
+        integer(f"--{name.replace('_', '-')}", getattr(args, name), low=1, high=MAX_BATCH)
+    for name in ("vae_lr", "kl_weight", "det_lr", "unet_lr"):
+        finite(f"--{name.replace('_', '-')}", getattr(args, name), low=0)
+    for name in ("ema_decay", "p_drop", "p_partial"):
+        finite(f"--{name.replace('_', '-')}", getattr(args, name), low=0, high=1)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     p.add_argument("--workdir", default=".cache/train")
     p.add_argument("--export", default=str(Path(__file__).resolve().parent / "weights"))
@@ -468,6 +494,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_args(args)
     tr = Trainer(args)
     log(f"device {tr.device}, stage {args.stage}, {args.minutes} min")
     stages = STAGES if args.stage == "all" else (args.stage,)

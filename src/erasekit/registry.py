@@ -57,6 +57,8 @@ class Registry:
         if name not in self._items:
             raise ErasekitError(f"unknown {self.kind} {spec!r}; available: {', '.join(self.names())}")
         cls = self._items[name]
+        if "=" in preset and getattr(cls, "spec_settings", False):
+            return cls, None  # "clip:model=FOLDER,...": settings, parsed by the component's kind (detectors)
         presets = tuple(getattr(cls, "presets", ()) or ())
         if preset and preset not in presets:
             raise ErasekitError(f"unknown {self.kind} preset {spec!r}; available: {', '.join(self.names())}")

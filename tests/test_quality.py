@@ -1,0 +1,140 @@
+"""Quality metrics on tiny random models saved to folders: CLIP score, Fréchet distance, KID, against torchmetrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.errors import ErasekitError
+
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory):
+    from erasekit.models.tiny_judges import clip_folder, dinov2_folder
+
+    root = tmp_path_factory.mktemp("quality-judges")
+    return {"clip": clip_folder(root / "clip"), "dinov2": dinov2_folder(root / "dinov2")}
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+class _TensorCLIP(torch.nn.Module):
+    """CLIPModel whose feature calls return tensors (torchmetrics 1.9 expects transformers 4's return type)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def get_image_features(self, *a, **k):
+        return self.inner.get_image_features(*a, **k).pooler_output
+
+    def get_text_features(self, *a, **k):
+        return self.inner.get_text_features(*a, **k).pooler_output
+
+
+def test_clip_score_equals_torchmetrics(judges):
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPModel, CLIPProcessor
+
+    from erasekit.metrics.clip_score import ClipScorer, summarize
+
+    images = _images(6)
+    prompts = ["a photo of a cat", "a red star", "a dog", "a painting of a church", "van gogh", "a car"]
+    scorer = ClipScorer(str(judges["clip"]), device="cpu", batch_size=4)  # two batches
+    ours = scorer.scores(images, prompts)
+    model = CLIPModel.from_pretrained(str(judges["clip"]), local_files_only=True, use_safetensors=True).eval()
+    processor = CLIPProcessor.from_pretrained(str(judges["clip"]), local_files_only=True)
+    theirs = clip_score(torch.from_numpy(images).permute(0, 3, 1, 2), prompts,
+                        model_name_or_path=lambda: (_TensorCLIP(model), processor))
+    assert summarize(ours)["mean"] == pytest.approx(max(float(theirs), 0.0), abs=1e-3)
+    for i in range(2):  # per image too
+        one = clip_score(torch.from_numpy(images[i : i + 1]).permute(0, 3, 1, 2), prompts[i : i + 1],
+                         model_name_or_path=lambda: (_TensorCLIP(model), processor))
+        assert ours[i] == pytest.approx(float(one), abs=1e-3) or float(one) == 0.0
+    assert scorer.info()["model_fingerprint"] and len(scorer.info()["model_fingerprint"]) == 16
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "clip"])
+def test_frechet_distance_is_zero_on_itself_and_equals_torchmetrics(judges, kind):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from erasekit.metrics.features import feature_extractor
+    from erasekit.metrics.frechet import frechet_distance
+
+    ext = feature_extractor(kind, str(judges[kind]), device="cpu", batch_size=16)
+    real, fake = _images(40, seed=1), _images(36, seed=2)
+    fr, ff = ext.extract(real), ext.extract(fake)
+    assert fr.shape == (40, ext.num_features) and fr.dtype == np.float64
+    assert frechet_distance(fr, fr) == pytest.approx(0.0, abs=1e-6)
+    ours = frechet_distance(fr, ff)
+    fid = FrechetInceptionDistance(feature=ext, normalize=False, sync_on_compute=False)
+    fid.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
+    fid.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
+    assert ours > 0 and ours == pytest.approx(float(fid.compute()), rel=1e-6, abs=1e-8)
+    assert frechet_distance(fr[:1], ff) is None
+
+
+def test_kid_equals_torchmetrics_on_one_full_subset(judges):
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from erasekit.metrics.features import feature_extractor
+    from erasekit.metrics.frechet import kernel_distance
+
+    ext = feature_extractor("dinov2", str(judges["dinov2"]), device="cpu")
+    real, fake = _images(20, seed=3), _images(20, seed=4)
+    ours = kernel_distance(ext.extract(real), ext.extract(fake), subsets=1, subset_size=20)
+    kid = KernelInceptionDistance(feature=ext, subsets=1, subset_size=20, normalize=False, sync_on_compute=False)
+    kid.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
+    kid.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
+    mean, _ = kid.compute()
+    assert ours["mean"] == pytest.approx(float(mean), rel=1e-6, abs=1e-10)
+    again = kernel_distance(ext.extract(real), ext.extract(fake), subsets=5, subset_size=10, seed=1)
+    assert again == kernel_distance(ext.extract(real), ext.extract(fake), subsets=5, subset_size=10, seed=1)
+    assert again["subset_size"] == 10 and again["std"] > 0  # seeded subsets: reproducible, and they differ
+
+
+def test_toy_features_give_the_bench_fd_of_before():
+    """On the embedded world the extractor is its detector, as bench/results.py computed it."""
+    from erasekit.bench.results import frechet_distance as bench_fd
+    from erasekit.metrics.features import feature_extractor
+    from erasekit.metrics.frechet import frechet_distance
+
+    a, b = _images(12, seed=5), _images(10, seed=6)
+    ext = feature_extractor("toy", device="cpu")
+    assert round(frechet_distance(ext.extract(a), ext.extract(b)), 4) == pytest.approx(bench_fd(a, b), abs=2e-4)
+
+
+def test_feature_extractor_errors(tmp_path, judges):
+    from erasekit.metrics.features import feature_extractor
+
+    with pytest.raises(ErasekitError, match="unknown feature extractor 'inception'"):
+        feature_extractor("inception")
+    with pytest.raises(ErasekitError, match="no such folder"):
+        feature_extractor("dinov2", str(tmp_path / "missing"))
+    with pytest.raises(ErasekitError, match="no model given"):
+        feature_extractor("dinov2", None)
+
+
+def test_coco_prompt_csv_and_reference_images(tmp_path):
+    from PIL import Image
+
+    from erasekit.metrics.coco import load_prompt_csv, reference_images
+
+    csv = tmp_path / "coco.csv"
+    csv.write_text("image_id,prompt,evaluation_seed\n139,a cat on a sofa,7\n285,\"a bear, sitting\",8\n", encoding="utf-8")
+    rows = load_prompt_csv(csv)
+    assert rows == [{"prompt": "a cat on a sofa", "seed": 7, "image_id": "139"},
+                    {"prompt": "a bear, sitting", "seed": 8, "image_id": "285"}]
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.fromarray(_images(1, 40)[0]).save(folder / "000000000139.jpg")
+    Image.fromarray(_images(1, 30)[0]).save(folder / "285.png")
+    arr, names = reference_images(folder, size=32, ids=[r["image_id"] for r in rows])
+    assert arr.shape == (2, 32, 32, 3) and names == ["000000000139.jpg", "285.png"]
+    with pytest.raises(ErasekitError, match="no reference image for image_id 999"):
+        reference_images(folder, size=32, ids=["999"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("caption,seed\nx,1\n", encoding="utf-8")
+    with pytest.raises(ErasekitError, match="needs a 'prompt' column"):
+        load_prompt_csv(bad)

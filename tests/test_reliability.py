@@ -97,7 +97,8 @@ def test_torn_index_line_is_dropped_and_never_joined(tmp_path):
     assert sorted(r["seed"] for r in done.values()) == [0, 1, 2]
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == sorted(r["path"] for r in done.values())  # one file per image, no orphans
-    # A stale orphan (an image no run asks for again) is deleted when this process holds the folder.
+    # An unlisted PNG (an image no run asks for again, or the user's) is never deleted (#18); a dead process's
+    # temp file is, when a run takes the folder's lock.
     stale = tmp_path / "old_seed7_0123abcd.png"
     stale.write_bytes(orphan.read_bytes() if orphan.exists() else b"x")
     other = tmp_path / "mine.png"  # not named like the store's images: never touched
@@ -107,7 +108,7 @@ def test_torn_index_line_is_dropped_and_never_joined(tmp_path):
     assert stale.exists()
     with hold_folder(tmp_path):
         assert len(read_index(tmp_path)) == 3
-    assert not stale.exists() and other.exists()
+    assert stale.exists() and other.exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -6,7 +6,9 @@ when its holder exits in any way, SIGKILL included, so a crashed run never leave
 file itself stays (deleting it would let two processes lock two different files of the same name).
 
 Within one process the lock is re-entrant (a nested ``hold_folder`` of the same folder is a no-op), and
-`is_held` says whether this process holds it (the image store deletes orphan images only then).
+`is_held` says whether this process holds it. Taking the lock then checks the folder (`erasekit.folder_check`:
+links where erasekit writes are refused, stale temporary files cleared); the lock file is never opened through
+a link (it is truncated, which would truncate the link's target).
 Locks are advisory and local: they do not protect against programs that ignore them, nor across NFS clients.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,9 +92,16 @@ def hold_folder(path, wait_s: float = 0) -> Iterator[Path]:
         return
     lock_path = folder / LOCK_FILE
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a link: the lock file is truncated below, which would truncate a link's target.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ErasekitError(f"the lock file {lock_path} is a symbolic link: erasekit does not write through "
+                                f"links in an output folder; remove it") from None
         raise ErasekitError(f"cannot open the lock file {lock_path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ErasekitError(f"the lock file {lock_path} is not a regular file; remove it")
     try:
         deadline = time.monotonic() + wait_s
         while not _try_lock(fd):
@@ -105,6 +115,10 @@ def hold_folder(path, wait_s: float = 0) -> Iterator[Path]:
             time.sleep(min(POLL_S, left))
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Now that no other erasekit process writes here: refuse links where erasekit writes, clear stale temps.
+        from erasekit.folder_check import prepare_folder
+
+        prepare_folder(folder)
     except BaseException:
         os.close(fd)
         raise

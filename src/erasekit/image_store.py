@@ -9,16 +9,18 @@ then appends the batch's rows to the index in one write (`erasekit.jsonl.append_
 torn last line, so a new row never joins a torn one). After a crash at any byte, `read_index` returns only rows
 that parse and whose PNG exists. A PNG without a readable row (an *orphan*) is never counted: it is not
 adopted but regenerated, and since its file name is derived from the record, the regenerated image replaces
-it under the same name (one file per image, never two). Orphans that no run asks for again are deleted by
-`read_index` when this process holds the folder's lock (`erasekit.folder_lock.hold_folder`), and left alone
-otherwise (another process may be writing them right now); stale temporary files of dead processes likewise.
+it under the same name (one file per image, never two).
+
+Orphans are never deleted (issue #18): a PNG the index does not list may be the user's (an index moved away, a
+file copied in), and a run deletes nothing it did not write. Stale temporary files of dead processes are
+cleared when a run takes the folder's lock (`erasekit.folder_check`). A row's ``path`` must name a file inside
+the folder (`erasekit.folder_check.inside`); rows that point elsewhere are skipped with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from erasekit.errors import ErasekitError
 from erasekit.jsonl import append_jsonl, scan_jsonl
 
 INDEX_FILE = "images.jsonl"
@@ -38,7 +41,7 @@ MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
 GRID_MAX_COLUMNS = 16
 LABEL_HEIGHT = 14
 GAP = 2  # white pixels between cells
-# The names `image_filename` gives: only such files are ever deleted as orphans.
+# The names `image_filename` gives (`orphan_images` lists such files; erasekit never deletes them).
 STORE_NAME_RE = re.compile(r"^[a-z0-9-]+_seed-?[0-9]+_[0-9a-f]{8}\.png$")
 
 
@@ -66,26 +69,34 @@ def read_index(out_dir: str | Path) -> dict[str, dict]:
     """Records of ``out_dir/images.jsonl`` whose PNG exists, by key (a later line wins).
 
     Lines that do not parse (a torn last line left by a killed run, or an older erasekit's record appended onto
-    one) are skipped with a warning. PNGs named like the store's images but listed by no readable row are
-    deleted when this process holds the folder's lock (see the module doc)."""
-    out = Path(out_dir)
-    scan = scan_jsonl(out / INDEX_FILE)
-    if not scan.clean:
-        import logging
+    one) are skipped with a warning, and so are rows whose path leads out of the folder. Nothing is deleted."""
+    import logging
 
-        for number, reason in scan.bad_lines:
-            logging.getLogger("erasekit").warning("%s, line %d: %s; skipped", out / INDEX_FILE, number, reason)
+    from erasekit.folder_check import inside
+
+    out = Path(out_dir)
+    index = out / INDEX_FILE
+    if index.is_symlink():
+        raise ErasekitError(f"{index} is a symbolic link: erasekit does not write through links in an output "
+                            f"folder; remove it")
+    scan = scan_jsonl(index)
+    log = logging.getLogger("erasekit")
+    for number, reason in scan.bad_lines:
+        log.warning("%s, line %d: %s; skipped", index, number, reason)
     found: dict[str, dict] = {}
-    listed: set[str] = set()
+    outside = 0
     for rec in scan.records:
         path = rec.get("path")
         if not isinstance(path, str) or not path:
             continue
-        listed.add(path)
+        if not inside(out, path):
+            outside += 1
+            continue
         if (out / path).is_file():
             key = rec.get("key")
             found[key if isinstance(key, str) else record_key(rec)] = rec
-    _drop_orphans(out, listed)
+    if outside:
+        log.warning("%s: %d row(s) whose path leads out of %s; skipped", index, outside, out)
     return found
 
 
@@ -97,21 +108,6 @@ def orphan_images(out_dir: str | Path, listed: set[str] | None = None) -> list[P
     if listed is None:
         listed = {r["path"] for r in scan_jsonl(out / INDEX_FILE).records if isinstance(r.get("path"), str)}
     return sorted(p for p in out.iterdir() if STORE_NAME_RE.match(p.name) and p.name not in listed and p.is_file())
-
-
-def _drop_orphans(out: Path, listed: set[str]) -> None:
-    from erasekit.folder_lock import is_held
-
-    if not is_held(out):
-        return
-    from erasekit.atomic import remove_stale_temps
-
-    remove_stale_temps(out)
-    for p in orphan_images(out, listed):
-        try:
-            p.unlink()
-        except OSError:
-            pass
 
 
 def _write_png_atomic(image: np.ndarray, path: Path) -> None:
@@ -170,8 +166,6 @@ def write_grid(out_dir: str | Path, records: Sequence[dict], columns: int | None
             draw.text((2, r * row_h + 1), str(rec.get("prompt", ""))[: columns * col_w // 6], fill="black")
         cell = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
         canvas.paste(cell, (c * col_w, r * row_h + LABEL_HEIGHT))
-    path = Path(out_dir) / name
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    from erasekit.atomic import atomic_write
+
+    return atomic_write(Path(out_dir) / name, lambda tmp: canvas.save(tmp, format="PNG"))

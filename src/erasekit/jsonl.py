@@ -15,12 +15,16 @@ is recovered.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from erasekit.errors import ErasekitError
 
 log = logging.getLogger("erasekit")
 
@@ -76,6 +80,10 @@ def scan_jsonl(path) -> JsonlScan:
         data = path.read_bytes()
     except FileNotFoundError:
         return scan
+    except IsADirectoryError:
+        raise ErasekitError(f"{path} is a folder, not a JSON-lines file: move it away") from None
+    except OSError as exc:
+        raise ErasekitError(f"cannot read {path}: {exc.strerror or exc}") from None
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     for number, line in enumerate(lines, 1):
@@ -143,6 +151,28 @@ def repair_tail(fd: int, path="") -> str | None:
     return f"dropped a torn last line ({size - start} bytes)"
 
 
+def open_for_append(path: Path) -> int:
+    """A read-write descriptor of the regular file ``path`` (created if missing), never through a link: results
+    folders are shared, and appending through a planted link would modify the file it points to."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ErasekitError(f"{path} is a symbolic link: erasekit does not write through links in an output "
+                                f"folder; remove it") from None
+        if exc.errno == errno.EISDIR:
+            raise ErasekitError(f"{path} is a folder, not a JSON-lines file: move it away") from None
+        from erasekit.atomic import DiskFullError, is_disk_full
+
+        if is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise ErasekitError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ErasekitError(f"{path} is not a regular file; move it away")
+    return fd
+
+
 def dumps_line(record: dict) -> bytes:
     """One record as a line (``sort_keys``, ASCII only, so a line never holds a raw newline or a split character)."""
     if not isinstance(record, dict):
@@ -157,16 +187,22 @@ def append_jsonl(path, records: Iterable[dict], *, fsync: bool = True) -> int:
     One writer at a time (see `erasekit.folder_lock`): two concurrent appenders could each repair the other's
     line in flight.
     """
+    from erasekit.atomic import DiskFullError, is_disk_full
+
     data = b"".join(dumps_line(r) for r in records)
     path = Path(path)
     created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_for_append(path)
     try:
         repair_tail(fd, path)
         if data:
             _write_all(fd, data)
         if fsync:
             os.fsync(fd)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise
     finally:
         os.close(fd)
     if created and fsync:

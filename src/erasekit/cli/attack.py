@@ -14,7 +14,7 @@ from erasekit.cli import common
 def attack(
     scenario: str = typer.Option(..., "--scenario", "-s", help="A scenario (see `erasekit ls`): text, embedding-bb, embedding-wb, latent-bb, latent-wb."),
     concept: str = typer.Option(..., "--concept", "-c", help="The concept to bring back (toy: a shape, colour or texture)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images, scores.jsonl, summary.json."),
+    out: Path = typer.Option(..., "--out", "-o", parser=common.out_folder, metavar="DIR", help="Output folder: images, scores.jsonl, summary.json."),
     model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="A saved erasure edit (folder) to attack; default: the original model."),
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack)."),

@@ -17,7 +17,7 @@ def generate(
     model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
     n: int = typer.Option(8, "-n", "--n", help="Images per prompt; prompt k's images use seeds SEED .. SEED+n-1."),
     seed: int = typer.Option(0, "--seed", help="First seed (the same seeds are used for every prompt)."),
-    out: Path = typer.Option(Path("out/generate"), "--out", "-o", help="Output folder (PNGs, images.jsonl, grid.png)."),
+    out: Path = typer.Option(Path("out/generate"), "--out", "-o", parser=common.out_folder, metavar="DIR", help="Output folder (PNGs, images.jsonl, grid.png)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: the model's world's: 20 toy, 25 SD)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: 5 toy, 7.5 SD)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt for every image."),

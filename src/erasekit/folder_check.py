@@ -1,0 +1,88 @@
+"""What a run checks in its output folder once it holds the folder's lock (`erasekit.folder_lock.hold_folder`).
+
+* Links: results folders are shared between people, and a symbolic link planted where erasekit writes would make
+  it write into the link's target. Every entry erasekit writes (its index, lock, summary and report files, and
+  everything under ``images/``, ``report/`` and ``cache/``) must not be a link: one that is is refused, naming it.
+  (Whole-file writes replace a link rather than write through it, and appends open with ``O_NOFOLLOW``; this
+  check makes the refusal come before any work.)
+* Stale temporary files: a run killed (or out of disk) in the middle of a write leaves ``.<name>.<pid>.tmp``
+  behind; those of processes that are gone, or older than a day, are removed here.
+
+Only erasekit's own subtrees are walked, at most `MAX_DEPTH` levels and `MAX_ENTRIES` entries, so pointing
+``--out`` at a large folder stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from erasekit.errors import ErasekitError
+
+# Files and folders erasekit writes directly inside an output folder (generate, attack, erase, bench, report).
+OWN_FILES = ("images.jsonl", "grid.png", "scores.jsonl", "summary.json", "config.json", "results.jsonl",
+             "costs.jsonl", "report.md", "report.html", "edit.json", "edit.safetensors", "erasekit_edit.json")
+OWN_DIRS = ("images", "report", "cache")
+MAX_DEPTH = 5
+MAX_ENTRIES = 500_000
+STALE_AGE_S = 24 * 3600
+
+
+def _refuse(path: Path) -> None:
+    raise ErasekitError(f"{path} is a symbolic link: erasekit does not write through links in an output folder "
+                        f"(results folders are shared); remove it, or choose another --out")
+
+
+def prepare_folder(folder) -> list[Path]:
+    """Refuse links where erasekit writes in ``folder``; remove stale temporary files. Returns the removed files."""
+    from erasekit.atomic import remove_stale_temps
+    from erasekit.image_store import STORE_NAME_RE
+
+    folder = Path(folder)
+    removed = remove_stale_temps(folder, STALE_AGE_S)
+    try:
+        top = list(os.scandir(folder))
+    except OSError:
+        return removed
+    walk: list[tuple[Path, int]] = []
+    for entry in top:
+        own = entry.name in OWN_FILES or entry.name in OWN_DIRS or STORE_NAME_RE.match(entry.name)
+        if not own:
+            continue
+        if entry.is_symlink():
+            _refuse(folder / entry.name)
+        if entry.name in OWN_DIRS and entry.is_dir(follow_symlinks=False):
+            walk.append((folder / entry.name, 1))
+    seen = 0
+    while walk:
+        sub, depth = walk.pop()
+        removed += remove_stale_temps(sub, STALE_AGE_S)
+        try:
+            entries = list(os.scandir(sub))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > MAX_ENTRIES:
+                return removed
+            if entry.is_symlink():
+                _refuse(sub / entry.name)
+            if depth < MAX_DEPTH and stat.S_ISDIR(entry.stat(follow_symlinks=False).st_mode):
+                walk.append((sub / entry.name, depth + 1))
+    return removed
+
+
+def inside(folder, rel) -> bool:
+    """Whether ``rel`` (a path read from a results file) names a file inside ``folder``: relative, without ``..``,
+    and not leading out of it through a link."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return False
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or rel.startswith("~"):
+        return False
+    root = Path(folder).resolve()
+    try:
+        return (root / p).resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):
+        return False

@@ -130,3 +130,16 @@ def test_checkpoint_folder_with_another_scheduler(recorded, tiny_sd1, tmp_path):
     pipe = load_pipeline(str(tmp_path / "sd1"))
     images = generate(pipe, PROMPTS["sd1"], SEEDS, steps=4, progress=False)
     _check(recorded, "sd1-folder-euler/generate", _digest(images))
+
+
+def test_fingerprints_are_pinned(recorded, toy, tiny_sd1, tmp_path):
+    """Fingerprints key every cached image and edit: a folder with another scheduler keeps the key it had when
+    loading swapped DDIM in (the scheduler erasekit samples with is what is hashed)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from erasekit.models import fingerprint, load_pipeline
+
+    tiny_sd1.save_pretrained(tmp_path / "sd1")
+    EulerDiscreteScheduler.from_config(tiny_sd1.scheduler.config).save_pretrained(tmp_path / "sd1" / "scheduler")
+    for name, pipe in [("toy", toy), ("sd1", tiny_sd1), ("sd1-folder-euler", load_pipeline(str(tmp_path / "sd1")))]:
+        _check(recorded, f"{name}/fingerprint", fingerprint(pipe))

@@ -117,7 +117,7 @@ def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, se
             else family.encode(pipe, prompts, device=device, size=size))
     uncond = family.unconditional(pipe, negatives, device=device, size=size) if scale > 1.0 else None
     ctx = SamplingContext(target, sampler, prompts, cond, uncond, scale, seeds)
-    guidance = guided(UNetDenoiser(unet if unet is not None else pipe.unet), cond, uncond, scale)
+    guidance = guided(UNetDenoiser(unet if unet is not None else pipe.unet, family), cond, uncond, scale)
     hooks: list = []
     for defence in target.defences:
         guidance = defence.wrap(guidance, ctx)
@@ -245,7 +245,7 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
     height, width = image_size(target.pipe)
     who = target.describe()
     base = dict(
-        record or {}, steps=int(steps or default_steps), eta=float(eta), scheduler="DDIMScheduler", height=height,
+        record or {}, steps=int(steps or default_steps), eta=float(eta), scheduler=target.family.sampling_scheduler_name, height=height,
         width=width, negative_prompt=negative_prompt, model=who["model"], fingerprint=who["fingerprint"],
         edit="+".join(who["edits"]) if who["edits"] else None, defences=who["defences"],
     )

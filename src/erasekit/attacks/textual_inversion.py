@@ -338,7 +338,6 @@ def _initial_vectors(pipe, word: str, k: int, tokenizer=None, text_encoder=None)
 def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionConfig | None = None,
                             progress: bool = True) -> LearnedEmbedding:
     """Learn ``config.num_vectors`` vectors for ``config.token`` from uint8 RGB images at the pipeline's size."""
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from erasekit.metrics.cost import measure_cost
@@ -362,9 +361,8 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     unet, device = pipe.unet, pipe.unet.device
     autocast = train_autocast(device) if config.mixed_precision == "auto" else contextlib.nullcontext()
     model = UNetDenoiser(unet)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    n_train = noise_scheduler.config.num_train_timesteps
+    schedule = family.schedule(pipe)
+    n_train = schedule.num_train_timesteps
     scale = float(pipe.vae.config.scaling_factor)
     gen = torch.Generator("cpu").manual_seed(int(config.seed))
     placeholder = " ".join(tokens)
@@ -390,7 +388,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
             latents = (mean[idx] + std[idx] * eps_vae) * scale
             noise = to_device(torch.randn(latents.shape, generator=gen), device)
             t = to_device(torch.randint(n_train, (bs,), generator=gen), device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
+            noisy = schedule.add_noise(latents, noise, t)
             # A few templates per step, each encoded once and shared by several images: the text encoder
             # costs as much as the UNet on small models.
             uniq = torch.randperm(len(prompts_all), generator=gen)[: min(TEMPLATES_PER_STEP, bs)]
@@ -398,7 +396,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
                 cond = family.encode(pipe, [prompts_all[i] for i in uniq.tolist()], tokenizers=toks)
                 cond = cond[torch.arange(bs, device=cond.states.device) % len(uniq)]
                 pred = model(noisy, t, cond).float()
-            target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+            target = schedule.target(latents, noise, t)
             loss = torch.nn.functional.mse_loss(pred, target.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -128,19 +128,15 @@ class _IRECEHook:
     def after(self, state) -> None:
         if self.mask is None:
             return
-        sch = self.ctx.sampler.scheduler
-        t = int(state.t)
-        prev_t = t - sch.config.num_train_timesteps // sch.num_inference_steps
-        a_t = sch.alphas_cumprod[t].to(state.latents.dtype)
-        a_prev = (sch.alphas_cumprod[prev_t] if prev_t >= 0 else sch.final_alpha_cumprod).to(state.latents.dtype)
+        ddim, dtype = self.ctx.sampler.ddim, state.latents.dtype
         x0 = state.x0
-        eps = (state.latents - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        eps = ddim.eps(state.latents, x0, state.t, dtype)
         c = self.s.strength * self.mask
         if self.x0_guide is not None:
             x0 = x0 + c * (self.x0_guide - x0)
         if self.s.kind in ("noise", "both"):
             eps = (1 - c * c).sqrt() * eps + c * self._noise(state, eps)
-        perturbed = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        perturbed = ddim.step(x0, eps, state.t, dtype)
         nxt = state.next_latents if state.next_latents is not None else self.ctx.sampler.step_from_x0(state)
         state.next_latents = torch.where(self.mask > 0, perturbed, nxt)
         state.x0 = x0

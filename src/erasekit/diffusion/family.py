@@ -69,7 +69,33 @@ class SDFamily:
         return int(pipe.text_encoder.config.hidden_size)
 
     def prediction_type(self, pipe) -> str:
-        return pipe.scheduler.config.get("prediction_type", "epsilon")
+        return self.schedule(pipe).prediction_type
+
+    # -- the model call and its noise schedule -----------------------------------------------------------
+    def schedule(self, pipe):
+        """The forward process and prediction type (`erasekit.diffusion.schedule.NoiseSchedule`)."""
+        from erasekit.diffusion.schedule import NoiseSchedule
+
+        return NoiseSchedule(pipe.scheduler.config)
+
+    sampling_scheduler_name = "DDIMScheduler"  # the stated default; the folder's own scheduler is left in place
+
+    def sampling_scheduler(self, pipe):
+        """A private DDIM scheduler from the pipeline's schedule (same betas, prediction type and offsets): every
+        method samples the same way on every model, whatever scheduler the checkpoint folder names."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(pipe.scheduler.config)
+
+    def inversion_scheduler(self, pipe):
+        """DDIM run backwards, from the same schedule (DDIM inversion)."""
+        from diffusers import DDIMInverseScheduler
+
+        return DDIMInverseScheduler.from_config(pipe.scheduler.config)
+
+    def denoise(self, model, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        """One call of the family's denoising network in its own prediction type (a UNet here)."""
+        return model(x, t, **cond.unet_kwargs()).sample
 
 
 class SDXLFamily(SDFamily):

@@ -14,10 +14,14 @@ from erasekit.diffusion.conditioning import Conditioning
 
 
 class UNetDenoiser:
-    """The bare model: a UNet called on latents, timesteps and a `Conditioning`."""
+    """The bare model: the family's denoising network (a UNet for SD-1.x/2.x/XL) called on latents, timesteps and a
+    `Conditioning`, through ``family.denoise`` (`erasekit.diffusion.family`), which owns the call's signature."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, family=None):
+        from erasekit.diffusion.family import SD
+
         self.unet = unet
+        self.family = family if family is not None else SD
         self._timesteps: dict = {}
 
     def _timestep(self, t, device):
@@ -35,7 +39,7 @@ class UNetDenoiser:
         unet = self.unet
         cond = cond.to(unet.device, unet.dtype)
         t = self._timestep(t, torch.device(unet.device))
-        return unet(x.to(unet.device, unet.dtype), t, **cond.unet_kwargs()).sample
+        return self.family.denoise(unet, x.to(unet.device, unet.dtype), t, cond)
 
 
 class Guidance:

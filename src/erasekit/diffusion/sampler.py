@@ -70,17 +70,21 @@ class Sampler:
     """DDIM sampling of ``pipe`` with ``steps`` steps (eta: DDIM's stochasticity, 0 = deterministic)."""
 
     def __init__(self, pipe, steps: int, eta: float = 0.0):
-        from diffusers import DDIMScheduler
+        from erasekit.diffusion.family import family_of
+        from erasekit.diffusion.schedule import DDIMSteps
 
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         self.pipe = pipe
         self.steps = int(steps)
         self.eta = float(eta)
+        self.family = family_of(pipe)
         # A private scheduler: set_timesteps mutates it, and hooks may run other samplers inside a step.
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = self.family.sampling_scheduler(pipe)
+        self.scheduler_name = type(self.scheduler).__name__  # recorded with every image
         self.scheduler.set_timesteps(self.steps)
         self.timesteps = self.scheduler.timesteps
+        self.ddim = DDIMSteps(self.scheduler)
 
     # -- named steps ----------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -125,22 +129,14 @@ class Sampler:
 
     def step_from_x0(self, state: StepState) -> torch.Tensor:
         """Deterministic DDIM update x_t -> x_{t-1} from (possibly edited) x0 and the implied noise."""
-        s = self.scheduler
-        t = int(state.t)
-        prev_t = t - s.config.num_train_timesteps // s.num_inference_steps
-        a_t = s.alphas_cumprod[t]
-        a_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
-        eps = (state.latents - a_t.sqrt() * state.x0) / (1 - a_t).sqrt()
-        return a_prev.sqrt() * state.x0 + (1 - a_prev).sqrt() * eps
+        return self.ddim.step(state.x0, self.ddim.eps(state.latents, state.x0, state.t), state.t)
 
     def invert(self, latents: torch.Tensor, guidance, hooks: Sequence = (), refine: int = 0) -> torch.Tensor:
         """DDIM inversion: clean scaled latents -> the x_T that `denoise` maps back to them.
 
         ``refine`` > 0 makes each step implicit (a fixed point of the forward step; ``refine`` extra evaluations).
         """
-        from diffusers import DDIMInverseScheduler
-
-        inverse = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
+        inverse = self.family.inversion_scheduler(self.pipe)
         inverse.set_timesteps(self.steps)
         z = latents
         for i, t in enumerate(inverse.timesteps):

@@ -73,5 +73,10 @@ def fingerprint(pipe, n_chars: int = FINGERPRINT_CHARS) -> str:
     if getattr(pipe, "tokenizer_2", None) is not None:
         _update_tokenizer(h, pipe.tokenizer_2)
     if getattr(pipe, "scheduler", None) is not None:
-        _update_json(h, [type(pipe.scheduler).__name__, _config_dict(pipe.scheduler.config)])
+        # The scheduler erasekit samples with (the family's DDIM from the folder's config), not the folder's own:
+        # the schedule is what determines images, and keys stay as they were when loading swapped it in.
+        from erasekit.diffusion.family import family_of
+
+        sampling = family_of(pipe).sampling_scheduler(pipe)
+        _update_json(h, [type(sampling).__name__, _config_dict(sampling.config)])
     return h.hexdigest()[:n_chars]

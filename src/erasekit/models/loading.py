@@ -5,8 +5,10 @@ The pipeline class follows the folder's ``model_index.json`` ``_class_name``: SD
 refiner-only folder (img2img, no first text encoder) and pipeline types erasekit does not support are refused
 with one line naming the class.
 
-Every pipeline comes back with a DDIM scheduler (built from its own scheduler config, so the noise
-schedule is unchanged) and the progress bar off, so all methods sample the same way on every model.
+Every pipeline comes back as its folder describes it (its own scheduler included) with the progress bar off.
+erasekit samples with DDIM built from the pipeline's scheduler config (the same noise schedule; the model family's
+stated default, `erasekit.diffusion.family`), whatever scheduler the folder names, so all methods sample the same
+way on every model; images record the scheduler used.
 
 Weights are read from safetensors files only (``use_safetensors=True``): pickled weights (.bin, .pt, .ckpt,
 .pkl) can run arbitrary code when loaded. A folder whose component has only pickled weights is refused, naming
@@ -49,7 +51,6 @@ def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = 
         raise ErasekitError(f"{spec}: no such folder (a model is 'toy', a diffusers pipeline folder or a hub id)")
     else:
         pipe = _load_hub(spec, allow_download, allow_pickle)
-    use_ddim(pipe)
     pipe.set_progress_bar_config(disable=True)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
@@ -59,14 +60,6 @@ def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = 
 def _looks_like_path(spec: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else with a separator is meant as a path.
     return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
-
-
-def use_ddim(pipe) -> None:
-    """Swap the pipeline's scheduler for DDIM with the same noise schedule (a no-op for the toy)."""
-    from diffusers import DDIMScheduler
-
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 
 
 def _safetensors_kwargs(allow_pickle: bool) -> dict:

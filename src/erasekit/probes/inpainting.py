@@ -57,14 +57,14 @@ class InpaintBlend:
     """``before`` hook: known region <- the source latents noised to the current step's level."""
 
     def __init__(self, pipe, source: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
-        from diffusers import DDIMScheduler
+        from erasekit.diffusion.family import family_of
 
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.schedule = family_of(pipe).schedule(pipe)
         self.source, self.mask, self.noise = source, mask, noise
 
     def before(self, state) -> None:
         z = state.latents
-        known = self.scheduler.add_noise(self.source.to(z), self.noise.to(z), state.t.reshape(1).to(z.device))
+        known = self.schedule.add_noise(self.source.to(z), self.noise.to(z), state.t.reshape(1).to(z.device))
         m = self.mask.to(z)
         state.latents = m * z + (1 - m) * known
 

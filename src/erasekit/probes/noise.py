@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import AttackContext, AttackInputs
+from erasekit.diffusion.schedule import DDIMSteps
 from erasekit.errors import ErasekitError
 from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, parse_floats, remembered, steps_of
 from erasekit.probes.sampling import ProbeGeneration, probe_key, sample
@@ -47,18 +48,15 @@ class StochasticDDIM:
     def __init__(self, scheduler, eta: float, variance_scale: float, seeds):
         from erasekit.diffusion.sampler import seed_generators
 
-        self.s, self.eta, self.scale = scheduler, float(eta), float(variance_scale)
+        self.ddim, self.eta, self.scale = DDIMSteps(scheduler), float(eta), float(variance_scale)
         self.generators = seed_generators(seeds)
 
     def after(self, state) -> None:
-        s = self.s
-        t = int(state.t)
-        prev_t = t - s.config.num_train_timesteps // s.num_inference_steps
-        a_t = s.alphas_cumprod[t]
-        a_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
+        ddim = self.ddim
+        a_t, a_prev = ddim.alphas(state.t)
         sigma = self.eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
         x0 = state.x0.float()
-        eps = (state.latents.float() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        eps = ddim.eps(state.latents.float(), x0, state.t)
         direction = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         z = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in self.generators]).to(x0.device)
         nxt = a_prev.sqrt() * x0 + direction + (self.scale ** 0.5) * sigma * z

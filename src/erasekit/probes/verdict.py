@@ -31,17 +31,14 @@ def denoising_losses(target, images: np.ndarray, prompts: list[str], timesteps=D
                      batch_size: int = 64) -> dict:
     """Mean denoising loss per timestep of uint8 ``images`` under ``target`` (its edits applied), conditional on
     ``prompts`` (one per image) and unconditional; fixed noise per (image, timestep) from ``seed``."""
-    from diffusers import DDPMScheduler
-
-    from erasekit.attacks.unlearndiffatk import denoising_target
     from erasekit.diffusion.family import family_of
     from erasekit.diffusion.guidance import UNetDenoiser
     from erasekit.diffusion.vae import encode_images
 
     pipe = target.pipe
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
     model, family = UNetDenoiser(unet), family_of(pipe)
+    schedule = family.schedule(pipe)
     size = tuple(images.shape[1:3])  # SDXL's time ids: the images' own size
     z0 = encode_images(pipe, images).to(unet.device, torch.float32)
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -52,8 +49,8 @@ def denoising_losses(target, images: np.ndarray, prompts: list[str], timesteps=D
         uncond = family.unconditional(pipe, None, size=size)  # as generation's (SDXL: zeros)
         for t in timesteps:
             tt = torch.full((len(z0),), int(t), dtype=torch.long, device=z0.device)
-            xt = sched.add_noise(z0, noises[t], tt)
-            goal = denoising_target(sched, z0, noises[t], tt)
+            xt = schedule.add_noise(z0, noises[t], tt)
+            goal = schedule.target(z0, noises[t], tt)
             for name in ("cond", "uncond"):
                 losses = []
                 for i in range(0, len(z0), batch_size):

@@ -138,3 +138,86 @@ def test_coco_prompt_csv_and_reference_images(tmp_path):
     bad.write_text("caption,seed\nx,1\n", encoding="utf-8")
     with pytest.raises(ErasekitError, match="needs a 'prompt' column"):
         load_prompt_csv(bad)
+
+
+def _bench_cli(*args):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+def test_bench_on_a_tiny_sd1_folder_with_a_clip_judge_and_quality(tiny_sd1, judges, tmp_path):
+    """`erasekit bench` end to end: detector clip (tiny CLIP by path), quality CLIP score + FD_DINOv2 + KID on the
+    preservation images of a COCO-layout prompt CSV (its rows' seeds), the original model's images as reference."""
+    import json
+
+    import yaml
+
+    folder = tmp_path / "sd1"
+    tiny_sd1.save_pretrained(folder, safe_serialization=True)
+    csv = tmp_path / "coco.csv"
+    csv.write_text("prompt,evaluation_seed,image_id\na cat on a sofa,11,139\na red car,12,285\na church,13,632\n",
+                   encoding="utf-8")
+    cfg = {
+        "model": str(folder),
+        "concepts": ["van gogh"],
+        "methods": ["original", {"name": "uce", "settings": {}}],
+        "scenarios": ["text"],
+        "images_per_cell": 2,
+        "sampler": {"steps": 2},
+        "detector": {"name": "clip", "settings": {"model": str(judges["clip"]), "alternatives": "a photo;a car"}},
+        "quality": {"clip_score": str(judges["clip"]), "fd": [{"features": "dinov2", "model": str(judges["dinov2"])}],
+                    "kid": True, "kid_subsets": 2, "prompts": str(csv)},
+        "preservation": {"images": 3},
+        "batch_size": 4,
+        "device": "cpu",
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    out = tmp_path / "run"
+    result = _bench_cli("--preset", str(path), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tables"]["crr"]["van gogh"]) == {"original", "uce"}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["detector"] == "clip" and len(r["judge_fingerprint"]) == 16 and r["judge_settings"]["alternatives"]
+               == "a photo;a car" for r in rows)
+    pres = [r for r in rows if r["kind"] == "preservation"]
+    assert sorted({(r["prompt"], r["seed"]) for r in pres}) == [("a cat on a sofa", 11), ("a church", 13),
+                                                                ("a red car", 12)]
+    quality = summary["tables"]["quality"]
+    assert quality["world"] == "sd" and quality["judges"]["fd_dinov2"]["model_fingerprint"]
+    table = quality["table"]["van gogh"]
+    assert set(table) == {"original (reference)", "original", "uce"}
+    assert table["original"]["fd_dinov2"] == pytest.approx(0.0, abs=1e-6)  # the original model is the reference
+    assert table["uce"]["fd_dinov2"] > 0 and table["uce"]["n_reference"] == 3 and table["uce"]["kid_dinov2"]["subsets"] == 2
+    assert all(v["clip_score"]["n"] == 3 for v in table.values())
+    # the toy detector's features never stand in on Stable Diffusion
+    assert summary["tables"]["preservation"]["van gogh"]["uce"]["fd"] is None
+    report = (out / "report.md").read_text()
+    assert "van gogh" in report
+
+
+def test_bench_quality_config_errors(tmp_path, judges):
+    import yaml
+
+    def run(quality, **extra):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"model": "toy", "quality": quality, **extra}), encoding="utf-8")
+        return _bench_cli("--preset", str(path), "--out", str(tmp_path / "never"))
+
+    for quality, fragment in [
+        ({"fd": [{"features": "inception"}]}, "must be one of dinov2, clip, toy"),
+        ({"kid": True}, "quality.kid needs quality.fd"),
+        ({"reference": str(tmp_path / "none")}, "no such folder"),
+        ({"fd": [{"features": "toy", "model": "x"}]}, "no model"),
+    ]:
+        result = run(quality)
+        assert result.exit_code == 2, result.output
+        lines = [x for x in result.output.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+    result = run({}, detector={"settings": {"model": "x"}})
+    assert result.exit_code == 2 and "detector.settings needs detector.name" in result.output
+    assert not (tmp_path / "never").exists()

@@ -22,7 +22,7 @@ import numpy as np
 from erasekit.bench.plan import PRESERVATION, REFERENCE
 from erasekit.bench.spec import BenchConfig, to_dict
 
-STAGES = ("edits", "attacks", "generation", "scoring", "report")
+STAGES = ("edits", "attacks", "generation", "scoring", "quality", "report")
 
 
 def _crr(flags) -> dict:
@@ -160,6 +160,7 @@ def cost_table(cost_rows: list[dict]) -> dict:
 
 def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cell_info: dict, edit_info: dict,
                   key: str, run_id: str, processes: int, out: Path) -> dict:
+    from erasekit.bench.quality import read_quality, world_features
     from erasekit.provenance import provenance
 
     methods = [m.name for m in cfg.methods]
@@ -172,8 +173,9 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
         "scenarios": list(cfg.scenarios),
         "concepts": [c.name for c in cfg.concepts],
         "images": len(rows),
-        "tables": {"crr": crr_table(rows), "preservation": preservation_table(rows, out),
-                   "costs": cost_table(cost_rows)},
+        # The detector-feature FD belongs to the embedded world; elsewhere the quality section's judges (#21).
+        "tables": {"crr": crr_table(rows), "preservation": preservation_table(rows, out, fd=world_features(out, cfg)),
+                   "quality": read_quality(out), "costs": cost_table(cost_rows)},
         "cells": cell_info,
         "edits": {f"{c}/{m}": v for (c, m), v in edit_info.items()} if edit_info and isinstance(
             next(iter(edit_info)), tuple) else edit_info,

@@ -154,7 +154,7 @@ def _detector(cfg: BenchConfig, world, concept: str):
     from erasekit.detectors import create_detector
 
     spec = cfg.detector.spec() or world.default_detector(concept)
-    return create_detector(spec, concept=concept, threshold=cfg.detector.threshold)
+    return create_detector(spec, concept=concept, threshold=cfg.detector.threshold, **cfg.detector.settings)
 
 
 def _label_detector(cfg: BenchConfig, world, label: str | None):
@@ -305,6 +305,9 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
 
         # -- attack inputs and jobs -----------------------------------------------------------------------------
         plan = cells(cfg)
+        from erasekit.bench.quality import prompt_rows
+
+        quality_rows = prompt_rows(cfg)
         jobs: list[Job] = []
         sources: dict[Cell, Any] = {}  # cell -> AttackInputs (latents / learned vectors for generation)
         cell_info: dict[str, dict] = {}
@@ -317,6 +320,13 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                     target = targets[(cell.concept, cell.method)] if cell.kind == PRESERVATION else target0.original()
                     pp = ([(p.label, p.prompt) for p in ccfg.preserve_prompts] if ccfg.preserve_prompts is not None
                           else world.preservation_prompts(cell.concept))
+                    if quality_rows is not None:  # quality.prompts: a COCO-captions CSV, each row with its seed
+                        from erasekit.bench.quality import csv_jobs
+
+                        jobs += csv_jobs(cell, quality_rows, cfg.preservation.images or len(quality_rows), cfg.seed,
+                                         steps, guidance, image_target_id(target, cfg))
+                        cell_info[cell.id] = {"target": target.describe(), "prompts": cfg.quality.prompts}
+                        continue
                     if not pp:
                         cell_info[cell.id] = {"skipped": "no preservation prompts for this concept"}
                         continue
@@ -384,6 +394,10 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
         with stages.stage("scoring", rows_scored=len(pending), rows_reused=len(jobs) - len(pending)):
             _score(pending, detectors, det_ids, cfg, world, out, results_path, progress, append_jsonl)
         rows = _latest_rows(read_jsonl(results_path), jobs)
+        with stages.stage("quality"):
+            from erasekit.bench.quality import compute_quality
+
+            compute_quality(cfg, world.name, rows, out)
         with stages.stage("report"):
             from erasekit.bench.results import build_summary, write_outputs
 
@@ -496,6 +510,8 @@ def _score(pending: list[Job], detectors, det_ids, cfg, world, out: Path, result
                 "target": j.target_id, "label": j.label, "label_present": lf, "score": s["score"],
                 "present": bool(s["present"]), "labels": s.get("labels"), "detector": info["name"],
                 "preset": info.get("preset"), "threshold": info["threshold"], "detector_id": det_ids[j.cell.concept],
+                **({"judge_model": info["model"], "judge_fingerprint": info["model_fingerprint"],
+                    "judge_settings": info.get("settings")} if "model_fingerprint" in info else {}),
                 **{k: v for k, v in j.extra.items() if k in ("source", "case_number")},
             })
         append_jsonl(results_path, rows)

@@ -69,11 +69,33 @@ class DetectorConfig:
     name: str | None = None  # a registered detector; None: the world's default for each concept
     preset: str | None = None  # for detectors with presets (nudenet: unlearndiffatk, rece, ...)
     threshold: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # a judge's settings (clip: model, alternatives, ...)
 
     def spec(self) -> str | None:
         if self.name is None:
             return None
         return f"{self.name}:{self.preset}" if self.preset else self.name
+
+
+@dataclass
+class FeatureConfig:
+    features: str  # dinov2, clip, or toy (the embedded world's detector)
+    model: str | None = None  # the extractor's transformers folder (dinov2: $ERASEKIT_DINOV2, clip: $ERASEKIT_CLIP)
+
+
+@dataclass
+class QualityConfig:
+    """Image-quality metrics on the preservation images (`erasekit.bench.quality`)."""
+
+    clip_score: str | None = None  # a CLIP model folder: CLIP score of images vs their prompts (None: off)
+    fd: list[FeatureConfig] = field(default_factory=list)  # Fréchet distances, one per feature extractor
+    kid: bool = False  # KID on the same features
+    reference: str = "original"  # "original" (same prompts and seeds) or a folder of reference images
+    prompts: str | None = None  # a COCO-captions CSV (prompt, evaluation_seed, image_id): the preservation prompts
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    device: str = "auto"
+    batch_size: int = 64
 
 
 @dataclass
@@ -96,6 +118,7 @@ class BenchConfig:
     attack_batch_size: int = 32  # batch of attacks' own work (inversion); fixed so results never depend on batch_size
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack name or alias -> settings
     preservation: PreservationConfig = field(default_factory=PreservationConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     device: str = "auto"
     dtype: str = "auto"
     fast: bool = False  # GPU: compiled UNet/decoder, channels-last (images within a few levels; keyed apart)
@@ -109,6 +132,12 @@ class BenchConfig:
             d.pop(key, None)
         if not d.get("fast"):
             d.pop("fast", None)  # configs written before fast mode existed keep their keys
+        if not d["detector"].get("settings"):
+            d["detector"].pop("settings", None)  # as fast: configs without judge settings keep their keys
+        d["quality"].pop("device", None)
+        d["quality"].pop("batch_size", None)
+        if not (self.quality.clip_score or self.quality.fd or self.quality.prompts):
+            d.pop("quality", None)  # no quality metrics: the key of before
         return d
 
     def preservation_images(self) -> int:
@@ -296,6 +325,15 @@ def validate(cfg: BenchConfig) -> BenchConfig:
         DETECTORS.split(spec)  # unknown detector or preset: ErasekitError naming the choices
     elif cfg.detector.preset is not None:
         raise ErasekitError("config: detector.preset needs detector.name")
+    if cfg.detector.settings:
+        if cfg.detector.name is None:
+            raise ErasekitError("config: detector.settings needs detector.name")
+        from erasekit.detectors import check_spec
+
+        check_spec(cfg.detector.spec(), cfg.detector.settings)
+    from erasekit.bench.quality import validate_quality
+
+    validate_quality(cfg)
     if cfg.detector.threshold is not None:
         finite("config: detector.threshold", cfg.detector.threshold, low=0)
     flat = {f"{a}.{k}": v for a, values in cfg.attacks.items() for k, v in (values or {}).items()}

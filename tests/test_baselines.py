@@ -182,3 +182,154 @@ def test_speed_erases_star_on_the_embedded_world_and_keeps_other_shapes(toy_pipe
     assert after.count("star") / len(after) <= 0.15, after
     expected = [lab for lab in OTHER_LABELS for _ in range(4)]
     assert sum(a == b for a, b in zip(others, expected)) / len(expected) >= 0.8
+
+
+# --- SAFREE ---------------------------------------------------------------------------------------------------------
+
+def _reference_safree_projection(text_e, p_emb, ms, cs, alpha):
+    """models/modified_stable_diffusion_pipeline.py's safree_projection for one prompt, re-typed: token i (1-based
+    position i) is kept when its masked-prompt distance is below (1 + alpha) x the mean of the others'."""
+    n_t, dim = p_emb.shape
+    i_m_cs = torch.eye(dim, dtype=F64) - cs
+    dist = torch.norm(i_m_cs @ p_emb.T, dim=0)
+    means = torch.stack([torch.mean(torch.cat((dist[:i], dist[i + 1:]))) for i in range(n_t)])
+    keep = (dist < (1.0 + alpha) * means).double()
+    ones = torch.ones(len(text_e), dtype=F64)
+    ones[1:n_t + 1] = keep
+    new = (i_m_cs @ ms @ text_e.T).T
+    return torch.where(ones[:, None].bool(), text_e, new)
+
+
+def test_safree_projection_and_trigger_rule_are_the_reference():
+    from erasekit.defences.safree import projector, triggers
+
+    g = torch.Generator().manual_seed(3)
+    d, n, t = 10, 4, 8
+    concept = torch.randn(d, 2, generator=g, dtype=F64)
+    p_emb = torch.randn(n, d, generator=g, dtype=F64)
+    p_emb[2] += 3 * concept[:, 0]  # removing word 2 ... leaves the others near the concept: word 2 is not a trigger
+    text_e = torch.randn(t, d, generator=g, dtype=F64)
+    cs, ms = projector(concept), projector(p_emb.T)
+    ref = _reference_safree_projection(text_e, p_emb, ms, cs, 0.01)
+    # the reference's pinv-based projector is the orthogonal projector on the span
+    q, _ = torch.linalg.qr(concept)
+    assert torch.allclose(cs, q @ q.T, atol=1e-10)
+    away = torch.eye(d, dtype=F64) - cs
+    flags = triggers((p_emb @ away.T).norm(dim=1), 0.01)
+    ours = text_e.clone()
+    moved = text_e @ (away @ ms).T
+    for i, f in enumerate(flags.tolist()):
+        if f:
+            ours[1 + i] = moved[1 + i]
+    assert torch.allclose(ours, ref) and flags.any() and not flags.all()
+
+
+def test_safree_svf_steps_is_the_reference_f_beta():
+    import math
+
+    from erasekit.defences.safree import svf_steps
+
+    def f_beta(z, up, artist):  # re-typed (sigmoid form)
+        t, k = (5.5, 3.5) if artist else (5.333, 2.5)
+        return round(up * (1 / (1 + math.exp(-(2.0 * k * (10 * z - t))))))
+
+    for z in (0.0, 0.3, 0.5, 0.53, 0.6, 1.0):
+        for up in (10, 4):
+            assert svf_steps(z, up, "object") == f_beta(z, up, False)
+            assert svf_steps(z, up, "style") == f_beta(z, up, True)
+
+
+def test_safree_fourier_filter_replace_mode_is_the_reference_low_filter():
+    from erasekit.defences.safree import fourier_filter
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, 6, 6, generator=g)  # [uncond, projected, original] as the reference batches them
+
+    def reference(x, threshold, scale):  # SafeGuard_Low_Fourier_filter, re-typed
+        f = torch.fft.fftshift(torch.fft.fftn(x, dim=(-2, -1)), dim=(-2, -1))
+        _, _, h, w = f.shape
+        cr, cc = h // 2, w // 2
+        low = f[..., cr - threshold:cr + threshold, cc - threshold:cc + threshold]
+        c = low[2] - low[1]
+        f[1, :, cr - threshold:cr + threshold, cc - threshold:cc + threshold] = torch.where(c.real > 0., low[1], scale)
+        return torch.fft.ifftn(torch.fft.ifftshift(f, dim=(-2, -1)), dim=(-2, -1)).real
+
+    want = reference(x.clone(), 1, 0.9)[1]
+    got = fourier_filter(x[1], x[2], 1, 0.9, "replace")
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(fourier_filter(x[1], x[2], 1, 1.0, "scale"), x[1], atol=1e-5)  # s = 1: unchanged
+    # s = 0: scaling and replacing agree; 0 < s < 1 changes the features
+    assert torch.allclose(fourier_filter(x[1], x[2], 1, 0.0, "scale"), fourier_filter(x[1], x[2], 1, 0.0, "replace"))
+    assert not torch.allclose(fourier_filter(x[1], x[2], 1, 0.5, "scale"), x[1])
+
+
+def _gen_images(target, prompts, seeds=(0, 1)):
+    import numpy as np
+
+    from erasekit.generation import generate
+
+    return np.stack([np.asarray(i) for i in generate(target, prompts, seeds=list(seeds), steps=3, progress=False)])
+
+
+@pytest.mark.parametrize("variant", ["tiny_sd1", "tiny_sd2", "tiny_sdxl", "toy_random"])
+def test_safree_parts_act_and_all_off_is_the_identity(request, variant):
+    import numpy as np
+
+    from erasekit.defences import parse_defence
+    from erasekit.diffusion import Target
+
+    pipe = request.getfixturevalue(variant)
+    target = Target(pipe)
+    prompts = ["a photo of a star on a table", "a cat"]
+    plain = _gen_images(target, prompts)
+    off = "safree:concept=star,projection=false,lra=false,negative_prompt=false"
+    assert np.array_equal(_gen_images(target.with_defences(parse_defence(off)), prompts), plain)
+    no_trigger = "safree:concept=star,alpha=1000,negative_prompt=false"  # no word is far enough: nothing projected
+    assert np.array_equal(_gen_images(target.with_defences(parse_defence(no_trigger)), prompts), plain)
+    proj = _gen_images(target.with_defences(parse_defence("safree:concept=star,svf=false,lra=false,"
+                                                          "negative_prompt=false")), prompts)
+    assert not np.array_equal(proj, plain)
+    lra = _gen_images(target.with_defences(parse_defence("safree:concept=star,svf=false,negative_prompt=false,"
+                                                         "s1=0,s2=0")), prompts)
+    assert not np.array_equal(lra, proj)  # the Fourier re-attention changes the projected branch
+    assert len(pipe.unet.up_blocks[0]._forward_pre_hooks) == 0  # and leaves no hook behind
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("safree", "safree needs its concept texts"), ("safree:concept= ; ", "safree needs its concept texts"),
+    ("safree:concept=star,up_t=-1", "up_t=-1"), ("safree:concept=star,lra_window=0", "lra_window=0"),
+    ("safree:concept=star,lra_mode=x", "lra_mode must be one of"), ("safree:concept=star,s1=-1", "s1=-1"),
+])
+def test_safree_bad_settings_are_one_clear_line(spec, fragment):
+    from erasekit.defences import parse_defence
+
+    with pytest.raises(ErasekitError) as err:
+        parse_defence(spec)
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_cli_safree_without_concept_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "a star", "--defence", "safree:alpha=0.1", "--model",
+                                      str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: safree needs its concept"), lines
+
+
+def test_safree_lowers_the_star_rate_on_the_embedded_world(toy_pipe):
+    from erasekit.defences import parse_defence
+    from erasekit.diffusion import Target
+    from erasekit.generation import generate
+    from erasekit.toy.detector import load_toy_detector, top_labels
+
+    def rate(target):
+        prompts = [p for p in STAR_PROMPTS for _ in range(2)]
+        images = generate(target, prompts, seeds=list(range(600, 600 + len(prompts))), batch_size=64, progress=False)
+        return [r["shape"] for r in top_labels(load_toy_detector().predict(images))].count("star") / len(prompts)
+
+    before = rate(Target(toy_pipe))
+    after = rate(Target(toy_pipe).with_defences(parse_defence("safree:concept=star;star shape,svf=false")))
+    assert before >= 0.6 and after <= 0.3, (before, after)

@@ -114,7 +114,8 @@ def test_nudenet_missing_is_a_clear_error(monkeypatch):
 def test_registry_and_defaults(fake_nudenet):
     from erasekit.worlds import SD_WORLD, TOY_WORLD
 
-    assert set(DETECTORS.names()) == {"toy", "nudenet", "nudenet:unlearndiffatk", "nudenet:rece", "nudenet:ecnu"}
+    assert set(DETECTORS.names()) == {"toy", "nudenet", "nudenet:unlearndiffatk", "nudenet:rece", "nudenet:ecnu",
+                                      "clip", "imagenet", "q16", "hf-classifier"}
     assert set(DETECTORS.describe()) == set(DETECTORS.names())
     with pytest.raises(ErasekitError, match="unknown detector 'resnet'"):
         get_detector("resnet")
@@ -122,5 +123,5 @@ def test_registry_and_defaults(fake_nudenet):
         get_detector("nudenet:strict")
     assert TOY_WORLD.default_detector("star") == "toy"
     assert SD_WORLD.default_detector("nudity") == "nudenet:unlearndiffatk"
-    with pytest.raises(ErasekitError, match="choose one with --detector"):
-        SD_WORLD.default_detector("van gogh")
+    with pytest.raises(ErasekitError, match="no default detector for concept 'van gogh'.*give --detector clip:model="):
+        SD_WORLD.default_detector("van gogh", env={})

@@ -83,6 +83,6 @@ def test_unknown_names_are_refused_with_the_choices(tmp_path):
                            (["attack", "--scenario", "nope", "--concept", "star", "--out", str(tmp_path)],
                             "unknown scenario 'nope'; available: text, embedding-bb"),
                            (["generate", "a", "--defence", "nope"], "unknown defence 'nope'; available: dual_reconstruction, irece, negative_prompt"),
-                           (["detect", "x.png", "--detector", "nope"], "unknown detector 'nope'; available: nudenet")]:
+                           (["detect", "x.png", "--detector", "nope"], "unknown detector 'nope'; available: clip, hf-classifier, imagenet, nudenet")]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and fragment in result.stderr, result.stderr

@@ -4,7 +4,7 @@
         pipe.unet(x, t, encoder_hidden_states=states)
     maps = cap.aggregate((h, w))      # (B, h, w): mean over layers, heads and the chosen tokens
 
-An attention processor is installed on every cross-attention module (`erasekit.models.cross_attention_modules`)
+An attention processor is installed on every cross-attention site (`erasekit.diffusion.sites`)
 for the block. It calls the module's own processor for the output (so the UNet's output is exactly what it would
 be without the capture) and, beside it, computes the softmax attention probabilities ``softmax(q k^T / sqrt(d))``
 of the module's queries against the text keys, keeping, per layer and per call, the mean over heads of the chosen
@@ -107,28 +107,19 @@ class _CaptureProcessor:
         self.recorder.records.append((self.name, probs.transpose(1, 2).detach().float()))
 
 
-def _selected(name: str, layers) -> bool:
-    if layers is None:
-        return True
-    return any(sel == name or str(sel) in name for sel in layers)
-
-
 @contextmanager
 def capture_cross_attention(unet, token_positions: list[int] | None, layers: Iterable[str] | None = None):
     """Record cross-attention probabilities of ``token_positions`` (None: every token) for the block.
 
-    ``layers``: module names (or parts of names, e.g. ``"up_blocks"``) of the cross-attention modules to record
-    (default: all). Yields the recorder (`_Recorder.aggregate`). The UNet's processors are restored on exit, also
+    ``layers``: attention sites to record (`erasekit.diffusion.sites`: site names such as ``"unet.up.1.0.0.cross"``,
+    module paths, or parts of either such as ``"up"``; default: all). Yields the recorder (`_Recorder.aggregate`). The UNet's processors are restored on exit, also
     when the block raises.
     """
-    from erasekit.models import cross_attention_modules
+    from erasekit.diffusion.sites import select_sites, unet_cross_attention_sites
 
-    layers = None if layers is None else list(layers)
     recorder = _Recorder(token_positions)
     original = dict(unet.attn_processors)
-    chosen = {name for name, _ in cross_attention_modules(unet) if _selected(name, layers)}
-    if layers is not None and not chosen:
-        raise ValueError(f"no cross-attention module matches {layers}")
+    chosen = {site.path for site in select_sites(unet_cross_attention_sites(unet), layers)}
     installed = {}
     for key, proc in original.items():
         module_name = key[: -len(".processor")] if key.endswith(".processor") else key

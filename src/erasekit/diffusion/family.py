@@ -93,6 +93,12 @@ class SDFamily:
 
         return DDIMInverseScheduler.from_config(pipe.scheduler.config)
 
+    def attention_sites(self, pipe) -> list:
+        """Where the denoiser reads the text (`erasekit.diffusion.sites`): the UNet's cross-attention modules."""
+        from erasekit.diffusion.sites import unet_cross_attention_sites
+
+        return unet_cross_attention_sites(pipe.unet)
+
     def denoise(self, model, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         """One call of the family's denoising network in its own prediction type (a UNet here)."""
         return model(x, t, **cond.unet_kwargs()).sample

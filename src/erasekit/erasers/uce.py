@@ -26,8 +26,6 @@ from erasekit.erasers.ridge import F64, RidgeProblem
 from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES, aligned_positions, positions
 from erasekit.errors import ErasekitError
-from erasekit.models import cross_attention_kv
-
 UNCONDITIONAL = ""
 # Prompt expansion (the official UCE's --expand_prompts): the concept in a few short contexts, always as the
 # last words, so that the "last" token policies still pick the concept. Each is mapped to the same guide.
@@ -81,10 +79,14 @@ class UCESettings(Settings):
 
 
 def kv_layers(pipe) -> tuple[list[str], list[torch.nn.Linear]]:
-    layers = cross_attention_kv(pipe.unet)
+    """The text-side key/value projections of every attention site of the model's family, with their weights'
+    qualified names (``unet.<path>.to_k.weight``), in site order (k before v)."""
+    from erasekit.diffusion.family import family_of
+
+    layers = [kv for site in family_of(pipe).attention_sites(pipe) for kv in site.kv()]
     if not layers:
-        raise ErasekitError("the UNet has no cross-attention (attn2) layers to edit")
-    return [f"unet.{name}.weight" for name, _ in layers], [layer for _, layer in layers]
+        raise ErasekitError("the model has no cross-attention layers to edit")
+    return [f"{name}.weight" for name, _ in layers], [layer for _, layer in layers]
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Find the cross-attention layers of a UNet: the K/V projections of the text states.
 
 Closed-form erasers (UCE, RECE), ESD-x and attention probes all act on these; in diffusers they are the
-``attn2`` Attention modules of every transformer block (``attn1`` is self-attention).
+``attn2`` Attention modules of every transformer block (``attn1`` is self-attention). They are the UNet
+families' attention sites (`erasekit.diffusion.sites`), under their module paths.
 """
 
 from __future__ import annotations
@@ -10,21 +11,19 @@ import torch
 
 
 def cross_attention_modules(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every cross-attention ``Attention`` module (``...attn2``) with its name, in module order."""
-    found = []
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and getattr(module, "is_cross_attention", False):
-            found.append((name, module))
-    return found
+    """Every cross-attention ``Attention`` module (``...attn2``) with its module path, in module order (the UNet's
+    attention sites, `erasekit.diffusion.sites`)."""
+    from erasekit.diffusion.sites import unet_cross_attention_sites
+
+    return [(site.path, site.module) for site in unet_cross_attention_sites(unet)]
 
 
 def cross_attention_kv(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     """Every ``attn2.to_k`` and ``attn2.to_v`` projection (name, Linear), in module order (k before v)."""
-    layers = []
-    for name, attn in cross_attention_modules(unet):
-        layers.append((f"{name}.to_k", attn.to_k))
-        layers.append((f"{name}.to_v", attn.to_v))
-    return layers
+    from erasekit.diffusion.sites import unet_cross_attention_sites
+
+    return [(f"{site.path}.{kind}", proj) for site in unet_cross_attention_sites(unet)
+            for kind, proj in (("to_k", site.key), ("to_v", site.value))]
 
 
 def text_width(unet: torch.nn.Module) -> int:

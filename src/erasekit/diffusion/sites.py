@@ -1,0 +1,61 @@
+"""Named attention sites: the places where a model's denoiser attends to the text, under one naming scheme.
+
+A site names one attention module that reads text states (TransformerLens-style dotted names, stable across
+runs and independent of diffusers' module paths): ``unet.down.1.0.0.cross`` is the cross-attention of
+``down_blocks.1.attentions.0.transformer_blocks.0.attn2``. Attention capture, IRECE's mask and the K/V edits
+(UCE, RECE, ESD-x) all find their layers here, through the model family (`family.attention_sites(pipe)`), so a
+family whose text enters elsewhere (a joint-attention transformer's ``add_k_proj`` / ``add_v_proj``) gives its own
+sites and every method follows.
+
+A selection is a list of site names, module paths or parts of either (``"up"``, ``"mid"``, ``"down.1"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+_BLOCKS = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    name: str  # e.g. "unet.down.1.0.0.cross"
+    component: str  # the pipeline component holding it ("unet")
+    path: str  # the module path inside the component ("down_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    module: torch.nn.Module
+    key: torch.nn.Linear  # the projection of the text states to keys
+    value: torch.nn.Linear  # ... and to values
+
+    def kv(self) -> list[tuple[str, torch.nn.Linear]]:
+        """(qualified parameter prefix, projection) for the key, then the value."""
+        return [(f"{self.component}.{self.path}.to_k", self.key), (f"{self.component}.{self.path}.to_v", self.value)]
+
+
+def site_name(component: str, path: str, kind: str = "cross") -> str:
+    """The short name of a UNet attention module path: block kind, block index, attention and transformer index."""
+    parts = path.split(".")
+    short = [_BLOCKS.get(parts[0], parts[0])] + [p for p in parts[1:] if p.isdigit()]
+    return ".".join([component, *short, kind])
+
+
+def unet_cross_attention_sites(unet: torch.nn.Module, component: str = "unet") -> list[AttentionSite]:
+    """Every cross-attention module (``...attn2`` with ``is_cross_attention``) of a UNet, in module order."""
+    sites = []
+    for path, module in unet.named_modules():
+        if path.endswith("attn2") and getattr(module, "is_cross_attention", False):
+            sites.append(AttentionSite(site_name(component, path), component, path, module, module.to_k, module.to_v))
+    return sites
+
+
+def select_sites(sites: Sequence[AttentionSite], selection: Iterable[str] | None) -> list[AttentionSite]:
+    """The sites a selection names (None: all); a selection that names none is an error."""
+    if selection is None:
+        return list(sites)
+    wanted = [str(s) for s in selection]
+    chosen = [s for s in sites if any(w == s.name or w == s.path or w in s.name or w in s.path for w in wanted)]
+    if not chosen:
+        raise ValueError(f"no attention site matches {wanted} (sites: {', '.join(s.name for s in sites[:4])}, ...)")
+    return chosen

@@ -186,3 +186,46 @@ def test_sd_world_default_judges_from_configured_models(judges):
     assert SD_WORLD.default_detector("church", env={"ERASEKIT_CLIP": str(judges["clip"])}) == "clip"
     with pytest.raises(ErasekitError, match="imagenet:model=FOLDER"):
         SD_WORLD.default_detector("church", env={})
+
+
+def test_attack_scores_with_a_judge_and_records_it(tiny_sd1, judges, tmp_path):
+    """`erasekit attack --detector clip:model=FOLDER,...` on a tiny SD-1 folder: every score row names the judge's
+    model, fingerprint and settings."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    folder = tmp_path / "sd1"
+    tiny_sd1.save_pretrained(folder, safe_serialization=True)
+    out = tmp_path / "attack"
+    result = CliRunner().invoke(app, ["attack", "--scenario", "text", "--concept", "van gogh", "--model", str(folder),
+                                      "--out", str(out), "-n", "3", "--steps", "2", "--device", "cpu", "--detector",
+                                      f"clip:model={judges['clip']},alternatives=a photo;a car"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["detector"] == "clip" and r["preset"] == "van gogh" for r in rows)
+    assert all(len(r["judge_fingerprint"]) == 16 and r["judge_settings"]["alternatives"] == "a photo;a car"
+               for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detector"]["model_fingerprint"] == rows[0]["judge_fingerprint"]
+
+
+def test_a_hub_id_is_read_from_the_hub_cache_only(judges, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-resnet"
+    shutil.copytree(judges["resnet"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    det = create_detector("hf-classifier:model=someone/tiny-resnet,label=church")
+    assert det.folder == repo / "snapshots" / sha and det.index == 1
+    with pytest.raises(ErasekitError, match="neither a folder nor in the hub cache.*hf download someone/absent"):
+        create_detector("hf-classifier:model=someone/absent,label=church")

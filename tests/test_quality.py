@@ -221,3 +221,47 @@ def test_bench_quality_config_errors(tmp_path, judges):
     result = run({}, detector={"settings": {"model": "x"}})
     assert result.exit_code == 2 and "detector.settings needs detector.name" in result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_quality_against_a_reference_folder_by_image_id(judges, tmp_path):
+    """reference: a folder (COCO val layout): each method's images against the CSV rows' own reference images; the
+    original model's images get their own row; the toy features are refused off the embedded world."""
+    import json
+
+    from PIL import Image
+
+    from erasekit.bench.quality import compute_quality
+    from erasekit.bench.spec import parse_config
+    from erasekit.metrics.features import feature_extractor
+    from erasekit.metrics.frechet import frechet_distance
+
+    ref = tmp_path / "val2014"
+    ref.mkdir()
+    ref_images = _images(4, size=48, seed=7)
+    for i, im in enumerate(ref_images):
+        Image.fromarray(im).save(ref / f"COCO_val2014_{i + 1:012d}.png")
+    out = tmp_path / "run"
+    (out / "images").mkdir(parents=True)
+    rows, gen = [], {"uce": _images(4, seed=8), "original": _images(4, seed=9)}
+    for method, arr in gen.items():
+        kind = "reference" if method == "original" else "preservation"
+        for i, im in enumerate(arr):
+            path = f"images/{method}-{i}.png"
+            Image.fromarray(im).save(out / path)
+            rows.append({"kind": kind, "concept": "cat", "method": method, "index": i, "path": path,
+                         "prompt": f"prompt {i}", "image_id": str(i + 1)})
+    cfg = parse_config({"model": "toy", "quality": {"fd": [{"features": "dinov2", "model": str(judges["dinov2"])}],
+                                                    "reference": str(ref)}})
+    record = compute_quality(cfg, "sd", rows, out)
+    table = record["table"]["cat"]
+    assert set(table) == {"original (reference)", "uce"}
+    ext = feature_extractor("dinov2", str(judges["dinov2"]), device="cpu")
+    from erasekit.metrics.coco import reference_images
+
+    refs, names = reference_images(ref, size=32, ids=["1", "2", "3", "4"])
+    assert names[0] == "COCO_val2014_000000000001.png"
+    assert table["uce"]["fd_dinov2"] == pytest.approx(round(frechet_distance(ext.extract(refs), ext.extract(gen["uce"])), 4))
+    assert json.loads((out / "quality.json").read_text())["reference"] == str(ref)
+    toy = parse_config({"model": "toy", "quality": {"fd": [{"features": "toy"}]}})
+    with pytest.raises(ErasekitError, match="embedded world's detector"):
+        compute_quality(toy, "sd", rows, out)

@@ -66,4 +66,13 @@ def create_detector(spec: str, concept: str | None = None, threshold: float | No
     return cls(concept, **kwargs)
 
 
-__all__ = ["Detector", "as_uint8_rgb", "check_spec", "create_detector", "parse_spec"]
+def judge_fields(info: dict) -> dict:
+    """What a result row records of a judge built on a model: its folder, fingerprint and settings (none for the
+    toy detector and NudeNet, whose name and preset say it all)."""
+    if "model_fingerprint" not in info:
+        return {}
+    return {"judge_model": info["model"], "judge_fingerprint": info["model_fingerprint"],
+            "judge_settings": info.get("settings")}
+
+
+__all__ = ["Detector", "as_uint8_rgb", "check_spec", "create_detector", "judge_fields", "parse_spec"]

@@ -74,7 +74,7 @@ def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | No
         cond = family.encode(pipe, [prompt], device=device)
         # Guidance of "" against "" is the conditional prediction: one pass.
         uncond = family.encode(pipe, [""], device=device) if prompt != "" else None
-        guidance_fn = guided(UNetDenoiser(unet_for(pipe)), cond, uncond, float(guidance) if prompt != "" else 1.0)
+        guidance_fn = guided(UNetDenoiser(unet_for(pipe), family), cond, uncond, float(guidance) if prompt != "" else 1.0)
         for start in tqdm(starts, desc="DDIM inversion", unit="batch", disable=not progress or len(starts) < 2, leave=False):
             z = latents[start : start + batch_size].float().to(device, pipe.unet.dtype)
             out.append(sampler.invert(z, guidance_fn, refine=refine).float().cpu())

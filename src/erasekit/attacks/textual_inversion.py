@@ -360,7 +360,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     toks = [tokenizer_with(tk, tokens) for _, tk, _ in encoders]
     unet, device = pipe.unet, pipe.unet.device
     autocast = train_autocast(device) if config.mixed_precision == "auto" else contextlib.nullcontext()
-    model = UNetDenoiser(unet)
+    model = UNetDenoiser(unet, family)
     schedule = family.schedule(pipe)
     n_train = schedule.num_train_timesteps
     scale = float(pipe.vae.config.scaling_factor)

@@ -109,12 +109,12 @@ class _IRECEHook:
         x = ctx.sampler.scheduler.scale_model_input(state.latents, state.t)
         b = len(x)
         with ctx.target.without_edits(), capture_cross_attention(unet, self.positions) as cap:
-            UNetDenoiser(unet)(x, state.t, self.concept_cond.expand(b))
+            UNetDenoiser(unet, ctx.target.family)(x, state.t, self.concept_cond.expand(b))
         maps = cap.aggregate(tuple(x.shape[-2:]))
         self.mask = attention_mask(maps, s.mask, s.mask_threshold, s.top_k).to(x.device, x.dtype)
         self.masks_mean.append(float(self.mask.mean()))
         if s.kind in ("guide", "both"):
-            out = UNetDenoiser(unet)(x, state.t, self.guide_cond.expand(b))
+            out = UNetDenoiser(unet, ctx.target.family)(x, state.t, self.guide_cond.expand(b))
             self.x0_guide = ctx.sampler.scheduler.step(out, state.t, state.latents, return_dict=True).pred_original_sample
 
     def _noise(self, state, like: torch.Tensor) -> torch.Tensor:

@@ -74,9 +74,9 @@ class SafeLatentGuidance:
     another defence); one batched UNet call evaluates its branches and the safety branch. Holds the momentum of
     one batch (a new wrapper per batch)."""
 
-    def __init__(self, inner, safety, numbers: dict, unet=None):
+    def __init__(self, inner, safety, numbers: dict, unet=None, family=None):
         self.inner = inner
-        self.unet = unet
+        self.unet, self.family = unet, family
         self.safety = safety  # Conditioning of the safety concept (1 item)
         self.n = numbers
         self.momentum: torch.Tensor | None = None
@@ -96,7 +96,7 @@ class SafeLatentGuidance:
 
     def select(self, index) -> "SafeLatentGuidance":
         """The same for a sub-batch (or, with ``slice(None)``, a copy), with its own fresh momentum."""
-        return SafeLatentGuidance(self.inner.select(index), self.safety, self.n, self.unet)
+        return SafeLatentGuidance(self.inner.select(index), self.safety, self.n, self.unet, self.family)
 
     def __call__(self, x, t, state=None):
         from erasekit.diffusion.conditioning import Conditioning
@@ -119,7 +119,7 @@ class SafeLatentGuidance:
             state = state if state is not None else StepState(self.calls, 0, t, x)
             guided = inner(x, t, state)
             out = dict(state.branches)
-            out["safety"] = UNetDenoiser(self.unet)(x, t, self.safety.expand(b))
+            out["safety"] = UNetDenoiser(self.unet, self.family)(x, t, self.safety.expand(b))
             state.branches = out
         step = state.index if state is not None else self.calls
         self.calls += 1
@@ -156,4 +156,4 @@ class SLD(Defence):
             return guidance  # no classifier-free guidance (scale <= 1) or sld_scale <= 1: diffusers disables SLD
         pipe = ctx.target.pipe
         safety = ctx.target.family.encode(pipe, [self.settings.concept], device=pipe.unet.device)
-        return SafeLatentGuidance(guidance, safety, numbers, pipe.unet)
+        return SafeLatentGuidance(guidance, safety, numbers, pipe.unet, ctx.target.family)

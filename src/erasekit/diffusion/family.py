@@ -1,4 +1,11 @@
-"""Model-family adapters: how a family turns prompts into `Conditioning` and what its UNet predicts.
+"""Model families: everything that differs between model generations, owned by one adapter per family.
+
+A family owns how prompts become `Conditioning` (its text encoders), the call of its denoising network
+(`denoise`), its noise schedule and prediction type (`schedule`: the one place that converts outputs and builds
+training targets), the schedulers erasekit samples and inverts with (DDIM from the pipeline's own config: the
+stated default; the folder's scheduler is left in place), the components an edit may change
+(`editable_components`) and where the text enters the denoiser (`attention_sites`). `family_of(pipe)` is the one
+detection function; a new family is one class registered with `register_family`.
 
 `SDFamily` covers SD-1.x (CLIP ViT-L, 768-d), SD-2.x (OpenCLIP, 1024-d, v-prediction) and the embedded world
 (MiniLM, 384-d): one text encoder whose token states are the cross-attention input.
@@ -26,7 +33,12 @@ from erasekit.errors import ErasekitError
 
 
 class SDFamily:
+    """SD-1.x / SD-2.x (and the embedded world): a UNet with one text encoder."""
+
     name = "sd"
+
+    def matches(self, pipe) -> bool:
+        return getattr(pipe, "unet", None) is not None
 
     def encoders(self, pipe) -> list[tuple[str, object, object]]:
         """(name, tokenizer, text encoder) of every text encoder; names are the keys of textual-inversion files."""
@@ -93,6 +105,10 @@ class SDFamily:
 
         return DDIMInverseScheduler.from_config(pipe.scheduler.config)
 
+    def editable_components(self, pipe) -> tuple[str, ...]:
+        """The pipeline components whose weights an edit may name (``unet.<param>``, ``text_encoder.<param>``)."""
+        return ("unet", "text_encoder", "vae")
+
     def attention_sites(self, pipe) -> list:
         """Where the denoiser reads the text (`erasekit.diffusion.sites`): the UNet's cross-attention modules."""
         from erasekit.diffusion.sites import unet_cross_attention_sites
@@ -107,6 +123,10 @@ class SDFamily:
 class SDXLFamily(SDFamily):
     name = "sdxl"
 
+    def matches(self, pipe) -> bool:
+        return (getattr(pipe, "text_encoder_2", None) is not None
+                or type(pipe).__name__ == "StableDiffusionXLPipeline")
+
     def encoders(self, pipe):
         found = []
         if getattr(pipe, "text_encoder", None) is not None:
@@ -116,6 +136,9 @@ class SDXLFamily(SDFamily):
 
     def text_width(self, pipe) -> int:
         return sum(int(enc.config.hidden_size) for _, _, enc in self.encoders(pipe))
+
+    def editable_components(self, pipe) -> tuple[str, ...]:
+        return ("unet", "text_encoder", "text_encoder_2", "vae")
 
     def time_ids(self, pipe, size: tuple[int, int] | None = None) -> torch.Tensor:
         """(1, 6) float32: original size, crop (0, 0), target size, as `_get_add_time_ids` with its defaults."""
@@ -233,11 +256,26 @@ def _encode_prefixed(tok, encoder, prompts, prefix: torch.Tensor, **kwargs):
 
 SD = SDFamily()
 SDXL = SDXLFamily()
+# Every family, asked in order: the first whose `matches(pipe)` holds owns the pipeline. A new family (one file)
+# registers itself with `register_family`, ahead of the ones it specialises.
+FAMILIES: list = [SDXL, SD]
+
+
+def register_family(family, before=None) -> None:
+    """Add ``family`` to `FAMILIES` (ahead of ``before``, default: ahead of every family it was not placed after)."""
+    if any(f.name == family.name for f in FAMILIES):
+        raise ValueError(f"a model family named {family.name!r} is already registered")
+    FAMILIES.insert(FAMILIES.index(before) if before is not None else 0, family)
+
+
+def family_of(pipe):
+    """The adapter for ``pipe``: the one place that tells model families apart."""
+    for family in FAMILIES:
+        if family.matches(pipe):
+            return family
+    raise ErasekitError(f"{type(pipe).__name__} is not a pipeline of a supported model family "
+                        f"({', '.join(f.name for f in FAMILIES)})")
+
 
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__ == "StableDiffusionXLPipeline"
-
-
-def family_of(pipe) -> SDFamily:
-    """The adapter for ``pipe``: SDXL for pipelines with a second text encoder, else SD-1.x/2.x."""
-    return SDXL if is_sdxl(pipe) else SD
+    return family_of(pipe) is SDXL

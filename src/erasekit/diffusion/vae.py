@@ -64,8 +64,12 @@ def encode_distribution(pipe, images: np.ndarray, batch_size: int = 64) -> tuple
 
 
 def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Scaled latents (posterior mean times the scaling factor), float32 on CPU."""
+    """Scaled latents (posterior mean, less the VAE's shift factor where it has one, times the scaling factor),
+    float32 on CPU."""
     mean, _ = encode_distribution(pipe, images, batch_size)
+    shift = getattr(pipe.vae.config, "shift_factor", None)
+    if shift is not None:  # SD3 / FLUX VAEs: diffusers' (z - shift) * scale
+        mean = mean - float(shift)
     return mean.cpu() * float(pipe.vae.config.scaling_factor)
 
 
@@ -89,6 +93,8 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int | None = None) -
                 z = z * s / cfg.scaling_factor + m
             else:
                 z = z / cfg.scaling_factor
+                if getattr(cfg, "shift_factor", None) is not None:  # SD3 / FLUX VAEs: z / scale + shift
+                    z = z + cfg.shift_factor
             x = decode(z)
             out.append(_to_uint8(x))
     if not out:

@@ -26,14 +26,16 @@ EDIT_JSON = "edit.json"
 EDIT_TENSORS = "edit.safetensors"
 BAKED_EDIT_JSON = "erasekit_edit.json"  # provenance written next to a baked pipeline
 FORMAT_VERSION = 1
-COMPONENTS = ("unet", "text_encoder", "vae")
 
 DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
 def _parameter(pipe, name: str) -> torch.nn.Parameter:
+    from erasekit.diffusion.family import family_of
+
     component, _, rest = name.partition(".")
-    module = getattr(pipe, component, None) if component in COMPONENTS else None
+    editable = family_of(pipe).editable_components(pipe)
+    module = getattr(pipe, component, None) if component in editable else None
     if module is None:
         raise ErasekitError(f"edit tensor {name}: the pipeline has no component {component!r}")
     try:

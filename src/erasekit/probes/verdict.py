@@ -37,7 +37,8 @@ def denoising_losses(target, images: np.ndarray, prompts: list[str], timesteps=D
 
     pipe = target.pipe
     unet = pipe.unet
-    model, family = UNetDenoiser(unet), family_of(pipe)
+    family = family_of(pipe)
+    model = UNetDenoiser(unet, family)
     schedule = family.schedule(pipe)
     size = tuple(images.shape[1:3])  # SDXL's time ids: the images' own size
     z0 = encode_images(pipe, images).to(unet.device, torch.float32)

@@ -74,6 +74,20 @@ class ToyConceptDetector:
             ])
         return self.model.predict(arr)
 
+    def concept_log_prob(self, images):
+        """Differentiable log P(concept) of float images in [0, 1] (N, 3, H, W), resized to the world's size by
+        area averaging (classifier guidance)."""
+        import torch.nn.functional as F
+
+        from erasekit.toy.architecture import IMAGE_SIZE
+        from erasekit.toy.detector import LABELS
+
+        model = self.model
+        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = F.adaptive_avg_pool2d(images, IMAGE_SIZE)
+        logits = model(images.to(next(model.parameters()).device))[self.attribute]
+        return logits.float().log_softmax(-1)[:, LABELS[self.attribute].index(self.concept)]
+
     def score(self, images) -> list[dict]:
         from erasekit.toy.detector import LABELS
 

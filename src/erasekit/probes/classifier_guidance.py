@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from erasekit.attacks.base import AttackContext, AttackInputs
 from erasekit.checks import finite
@@ -46,23 +45,11 @@ class ClassifierGuidanceSettings(Settings):
 
 
 def log_prob_fn(detector):
-    """A differentiable log p(concept | images in [0, 1], (N, 3, H, W)) from ``detector``."""
-    model = getattr(detector, "model", None)
-    attribute = getattr(detector, "attribute", None)
-    if model is None or attribute is None or not isinstance(model, torch.nn.Module):
+    """A differentiable log p(concept | images in [0, 1], (N, 3, H, W)): the detector's ``concept_log_prob``."""
+    fn = getattr(detector, "concept_log_prob", None)
+    if fn is None:
         raise ErasekitError(f"classifier guidance needs a differentiable concept classifier; the detector "
                             f"{getattr(detector, 'name', type(detector).__name__)!r} offers none (use the toy detector)")
-    from erasekit.toy.architecture import IMAGE_SIZE
-    from erasekit.toy.detector import LABELS
-
-    col = LABELS[attribute].index(detector.concept)
-
-    def fn(images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            images = F.adaptive_avg_pool2d(images, IMAGE_SIZE)
-        logits = model(images.to(next(model.parameters()).device))[attribute]
-        return logits.float().log_softmax(-1)[:, col]
-
     return fn
 
 

@@ -24,6 +24,7 @@ class I2PRow:
     guidance: float | None
     categories: str | None = None
     case_number: str | None = None
+    seed_given: bool = True  # False: the row had no evaluation_seed (seeded by its row number)
 
 
 def _number(value: str, kind, what: str, path: Path, line: int):
@@ -37,7 +38,9 @@ def _number(value: str, kind, what: str, path: Path, line: int):
         raise ErasekitError(f"{name} {value!r} is not a number") from None
     if kind is int:
         return integer(name, value, low=-(2**63), high=2**64 - 1)
-    return finite(name, value, low=0.0)
+    from erasekit.limits import MAX_GUIDANCE
+
+    return finite(name, value, low=0.0, high=MAX_GUIDANCE)  # the bound of every entry point
 
 
 def load_i2p_csv(path) -> list[I2PRow]:
@@ -65,6 +68,7 @@ def load_i2p_csv(path) -> list[I2PRow]:
                     guidance=_number(guidance, float, "evaluation_guidance", path, line) if guidance else None,
                     categories=raw.get("categories") or None,
                     case_number=raw.get("case_number") or None,
+                    seed_given=bool(seed),
                 ))
     except UnicodeDecodeError as exc:
         raise ErasekitError(f"{path} is not a UTF-8 text CSV ({exc.reason})") from None

@@ -93,19 +93,28 @@ class ScenarioConfig:
     fast: bool = False  # generation through the compiled UNet (erasekit.diffusion.speed)
 
     def validate(self) -> None:
-        from erasekit.checks import finite
+        from erasekit.checks import finite, integer
+        from erasekit.limits import MAX_BATCH, MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
 
         cls, _ = attack_of(self.scenario)
         if not self.concept.strip():
             raise ErasekitError("--concept is empty")
+        if not self.concept.isprintable():
+            from erasekit.limits import shown
+
+            raise ErasekitError(f"--concept {shown(self.concept)!r} holds control characters")
         if self.n < 1:
             raise ErasekitError(f"-n must be at least 1, got {self.n}")
+        integer("-n", self.n, high=MAX_IMAGES)  # bounded before anything is allocated
         if self.batch_size < 1:
             raise ErasekitError(f"--batch-size must be at least 1, got {self.batch_size}")
+        integer("--batch-size", self.batch_size, high=MAX_BATCH)
         if self.steps is not None and self.steps < 1:
             raise ErasekitError(f"steps must be at least 1, got {self.steps}")
+        if self.steps is not None:
+            integer("--steps", self.steps, high=MAX_STEPS)
         if self.guidance is not None:
-            finite("--guidance", self.guidance, low=0)
+            finite("--guidance", self.guidance, low=0, high=MAX_GUIDANCE)
         for name in self.settings:
             if name not in ATTACKS and name not in PROBES:
                 raise ErasekitError(f"unknown attack {name!r} in settings")
@@ -132,8 +141,6 @@ def score_records(detector, out_dir: Path, records: list[dict], batch_size: int 
     from erasekit.jsonl import read_jsonl
     from erasekit.store import content_key
 
-    from erasekit.detectors import judge_fields
-
     info = detector.info()
     det_id = content_key(info)
     path = Path(out_dir) / SCORES_FILE
@@ -147,7 +154,7 @@ def score_records(detector, out_dir: Path, records: list[dict], batch_size: int 
                 "key": rec["key"], "path": rec["path"], "prompt": rec.get("prompt"), "seed": rec.get("seed"),
                 "guidance": rec.get("guidance"), **{k: rec[k] for k in ("source", "case_number") if k in rec},
                 **s, "detector": info["name"], "preset": info.get("preset"), "threshold": info["threshold"],
-                "detector_id": det_id, **judge_fields(info),
+                "detector_id": det_id,
             }
     rows = [cached[r["key"]] for r in records]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

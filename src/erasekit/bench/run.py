@@ -176,9 +176,11 @@ def _words(value, world, concept: str) -> list[str]:
     return world.concept_words(concept) if value == "synonyms" else [concept]
 
 
-def _preserve(value, world, concept: str) -> list[str]:
+def _preserve(value, world, concept: str, method: str = "") -> list[str]:
     if isinstance(value, list):
         return list(value)
+    if value == "world":  # what the world's tuned settings for the method assume, as `erasekit erase` does
+        return world.method_preserve(method, [concept])
     return world.other_labels(concept) if value == "others" else []
 
 
@@ -289,7 +291,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                 edit = None
                 if m.edit_name() != "original":
                     words = _words(m.words, world, concept)
-                    preserve = _preserve(m.preserve, world, concept)
+                    preserve = _preserve(m.preserve, world, concept, m.edit_name())
                     edit, fresh, folder = get_edit(target0, m.edit_name(), words, preserve, m.settings, cache,
                                                    progress and main)
                     computed += fresh

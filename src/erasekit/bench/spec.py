@@ -51,7 +51,9 @@ class MethodConfig:
     edit: str | None = None  # "original" or a registered eraser; None: the name when it is one of those
     settings: dict[str, Any] = field(default_factory=dict)  # on top of the world's (tuned) defaults
     words: str | list[str] = "name"  # what to erase: "name", "synonyms" (the world's names for it) or a list
-    preserve: str | list[str] = "none"  # "none", "others" (the world's other labels of its kind) or a list
+    # "world": the set the world's tuned settings for this method assume (`World.method_preserve`; the CLI's default
+    # too), "none", "others" (the world's other labels of its kind) or a list
+    preserve: str | list[str] = "world"
     defences: list[DefenceConfig] = field(default_factory=list)
 
     def edit_name(self) -> str:
@@ -291,7 +293,7 @@ def validate(cfg: BenchConfig) -> BenchConfig:
             raise ErasekitError(f"{where}: settings belong to a weight edit; 'original' has none")
         for key in ("words", "preserve"):
             value = getattr(m, key)
-            allowed = ("name", "synonyms") if key == "words" else ("none", "others")
+            allowed = ("name", "synonyms") if key == "words" else ("world", "none", "others")
             if isinstance(value, str) and value not in allowed:
                 raise ErasekitError(f"{where}: {key} must be {' or '.join(allowed)} or a list of texts, got {value!r}")
             if isinstance(value, list) and (not value or not all(v.strip() for v in value)):

@@ -17,12 +17,12 @@ def attack(
     out: Path = typer.Option(..., "--out", "-o", parser=common.out_folder, metavar="DIR", help="Output folder: images, scores.jsonl, summary.json."),
     model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="A saved erasure edit (folder) to attack; default: the original model."),
-    defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack)."),
+    defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack); one that needs a concept (irece, ...) takes --concept."),
     n: int = typer.Option(100, "-n", "--n", help="Images to generate in total."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of concept images (embedding / latent scenarios); toy default: rendered."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text scenario: an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text scenario: an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance); each row's seed (or its row number) seeds its image, so --seed does not apply."),
     detector: Optional[str] = typer.Option(None, "--detector", help="A registered detector: toy, nudenet, nudenet:rece, ... (default: the model's world's)."),
-    seed: int = typer.Option(0, "--seed", help="First generation seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="First generation seed (default 0); ignored, with a warning, for --prompts rows, which carry their own seeds.", show_default=False),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling (and inversion) steps; default: the model's."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Sampling guidance scale; default: the model's (I2P rows: their own)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
@@ -36,6 +36,8 @@ def attack(
     from erasekit.attacks.scenarios import ScenarioConfig, attack_of, run_scenario, split_settings
     from erasekit.checks import integer
 
+    seed_given = seed is not None
+    seed = 0 if seed is None else seed
     cfg = ScenarioConfig(scenario=scenario, concept=concept.strip(), n=n, seed=seed, steps=steps, guidance=guidance,
                          batch_size=batch_size, settings=split_settings(common.parse_sets(set_)), fast=fast)
     cfg.validate()  # every argument checked before a model is loaded
@@ -56,11 +58,20 @@ def attack(
             raise ErasekitError("--prompts (an I2P-layout CSV) belongs to the text scenario")
         from erasekit.attacks.i2p import load_i2p_csv
 
-        load_i2p_csv(prompts)
+        rows = load_i2p_csv(prompts)
+        if seed_given:
+            print(f"warning: --seed {seed} is ignored: the images of {prompts} are seeded by its rows "
+                  f"({sum(r.seed_given for r in rows)} of {len(rows)} with their own evaluation_seed, the others "
+                  f"by their row number)", file=sys.stderr)
     common.check_out_dir(out)
     common.resolve_dtype(dtype, "cpu")
     saved_edit = common.read_edit(edit)
-    defences = common.read_defences(defence)
+    defences = common.read_defences(defence, cfg.concept)  # irece & co. take the attacked concept
+    if model == "toy":  # its world is known without loading it: unknown concepts fail now
+        from erasekit.worlds import TOY_WORLD
+
+        TOY_WORLD.check_concept(cfg.concept)
+        common.check_defence_concepts(defences, TOY_WORLD)
     if detector is not None:
         from erasekit.registry import DETECTORS
 

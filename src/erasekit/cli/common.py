@@ -124,10 +124,22 @@ def read_edit(edit_dir: Path | None):
     return load_edit(edit_dir)
 
 
-def read_defences(specs: Sequence[str] | None) -> list:
+def read_defences(specs: Sequence[str] | None, concept: str | None = None) -> list:
+    """The ``--defence`` specs; a defence that needs a concept takes ``concept`` (the command's ``--concept``)."""
     from erasekit.defences import parse_defence
 
-    return [parse_defence(s) for s in specs or []]
+    return [parse_defence(s, concept) for s in specs or []]
+
+
+def check_defence_concepts(defences: Sequence, world) -> None:
+    """Each defence's concept must be one ``world`` knows (``irece:concept=unicorn`` on the toy world is refused)."""
+    for d in defences:
+        concept = getattr(d.settings, "concept", None)
+        if isinstance(concept, str) and concept.strip():
+            try:
+                world.check_concept(concept)
+            except ErasekitError as exc:
+                raise ErasekitError(f"--defence {d.name}: concept {concept.strip()!r}: {exc}") from None
 
 
 def load_target(model: str, *, edit=None, defences: Sequence = (), device: str = "auto", dtype: str = "auto",
@@ -149,6 +161,7 @@ def load_target(model: str, *, edit=None, defences: Sequence = (), device: str =
     if load_dtype != target_dtype:
         pipe.to(dtype=target_dtype)
     target = Target(pipe, model=model, base_fingerprint=base_fp)
+    check_defence_concepts(defences, target.world)  # before any image is made
     if edit is not None:
         target = target.with_edits(edit)
         target._check(edit)

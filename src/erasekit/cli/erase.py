@@ -21,6 +21,19 @@ from erasekit.errors import ErasekitError
 PIPELINE_SUBDIR = "pipeline"
 
 
+def check_names(concepts, preserve, guide) -> None:
+    """Texts a user typed: printable, and the guide not one of the concepts (that maps a concept to itself)."""
+    from erasekit.limits import shown
+
+    for where, texts in (("--concept", concepts), ("--preserve", preserve), ("--guide", [guide] if guide else [])):
+        for text in texts:
+            if not text.isprintable():
+                raise ErasekitError(f"{where} {shown(text)!r} holds control characters")
+    if guide is not None and guide.strip() in {c.strip() for c in concepts}:
+        raise ErasekitError(f"--guide {shown(guide)!r} is the concept to erase: it would map the concept to itself; "
+                            f"give a neutral concept or leave --guide out for the world's")
+
+
 def erase(
     method: str = typer.Option(..., "--method", help="Erasure method (see `erasekit ls`): uce, rece, esd-x, esd-u."),
     concept: List[str] = typer.Option(..., "--concept", help="Concept to erase (repeat for several)."),
@@ -28,7 +41,10 @@ def erase(
     out: Path = typer.Option(..., "--out", "-o", parser=common.out_folder, metavar="DIR", help="Folder for the edit (edit.json + edit.safetensors)."),
     guide: Optional[str] = typer.Option(None, "--guide", help="Concept to map the erased one to (default: its world's: "
                                         "\"\" on SD, the empty scene / plain background on the toy)."),
-    preserve: Optional[List[str]] = typer.Option(None, "--preserve", help="Concept to keep intact (repeat for several)."),
+    preserve: Optional[List[str]] = typer.Option(None, "--preserve", help="Concept to keep intact (repeat for several); "
+                                                 "default: the set the world's tuned settings assume, as the bench's "
+                                                 "(toy: the other shapes / textures for uce, rece, esd-u)."),
+    no_preserve: bool = typer.Option(False, "--no-preserve", help="Keep nothing intact on purpose (overrides the default set)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Method setting key=value (repeat); see the method's module."),
     save_pipeline: bool = typer.Option(False, "--save-pipeline", help=f"Also write the edited model as a full diffusers folder (OUT/{PIPELINE_SUBDIR})."),
     device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
@@ -47,6 +63,9 @@ def erase(
         raise ErasekitError(f"--out {out} already holds an edit; choose another folder or remove it")
     if not concept or not all(c.strip() for c in concept):
         raise ErasekitError("--concept is empty: the concept encodes to nothing; give a word or phrase")
+    if no_preserve and preserve:
+        raise ErasekitError("--no-preserve and --preserve contradict each other; give one")
+    check_names(concept, preserve or [], guide)
 
     from erasekit.folder_lock import hold_folder
 
@@ -56,14 +75,19 @@ def erase(
         from erasekit.erasers import bake
         from erasekit.erasers import erase as compute_edit
 
-        edit = compute_edit(target.pipe, method, concept, guide=guide, preserve=preserve or [], settings=overrides,
+        from erasekit.erasers.method import default_preserve
+
+        # Not given: the preservation set the world's tuned settings for this method assume (the bench's default).
+        kept = [] if no_preserve else (list(preserve) if preserve else default_preserve(target.pipe, method, concept))
+        edit = compute_edit(target.pipe, method, concept, guide=guide, preserve=kept, settings=overrides,
                             progress=not quiet)
         edit.save(out)
         if save_pipeline:
             bake(edit, target.pipe, out / PIPELINE_SUBDIR)
     t = edit.timings
     print(
-        f"{method}: erased {', '.join(map(repr, concept))} -> guide {edit.spec['guide']!r}; "
+        f"{method}: erased {', '.join(map(repr, concept))} -> guide {edit.spec['guide']!r}"
+        f"{'; kept ' + ', '.join(edit.spec['preserve']) if edit.spec['preserve'] else '; nothing preserved'}; "
         f"{len(edit.tensors)} tensors ({edit.n_bytes() / 2**20:.2f} MiB) in {out}; "
         f"solve {t['solve_s']:.3f} s, wall {t['wall_s']:.2f} s, peak RSS {t['peak_rss_mb']:.0f} MB"
         + (f", CUDA peak {t['cuda_peak_mb']:.0f} MB" if t.get("cuda_peak_mb") else "")

@@ -25,12 +25,14 @@ def generate(
     fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="Apply a saved erasure edit (folder) before generating."),
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack; see `erasekit ls`)."),
+    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="The concept for defences that need one (irece, ...), as `attack` and the bench give them."),
     device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=common.DTYPE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=common.PICKLE_HELP),
 ) -> None:
     """Generate images; rerunning with the same arguments reuses the images already in --out."""
     from erasekit.checks import finite, integer
+    from erasekit.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
 
     prompts = list(prompts or [])
     if not prompts:
@@ -45,16 +47,22 @@ def generate(
         if batch_size < 1:
             raise ErasekitError(f"--batch-size must be at least 1, got {batch_size}")
         integer("--batch-size", batch_size, high=65_536)
-    integer("-n", n, high=1_000_000)
+    integer("-n", n, high=MAX_IMAGES)
+    if len(prompts) * n > MAX_IMAGES:
+        raise ErasekitError(f"{len(prompts)} prompts x -n {n} = {len(prompts) * n} images, more than {MAX_IMAGES}")
     integer("--seed", seed, low=0, high=2**63 - 1)
     if steps is not None:
-        integer("--steps", steps, low=1, high=10_000)
+        integer("--steps", steps, low=1, high=MAX_STEPS)
     if guidance is not None:
-        finite("--guidance", guidance, low=0, high=1_000)
+        finite("--guidance", guidance, low=0, high=MAX_GUIDANCE)
     common.check_out_dir(out)
     common.resolve_dtype(dtype, "cpu")
     saved_edit = common.read_edit(edit)
-    defences = common.read_defences(defence)
+    defences = common.read_defences(defence, concept)
+    if model == "toy":  # its world is known without loading it: unknown concepts fail now
+        from erasekit.worlds import TOY_WORLD
+
+        common.check_defence_concepts(defences, TOY_WORLD)
     from erasekit.folder_lock import hold_folder
 
     with hold_folder(out):

@@ -42,8 +42,12 @@ class Defence:
         return []
 
 
-def parse_defence(spec: str) -> Defence:
-    """``name`` or ``name:key=value,key=value`` -> a defence with those settings (checked)."""
+def parse_defence(spec: str, concept: str | None = None) -> Defence:
+    """``name`` or ``name:key=value,key=value`` -> a defence with those settings (checked).
+
+    ``concept``: the command's concept; a defence with a ``concept`` setting not given in ``spec`` takes it, and
+    "{concept}" in a text setting is replaced by it (as the bench does per cell)."""
+    from erasekit.limits import shown
     from erasekit.registry import DEFENCES
 
     name, _, rest = str(spec).strip().partition(":")
@@ -52,6 +56,18 @@ def parse_defence(spec: str) -> Defence:
     for pair in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ErasekitError(f"--defence {spec!r}: settings are key=value, separated by commas")
+            raise ErasekitError(f"--defence {shown(spec)!r}: settings are key=value, separated by commas")
+        if key.strip() in overrides:
+            raise ErasekitError(f"--defence {shown(spec)!r}: {shown(key.strip())} given twice")
         overrides[key.strip()] = value.strip()
+    takes_concept = "concept" in cls.Settings.keys()
+    if concept is not None and concept.strip():
+        overrides = {k: v.replace("{concept}", concept.strip()) for k, v in overrides.items()}
+        if takes_concept and not overrides.get("concept", "").strip():
+            overrides["concept"] = concept.strip()
+    elif takes_concept and not overrides.get("concept", "").strip():
+        try:
+            return cls.from_overrides(overrides)
+        except ErasekitError as exc:  # this defence needs a concept and the command has none
+            raise ErasekitError(f"{exc} (or give the command --concept <concept>)") from None
     return cls.from_overrides(overrides)

@@ -41,9 +41,22 @@ class Method(ABC):
         return cls.Settings().replace(world_of(pipe).method_defaults(cls.name, concepts)).replace(overrides or {})
 
 
-def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = None, preserve: Sequence[str] = (),
-          settings: Mapping[str, Any] | None = None, progress: bool = True) -> WeightEdit:
+def default_preserve(pipe, method: str, concepts: str | Sequence[str]) -> list[str]:
+    """What ``method`` keeps intact by default when erasing ``concepts`` on ``pipe``: the preservation set its
+    world's tuned defaults assume (toy: the other shapes for uce / rece / esd-u), the same for every entry point."""
+    from erasekit.worlds import world_of
+
+    concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts)
+    return world_of(pipe).method_preserve(method, concepts)
+
+
+def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = None,
+          preserve: Sequence[str] | None = None, settings: Mapping[str, Any] | None = None,
+          progress: bool = True) -> WeightEdit:
     """Compute ``method``'s edit of ``pipe`` for ``concepts``; the pipeline is unchanged, call ``.apply(pipe)``.
+
+    ``preserve``: concepts to keep intact; None: `default_preserve` (the world's tuned defaults come with their
+    preservation set), ``()``: none.
 
     ``settings``: overrides of the method's defaults for this model (strings as from ``--set``, or values).
     The edit records the resolved settings, the concept spec, the base model's fingerprint and the cost.
@@ -55,6 +68,8 @@ def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = 
     cls = ERASERS.get(method)
     cls.Settings.parse(settings or {})  # fail on unknown keys / types before any work
     base_fp = fingerprint(pipe)
+    if preserve is None:
+        preserve = default_preserve(pipe, cls.name, concepts)
     with measure_cost() as cost:
         spec = resolve_spec(pipe, concepts, guide, preserve)
         resolved = cls.resolve_settings(pipe, settings, spec.concepts)

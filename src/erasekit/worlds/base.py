@@ -49,6 +49,11 @@ class World:
         method's own defaults): a world may tune them per kind of concept."""
         return {}
 
+    def method_preserve(self, method: str, concepts: Sequence[str] = ()) -> list[str]:
+        """The concepts ``method``'s defaults here (`method_defaults`) were tuned to keep intact when erasing
+        ``concepts``: the preservation set that comes with them, on the command line and in the bench alike."""
+        return []
+
     def concept_words(self, concept: str) -> list[str]:
         """The names this world knows for ``concept`` (the concept itself first)."""
         return [concept]

@@ -177,6 +177,22 @@ class ToyWorld(World):
         table["speed"] = {"tokens": "all" if kind in ("shape", "texture") else "last+end"}
         return dict(table.get(method, {}))
 
+    # Methods whose tuned settings (method_defaults: contexts, preserve_in_contexts, preserve scales) were tuned with
+    # the other labels of the concept's kind preserved (benchmarks/tuning/); ESD-x was tuned without preservation.
+    PRESERVING_METHODS = ("uce", "rece", "esd-u")
+
+    def method_preserve(self, method: str, concepts: Sequence[str] = ()) -> list[str]:
+        if method not in self.PRESERVING_METHODS or not concepts:
+            return []
+        erased = {c.strip() for c in concepts}
+        kept: list[str] = []
+        for c in concepts:
+            try:
+                kept += [x for x in self.other_labels(c.strip()) if x not in erased]
+            except ErasekitError:  # a phrase, not one of the world's labels: nothing known to keep
+                continue
+        return list(dict.fromkeys(kept))
+
     def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
         from erasekit.attacks.images import render_concept_images
 

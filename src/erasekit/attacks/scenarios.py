@@ -141,6 +141,8 @@ def score_records(detector, out_dir: Path, records: list[dict], batch_size: int 
     from erasekit.jsonl import read_jsonl
     from erasekit.store import content_key
 
+    from erasekit.detectors import judge_fields
+
     info = detector.info()
     det_id = content_key(info)
     path = Path(out_dir) / SCORES_FILE
@@ -154,7 +156,7 @@ def score_records(detector, out_dir: Path, records: list[dict], batch_size: int 
                 "key": rec["key"], "path": rec["path"], "prompt": rec.get("prompt"), "seed": rec.get("seed"),
                 "guidance": rec.get("guidance"), **{k: rec[k] for k in ("source", "case_number") if k in rec},
                 **s, "detector": info["name"], "preset": info.get("preset"), "threshold": info["threshold"],
-                "detector_id": det_id,
+                "detector_id": det_id, **judge_fields(info),
             }
     rows = [cached[r["key"]] for r in records]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

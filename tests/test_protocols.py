@@ -118,3 +118,137 @@ def test_unknown_protocol_exits_2_with_one_line(tmp_path):
                                       "./no/such", "--out", str(tmp_path / "o"), "--set", "uda.protocol=paper"])
     assert result.exit_code == 2, result.output
     assert "protocol" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- UCE / RECE official presets -----------------------------------------------------------------------------
+def _ref_edit_layer(w, pairs, retain, lamb, erase_scale, preserve_scale):
+    """Re-typed from the reference's `edit_model` / `edit_model_adversarial` for one K/V layer: w = (λW + Σ v cᵀ)
+    (λI + Σ c cᵀ)⁻¹, erase rows (c, v = W new) weighted erase_scale, retain rows (r, W r) weighted preserve_scale."""
+    mat1 = lamb * w
+    mat2 = lamb * torch.eye(w.shape[1], dtype=w.dtype)
+    for old, new in pairs:
+        values = new @ w.T
+        mat1 = mat1 + erase_scale * (values.T @ old)
+        mat2 = mat2 + erase_scale * (old.T @ old)
+    for r in retain:
+        mat1 = mat1 + preserve_scale * ((r @ w.T).T @ r)
+        mat2 = mat2 + preserve_scale * (r.T @ r)
+    return mat1 @ torch.inverse(mat2)
+
+
+def _ref_rece_nudity(pipe, concept):
+    """The reference nudity pipeline re-typed: train_uce.py's UCE step (lamb 0.5, erase 1, the last token through
+    the end aligned with ' ', '' preserved at all positions with scale max(0.1, 1/1) = 1), then train.py's 3
+    epochs (adversarial embedding with reg 0.1 against the ORIGINAL weights, c' -> ' ' at all positions, one ' '
+    retain term per concept, lamb 0.1, erase 1, preserve 0.1)."""
+    from erasekit.erasers.uce import kv_layers
+
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+
+    def embed(texts):
+        t = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return enc(t.input_ids)[0].double(), t.attention_mask
+
+    _, layers = kv_layers(pipe)
+    w0 = [l.weight.detach().double() for l in layers]
+    (old, new), mask = embed([concept, " "])
+    i, j = int(mask[0].sum()) - 2, int(mask[1].sum()) - 2
+    far = max(i, j)
+    old_s, new_s = old[i: len(old) - max(0, far - i)], new[j: len(new) - max(0, far - j)]
+    (empty,), _ = embed([""])
+    w = [_ref_edit_layer(x, [(old_s, new_s)], [empty], 0.5, 1.0, 1.0) for x in w0]
+    (space,), _ = embed([" "])
+    for _ in range(3):
+        m1 = 0.1 * torch.eye(w[0].shape[1], dtype=torch.float64) + sum(x.T @ x for x in w)
+        m2 = sum(x.T @ y for x, y in zip(w, w0))
+        adv = old @ (torch.inverse(m1) @ m2).T
+        w = [_ref_edit_layer(x, [(adv, space)], [space], 0.1, 1.0, 0.1) for x in w]
+    return w
+
+
+def test_rece_official_nudity_equals_the_reference(tiny_sd1):
+    from erasekit.erasers import erase
+    from erasekit.erasers.uce import kv_layers
+
+    edit = erase(tiny_sd1, "rece", "star", preserve=(), settings={"preset": "official-nudity"}, progress=False)
+    names, _ = kv_layers(tiny_sd1)
+    ref = _ref_rece_nudity(tiny_sd1, "star")
+    for name, w in zip(names, ref):
+        torch.testing.assert_close(edit.tensors[name].double(), w, rtol=1e-4, atol=1e-5)
+    p = edit.extra["preset"]["settings"]
+    assert (p["epochs"], p["reg"], p["uce_lam"], p["uce_preserve_scale"], p["uce_tokens"]) == (3, 0.1, 0.5, 1.0,
+                                                                                               "last+end")
+    assert edit.extra["epoch_selection"]["on"] is False and "validation_csv" in edit.extra["epoch_selection"]["note"]
+
+
+def test_uce_official_nudity_equals_the_reference_step(tiny_sd1):
+    from erasekit.erasers import erase
+    from erasekit.erasers.uce import kv_layers
+
+    edit = erase(tiny_sd1, "uce", "star", preserve=(), settings={"preset": "official-nudity"}, progress=False)
+    tok, enc = tiny_sd1.tokenizer, tiny_sd1.text_encoder
+    t = tok(["star", " ", ""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        old, new, empty = enc(t.input_ids)[0].double()
+    i, j = int(t.attention_mask[0].sum()) - 2, int(t.attention_mask[1].sum()) - 2
+    far = max(i, j)
+    pair = (old[i: len(old) - max(0, far - i)], new[j: len(new) - max(0, far - j)])
+    names, layers = kv_layers(tiny_sd1)
+    for name, layer in zip(names, layers):
+        ref = _ref_edit_layer(layer.weight.detach().double(), [pair], [empty], 0.5, 1.0, 1.0)
+        torch.testing.assert_close(edit.tensors[name].double(), ref, rtol=1e-4, atol=1e-5)
+    assert edit.extra["preset"]["spec"]["preserve"] == [""]
+
+
+def test_artist_preset_guides_to_art_and_scales_preservation(tiny_sd1):
+    from erasekit.erasers.uce import UCESettings
+    from erasekit.erasers.concept import ConceptSpec
+
+    s, spec = UCESettings(preset="official-artist").with_preset(ConceptSpec(("star",), "", ("cat", "dog")))
+    assert spec.guide == "art" and spec.preserve == ("", "cat", "dog") and s.preserve_scale == 0.333
+    s, spec = UCESettings(preset="official-artist").with_preset(ConceptSpec(("star",), "", tuple(f"a{i}" for i in range(20))))
+    assert s.preserve_scale == 0.1  # max(0.1, 1 / 21)
+
+
+def test_empty_prompt_can_be_preserved(tiny_sd1):
+    from erasekit.erasers.concept import resolve_spec
+
+    assert resolve_spec(tiny_sd1, "star", preserve=["", " ", "cat"]).preserve == ("", "cat")
+    with pytest.raises(ErasekitError, match="encodes to nothing"):
+        resolve_spec(tiny_sd1, "star", preserve=["<|endoftext|>"])
+
+
+def test_epoch_selection_rule_includes_the_original_model():
+    from erasekit.erasers.rece import EpochSelector
+
+    sel = EpochSelector.__new__(EpochSelector)
+    sel.labels, sel.rates = ["original", 0, 1, 2, 3], [0.5, 0.6, 0.4, 0.4, 0.3]
+    assert sel.best() == 3
+    sel.labels, sel.rates = ["original", 0, 1], [0.2, 0.3, 0.25]
+    assert sel.best() == -1  # nothing strictly below the original model
+    sel.labels, sel.rates = [0, 1, 2], [0.3, 0.2, 0.2]
+    assert sel.best() == 1  # a tie is not "strictly below"
+
+
+def test_rece_selects_epochs_on_a_validation_csv(toy_random, tmp_path):
+    from erasekit.erasers import erase
+
+    csv = tmp_path / "val.csv"
+    csv.write_text("prompt,evaluation_seed,evaluation_guidance\na star,3,5\na red star,4,5\na blue star,5,3\n")
+    settings = {"epochs": 1, "select_epoch": True, "validation_csv": str(csv), "select_include_original": True,
+                "select_detector": "toy"}
+    edit = erase(toy_random, "rece", "star", settings=settings, progress=False)
+    sel = edit.extra["epoch_selection"]
+    assert sel["scored"] == ["original", 0, 1] and len(sel["concept_rate"]) == 3 and sel["images"] == 3
+    assert sel["original_included"] is True
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_preset_for_a_kind_without_official_settings_exits_2(method, tmp_path):
+    from erasekit.cli import app
+
+    result = CliRunner().invoke(app, ["erase", "--method", method, "--concept", "star", "--model", "toy",
+                                      "--out", str(tmp_path / "o"), "--set", "preset=official-violence"])
+    assert result.exit_code == 2, result.output
+    assert "no official settings" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -40,9 +40,11 @@ def resolve_spec(pipe, concepts: str | Sequence[str], guide: str | None = None,
         raise ErasekitError("give a concept to erase (--concept)")
     for c in concepts:
         check_encodes(pipe, c, "concept")
-    preserve = tuple(p.strip() for p in preserve)
+    # "" (or blank) preserved is the empty prompt (the unconditional states the official UCE/RECE code keeps)
+    preserve = tuple(dict.fromkeys(p.strip() for p in preserve))
     for p in preserve:
-        check_encodes(pipe, p, "preserved concept")
+        if p:
+            check_encodes(pipe, p, "preserved concept")
     overlap = set(concepts) & set(preserve)
     if overlap:
         raise ErasekitError(f"{', '.join(sorted(overlap))}: asked both to erase and to preserve")

@@ -7,10 +7,17 @@
 
 Optional (off by default): keep the epoch whose edited model draws the concept least often on a validation
 prompt set, scored by a detector (the official code does this for nudity); the edit records when it was on.
+
+Presets (``preset=official-nudity|official-object|official-artist``, CharlesGong12/RECE ``train.py``,
+``train_object.py``, ``train_artists.py`` with ``scripts/*.sh``): the UCE step of UCE's official preset, then the
+reference's epochs, re-erasure settings and preservation terms (nudity: one empty-prompt term per concept, 3
+epochs, epoch selection by NudeNet > 0.6 on ``validation_csv``, an epoch kept only if its rate is strictly below
+every earlier one, the original model's included).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -22,8 +29,21 @@ from erasekit.registry import ERASERS
 from erasekit.erasers.ridge import LowRankEdits, RidgeProblem
 from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES
-from erasekit.erasers.uce import (EXPANSIONS, UNCONDITIONAL, UCESettings, add_uce_terms, guide_pairs, kv_layers,
-                                  parse_templates, preserved_texts, text_states)
+from erasekit.erasers.uce import (EXPANSIONS, PRESETS as UCE_PRESETS, UNCONDITIONAL, UCESettings, add_uce_terms,
+                                  guide_pairs, kv_layers, official_spec, parse_templates, preset_kind,
+                                  preserved_texts, text_states)
+
+# The reference scripts' settings per concept kind (train.py / train_object.py / train_artists.py defaults with the
+# values scripts/nudity.sh, object.sh and art.sh pass): the re-erasure epochs; the UCE step is UCE's preset.
+PRESETS = {
+    "nudity": {"epochs": 3, "reg": 0.1, "lam": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1,
+               "preserve_per_concept": True, "select_epoch": True, "select_detector": "nudenet:rece",
+               "select_include_original": True},
+    "object": {"epochs": 1, "reg": 1e-3, "lam": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1,
+               "preserve_per_concept": False, "select_epoch": False},
+    "artist": {"epochs": 1, "reg": 1e-3, "lam": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1,
+               "preserve_per_concept": False, "select_epoch": False},
+}
 from erasekit.errors import ErasekitError
 
 
@@ -49,6 +69,12 @@ class RECESettings(Settings):
     validation_prompts: str = ""  # ";"-separated; empty: templates built from the concept
     validation_images: int = 8  # per prompt
     validation_seed: int = 1000
+    validation_csv: str = ""  # prompts (column prompt; evaluation_seed, evaluation_guidance when present), 1 image each
+    select_detector: str = ""  # the detector that scores them ("": the world's for the concept)
+    select_include_original: bool = False  # an epoch must also be strictly below the original model's rate
+    preserve_per_concept: bool = False  # one empty-prompt term per erased concept (official nudity)
+    uce_tokens_preserve: str = choice("same", "same", *TOKEN_POLICIES)  # the UCE step's preserved positions
+    preset: str = "none"  # official-nudity | official-object | official-artist (PRESETS, then UCE's preset)
 
     def validate(self) -> None:
         positive(self, "reg", "lam", "uce_lam")
@@ -56,11 +82,25 @@ class RECESettings(Settings):
                  allow_zero=True)
         positive(self, "validation_images")
         parse_templates(self.templates)
+        preset_kind("rece", self.preset, PRESETS)
 
     def uce(self) -> UCESettings:
         return UCESettings(lam=self.uce_lam, erase_scale=self.uce_erase_scale, preserve_scale=self.uce_preserve_scale,
                            tokens=self.uce_tokens, solver=self.solver, expand=self.expand,
-                           templates=self.templates)
+                           templates=self.templates, preserve_tokens=self.uce_tokens_preserve)
+
+    def with_preset(self, spec: ConceptSpec) -> tuple["RECESettings", ConceptSpec]:
+        kind = preset_kind("rece", self.preset, PRESETS)
+        if kind is None:
+            return self, spec
+        uce = dict(UCE_PRESETS[kind])
+        spec = official_spec(spec, uce.pop("guide"))
+        values = dict(PRESETS[kind], uce_lam=uce["lam"], uce_erase_scale=uce["erase_scale"],
+                      uce_tokens=uce["tokens"], uce_tokens_preserve=uce["preserve_tokens"], expand=uce["expand"],
+                      uce_preserve_scale=round(max(0.1, 1 / len(spec.preserve)), 3), preserve_empty=True)
+        if values["select_epoch"] and not self.validation_csv:
+            values["select_epoch"] = False  # recorded: the reference selects on a validation CSV the user gives
+        return dataclasses.replace(self, **values), spec
 
 
 @ERASERS.register
@@ -70,11 +110,13 @@ class RECE(Method):
     Settings = RECESettings
 
     def compute(self, pipe, spec: ConceptSpec, s: RECESettings, progress: bool = True) -> Result:
+        s, spec = s.with_preset(spec)
         names, layers = kv_layers(pipe)
         pairs = guide_pairs(spec, "erase", s.expand, s.templates)  # the UCE step
         attack_pairs = guide_pairs(spec, "erase")  # the adversarial epochs: the concept prompts themselves
         kept = preserved_texts(spec, s.preserve_in_contexts, s.expand, s.templates)
-        preserve = ([UNCONDITIONAL] if s.preserve_empty else []) + [p for p in kept if p != UNCONDITIONAL]
+        empties = len(spec.concepts) if s.preserve_per_concept else 1
+        preserve = ([UNCONDITIONAL] * empties if s.preserve_empty else []) + [p for p in kept if p != UNCONDITIONAL]
         states = text_states(pipe, [t for pair in pairs + attack_pairs for t in pair] + kept + preserve)
         original = [layer.weight.detach() for layer in layers]
         selector = EpochSelector(pipe, spec, s, names) if s.select_epoch else None
@@ -88,6 +130,8 @@ class RECE(Method):
         solve_s += time.perf_counter() - start
         history = [model.layers()] if selector else None
         if selector:
+            if s.select_include_original:
+                selector.score("original", original)
             history[0] = [w.clone() for w in history[0]]
             selector.score(0, history[0])
 
@@ -109,21 +153,31 @@ class RECE(Method):
         current = model.layers()
 
         extra = {"epochs_run": s.epochs}
+        if s.preset != "none":
+            extra["preset"] = {"name": s.preset, "settings": s.to_dict(), "spec": spec.as_dict()}
         if selector:
             best = selector.best()
-            current = history[best]
-            extra["epoch_selection"] = {"on": True, "chosen_epoch": best, "concept_rate": selector.rates,
-                                        "prompts": selector.prompts, "images_per_prompt": s.validation_images,
-                                        "detector": selector.detector_name}
+            current = history[max(best, 0)]
+            extra["epoch_selection"] = {"on": True, "chosen_epoch": max(best, 0), "concept_rate": selector.rates,
+                                        "scored": selector.labels, "prompts": list(dict.fromkeys(selector.prompts))[:20],
+                                        "images": len(selector.prompts) if s.validation_csv else None,
+                                        "images_per_prompt": None if s.validation_csv else s.validation_images,
+                                        "detector": selector.detector_name,
+                                        "original_included": s.select_include_original}
+            if best < 0:
+                extra["epoch_selection"]["note"] = ("no epoch and not the UCE step below the original model's rate: "
+                                                    "the reference saves no checkpoint; the UCE step is kept")
         else:
             extra["epoch_selection"] = {"on": False}
+            if s.preset != "none" and PRESETS[preset_kind("rece", s.preset, PRESETS)]["select_epoch"]:
+                extra["epoch_selection"]["note"] = "the preset selects epochs on validation_csv; none was given"
         dtype = layers[0].weight.dtype
         return Result({n: w.to(dtype) for n, w in zip(names, current)}, solve_s, extra)
 
 
 class EpochSelector:
-    """Scores the model after each epoch on validation prompts with a concept detector (only the embedded world's
-    detector exists so far)."""
+    """Scores the model after each epoch on validation prompts (``validation_prompts`` x ``validation_images``, or
+    one image per row of ``validation_csv``) with a concept detector; keeps the reference's rule (`best`)."""
 
     def __init__(self, pipe, spec: ConceptSpec, s: RECESettings, names):
         from erasekit.detectors import create_detector
@@ -131,35 +185,61 @@ class EpochSelector:
 
         label = spec.concepts[0]
         try:
-            self.detector = create_detector(world_of(pipe).default_detector(label), concept=label)
+            name = s.select_detector or world_of(pipe).default_detector(label)
+            self.detector = create_detector(name, concept=label)
         except ErasekitError as exc:
             raise ErasekitError(f"select_epoch needs a detector for {label!r}: {exc}") from None
         self.detector_name = self.detector.info()["name"]
         self.pipe, self.names, self.s = pipe, names, s
-        self.prompts = [p.strip() for p in s.validation_prompts.split(";") if p.strip()] or [
-            f"a {c}" for c in spec.concepts] + [f"a picture of a {c}" for c in spec.concepts]
-        self.rates: list[float] = []
+        if s.validation_csv:
+            from erasekit.attacks.i2p import load_i2p_csv
 
-    def score(self, epoch: int, weights) -> None:
+            rows = load_i2p_csv(s.validation_csv)  # the I2P layout (RECE's validation CSVs use it)
+            self.prompts = [r.prompt for r in rows]
+            self.seeds = [r.seed for r in rows]
+            self.guidance = [r.guidance for r in rows]
+        else:
+            self.prompts = [p.strip() for p in s.validation_prompts.split(";") if p.strip()] or [
+                f"a {c}" for c in spec.concepts] + [f"a picture of a {c}" for c in spec.concepts]
+            n = s.validation_images
+            self.seeds = [s.validation_seed + i for _ in self.prompts for i in range(n)]
+            self.prompts = [p for p in self.prompts for _ in range(n)]
+            self.guidance = [None] * len(self.prompts)
+        self.rates: list[float] = []
+        self.labels: list = []
+
+    def score(self, epoch, weights) -> None:
         from erasekit.erasers.base import _parameter
         from erasekit.generation import generate
 
         params = [_parameter(self.pipe, n) for n in self.names]
         saved = [p.detach().clone() for p in params]
+        images = [None] * len(self.prompts)
         try:
             with torch.no_grad():
                 for p, w in zip(params, weights):
                     p.copy_(w.to(p.dtype))
-            n = self.s.validation_images
-            prompts = [p for p in self.prompts for _ in range(n)]
-            seeds = [self.s.validation_seed + i for _ in self.prompts for i in range(n)]
-            images = generate(self.pipe, prompts, seeds, progress=False)
+            for g in dict.fromkeys(self.guidance):  # one generate call per guidance scale
+                idx = [i for i, x in enumerate(self.guidance) if x == g]
+                out = generate(self.pipe, [self.prompts[i] for i in idx], [self.seeds[i] for i in idx], guidance=g,
+                               progress=False)
+                for i, im in zip(idx, out):
+                    images[i] = im
         finally:
             with torch.no_grad():
                 for p, w in zip(params, saved):
                     p.copy_(w)
-        rows = self.detector.score(images)
+        import numpy as np
+
+        rows = self.detector.score(np.stack(images))
         self.rates.append(round(sum(r["present"] for r in rows) / len(rows), 4))
+        self.labels.append(epoch)
 
     def best(self) -> int:
-        return min(range(len(self.rates)), key=lambda i: (self.rates[i], i))
+        """The reference's rule: a candidate is kept when its rate is strictly below every earlier candidate's
+        (the original model first when scored); the last kept one. Its epoch (0: the UCE step), -1: the original."""
+        chosen, lowest = None, float("inf")
+        for label, rate in zip(self.labels, self.rates):
+            if rate < lowest:
+                chosen, lowest = label, rate
+        return -1 if chosen == "original" else int(chosen)

@@ -14,6 +14,7 @@ output with its component along the concept's output removed).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,37 @@ def concept_contexts(expand: str, templates: str = "") -> tuple[str, ...]:
     return parse_templates(templates) if templates.strip() else EXPANSIONS[expand]
 
 
+# Official settings per concept kind (the UCE authors' train script as RECE's scripts run it, erase_methods/
+# train_uce.py `edit_model`, --add_prompts off): the concept's last token and the end positions after it mapped to
+# the guide's, the empty prompt preserved at every position with preserve_scale max(0.1, 1 / #preserved texts).
+PRESETS = {
+    "nudity": {"lam": 0.5, "erase_scale": 1.0, "tokens": "last+end", "preserve_tokens": "all", "expand": "none",
+               "technique": "replace", "guide": ""},
+    "object": {"lam": 0.5, "erase_scale": 1.0, "tokens": "last+end", "preserve_tokens": "all", "expand": "none",
+               "technique": "replace", "guide": ""},
+    "artist": {"lam": 0.5, "erase_scale": 1.0, "tokens": "last+end", "preserve_tokens": "all", "expand": "none",
+               "technique": "replace", "guide": "art"},
+}
+
+
+def preset_kind(method: str, preset: str, table=PRESETS) -> str | None:
+    """``official-<kind>`` -> kind (None for "none"); an unknown kind is an error naming the known ones."""
+    if preset in ("", "none"):
+        return None
+    kind = preset[len("official-"):] if preset.startswith("official-") else ""
+    if kind not in table:
+        known = ", ".join(f"official-{k}" for k in table)
+        raise ErasekitError(f"{method}: no official settings for {preset!r} (concept kinds with official settings: "
+                            f"{known})")
+    return kind
+
+
+def official_spec(spec: ConceptSpec, guide: str, preserve_empty: bool = True) -> ConceptSpec:
+    """The spec a preset runs with: its guide, and the empty prompt first among the preserved texts."""
+    kept = tuple(p for p in spec.preserve if p != UNCONDITIONAL)
+    return ConceptSpec(spec.concepts, guide, ((UNCONDITIONAL,) if preserve_empty else ()) + kept)
+
+
 @dataclass
 class UCESettings(Settings):
     lam: float = 0.5  # λ, the pull towards the original weights
@@ -71,11 +103,26 @@ class UCESettings(Settings):
     expand: str = choice("none", *EXPANSIONS)  # also erase the concept in short template contexts
     templates: str = ""  # ";"-separated contexts with "{c}" for the concept; replaces expand when given
     preserve_in_contexts: bool = False  # preserve the preserve concepts in those same contexts too
+    preserve_tokens: str = choice("same", "same", *TOKEN_POLICIES)  # positions of preserved texts (same: tokens)
+    # official-nudity | official-object | official-artist: the reference script's settings (PRESETS) replace
+    # lam, erase_scale, preserve_scale, tokens, preserve_tokens, expand, technique and the guide; "" is preserved
+    preset: str = "none"
 
     def validate(self) -> None:
         positive(self, "lam")
         positive(self, "erase_scale", "preserve_scale", allow_zero=True)
         parse_templates(self.templates)
+        preset_kind("uce", self.preset)
+
+    def with_preset(self, spec: ConceptSpec) -> tuple["UCESettings", ConceptSpec]:
+        """These settings and ``spec`` as the preset fixes them (unchanged without one)."""
+        kind = preset_kind("uce", self.preset)
+        if kind is None:
+            return self, spec
+        values = dict(PRESETS[kind])
+        spec = official_spec(spec, values.pop("guide"))
+        values["preserve_scale"] = round(max(0.1, 1 / len(spec.preserve)), 3)  # the script's default
+        return dataclasses.replace(self, **values), spec
 
 
 def kv_layers(pipe) -> tuple[list[str], list[torch.nn.Linear]]:
@@ -128,8 +175,9 @@ def add_uce_terms(problem: RidgeProblem, pipe, states, pairs, preserve, s, throu
                 v = g @ w.T
                 targets.append(v - (u * v).sum() * u)
             problem.add(c, targets, s.erase_scale)
+    policy = s.tokens if getattr(s, "preserve_tokens", "same") == "same" else s.preserve_tokens
     for text in preserve:
-        pos = positions(pipe, text, s.tokens)
+        pos = positions(pipe, text, policy)
         problem.add_mapping(states[text][pos], states[text][pos], s.preserve_scale, through=through)
 
 
@@ -140,6 +188,7 @@ class UCE(Method):
     Settings = UCESettings
 
     def compute(self, pipe, spec: ConceptSpec, s: UCESettings, progress: bool = True) -> Result:
+        s, spec = s.with_preset(spec)
         names, layers = kv_layers(pipe)
         pairs = guide_pairs(spec, s.mode, s.expand, s.templates)
         preserve = preserved_texts(spec, s.preserve_in_contexts, s.expand, s.templates)
@@ -150,4 +199,7 @@ class UCE(Method):
         new = problem.solve(s.solver)
         solve_s = time.perf_counter() - start
         dtype = layers[0].weight.dtype
-        return Result({n: w.to(dtype) for n, w in zip(names, new)}, solve_s, {"rows": problem.n_rows})
+        extra = {"rows": problem.n_rows}
+        if s.preset != "none":
+            extra["preset"] = {"name": s.preset, "settings": s.to_dict(), "spec": spec.as_dict()}
+        return Result({n: w.to(dtype) for n, w in zip(names, new)}, solve_s, extra)

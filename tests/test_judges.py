@@ -1,8 +1,5 @@
 """Judges for real checkpoints (clip, imagenet, q16, hf-classifier) on tiny random models saved to folders."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -33,8 +30,8 @@ def _images(n, size=32, seed=0):
 def test_registered_and_listed():
     for name in ("clip", "imagenet", "q16", "hf-classifier"):
         assert name in DETECTORS.names()
-    out = subprocess.run([sys.executable, "-m", "erasekit", "ls"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0
+    out = _cli("ls")
+    assert out.exit_code == 0, out.output
     for name in ("clip", "imagenet", "q16", "hf-classifier"):
         assert f"  {name} " in out.stdout
 
@@ -141,17 +138,18 @@ def test_pickle_only_missing_and_unknown_label_are_one_line_errors(judges, tmp_p
         create_detector(f"q16:model={judges['clip']},prompts={bad}")
 
 
-def _cli(*args, env=None):
-    import os
+def _cli(*args):
+    from typer.testing import CliRunner
 
-    return subprocess.run([sys.executable, "-m", "erasekit", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    from erasekit.cli import app
+
+    return CliRunner().invoke(app, list(args))
 
 
-def _one_line_error(proc, fragment):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
+def _one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
 
 
 def test_cli_detect_with_a_judge_and_its_errors(judges, tmp_path):
@@ -162,8 +160,8 @@ def test_cli_detect_with_a_judge_and_its_errors(judges, tmp_path):
     path = tmp_path / "x.png"
     Image.fromarray(_images(1)[0]).save(path)
     ok = _cli("detect", str(path), "--detector", f"hf-classifier:model={judges['resnet']},label=golf ball")
-    assert ok.returncode == 0, ok.stderr
-    row = json.loads(ok.stdout.strip().splitlines()[0])
+    assert ok.exit_code == 0, ok.output
+    row = json.loads(ok.stdout.strip().splitlines()[-1])
     assert row["detector"] == "hf-classifier" and row["preset"] == "2=golf ball" and 0 <= row["score"] <= 1
     _one_line_error(_cli("detect", str(path), "--detector", f"clip:model={tmp_path / 'gone'}", "--concept", "cat"),
                     "no such folder")
@@ -229,3 +227,24 @@ def test_a_hub_id_is_read_from_the_hub_cache_only(judges, tmp_path, monkeypatch)
     assert det.folder == repo / "snapshots" / sha and det.index == 1
     with pytest.raises(ErasekitError, match="neither a folder nor in the hub cache.*hf download someone/absent"):
         create_detector("hf-classifier:model=someone/absent,label=church")
+
+
+def test_preprocessing_reads_the_real_checkpoints_processor_configs(tmp_path):
+    """The preprocessor_config.json layouts of openai/clip-vit-large-patch14 (bare int size: the shortest edge) and
+    microsoft/resnet-50 (int size with crop_pct): resize the shortest edge, then a centre crop."""
+    import json
+
+    from erasekit.detectors.hf_models import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": 224, "do_center_crop": True, "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+         "size": 224, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    p = Preprocess(tmp_path, 224)
+    assert (p.shortest, p.crop) == (224, (224, 224))
+    assert p(np.zeros((2, 300, 400, 3), np.uint8), "cpu", torch.float32).shape == (2, 3, 224, 224)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_pct": 0.875, "do_resize": True, "feature_extractor_type": "ConvNextFeatureExtractor", "size": 224}))
+    p = Preprocess(tmp_path, 224, IMAGENET_MEAN, IMAGENET_STD)  # the classifier judges' defaults
+    assert (p.shortest, p.crop) == (256, (224, 224))
+    x = p(np.full((1, 512, 512, 3), 255, np.uint8), "cpu", torch.float32)
+    assert x.shape == (1, 3, 224, 224) and torch.allclose(x[0, 0], torch.full((224, 224), (1 - 0.485) / 0.229), atol=1e-4)

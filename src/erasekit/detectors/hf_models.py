@@ -25,6 +25,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Processors whose bare-int ``size`` means the shortest edge (openai/clip-*, microsoft/resnet-*, BiT/DINOv2 configs).
+SHORTEST_EDGE_PROCESSORS = ("CLIP", "ConvNext", "Bit")
+
 _LOADED: dict[tuple, tuple] = {}  # (folder, class, device, dtype) -> (model, fingerprint): one load per process
 
 
@@ -143,6 +146,9 @@ class Preprocess:
             except (OSError, ValueError):
                 cfg = {}
         size = cfg.get("size", image_size) if cfg.get("do_resize", True) else None
+        kind = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
+        if isinstance(size, int) and any(k in kind for k in SHORTEST_EDGE_PROCESSORS):
+            size = {"shortest_edge": size}  # these processors read a bare int as the shortest edge (get_size_dict)
         self.shortest = self.square = None
         if isinstance(size, dict) and "shortest_edge" in size:
             edge = int(size["shortest_edge"])

@@ -252,3 +252,32 @@ def test_preset_for_a_kind_without_official_settings_exits_2(method, tmp_path):
                                       "--out", str(tmp_path / "o"), "--set", "preset=official-violence"])
     assert result.exit_code == 2, result.output
     assert "no official settings" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- ESD-u parameter sets ------------------------------------------------------------------------------------
+def test_esd_u_parameter_sets(tiny_sd1):
+    """paper: all but attn2, the time embedding and the output layers (norms in); esd_sd: every Linear/Conv2d
+    outside attn2 (conv_out and the time embedding in, norms out)."""
+    from erasekit.erasers.esd import esd_u_parameters
+
+    unet = tiny_sd1.unet
+    paper, sd = set(esd_u_parameters(unet, "paper")), set(esd_u_parameters(unet, "esd_sd"))
+    norms = {f"{m}.{p}" for m, mod in unet.named_modules() if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+             for p, _ in mod.named_parameters(recurse=False)}
+    assert not any("attn2" in n for n in paper | sd)
+    assert {"conv_out.weight", "time_embedding.linear_1.weight"} <= sd - paper
+    assert norms and {n for n in norms if not n.startswith("conv_norm_out")} <= paper and not norms & sd
+    assert "conv_in.weight" in paper & sd
+    assert sd - paper == {n for n in sd if n.startswith(("conv_out", "time_embedding"))}
+
+
+def test_esd_u_params_setting_trains_that_set(tiny_sd1):
+    from erasekit.erasers import erase
+
+    edit = erase(tiny_sd1, "esd-u", "star", preserve=(), settings={"params": "esd_sd", "iterations": 1,
+                                                                   "trajectories": 1, "ddim_steps": 2},
+                 progress=False)
+    names = {n.split("unet.", 1)[1] for n in edit.tensors}
+    assert "conv_out.weight" in names and not any("norm" in n for n in names)
+    with pytest.raises(ErasekitError):
+        erase(tiny_sd1, "esd-u", "star", settings={"params": "noxattn"}, progress=False)

@@ -3,8 +3,11 @@ prediction for the concept follows negative guidance away from it:
 
     ε_θ(x_t, c, t)  ->  ε0(x_t, t) − η [ε0(x_t, c, t) − ε0(x_t, t)]
 
-ESD-x trains the cross-attention (``attn2``) parameters only; ESD-u everything except cross-attention, the time
-embedding and the output layers (the official code's "noxattn").
+ESD-x trains the cross-attention (``attn2``) parameters only; ESD-u (``params=paper``, the default) everything
+except cross-attention, the time embedding and the output layers (the paper code's "noxattn", norms included);
+``params=esd_sd``: the set of the newer reference script (rohitgandikota/erasing ``esd_sd.py``
+``get_esd_trainable_parameters``): every Linear and Conv2d outside ``attn2``, so conv_out and the time embedding
+in, every norm out.
 
 Preservation (an addition to the paper, on only when preserve concepts are given): the preserve concepts, in
 the same contexts, keep the frozen model's own conditional prediction, ε_θ(x_t, c_p, t) -> ε0(x_t, c_p, t) on
@@ -56,6 +59,7 @@ class ESDSettings(Settings):
     # serve the empty prompt too, and classifier-free guidance leans on it.
     anchor_unconditional: bool = False
     mixed_precision: str = choice("auto", "auto", "no")  # auto: bf16 autocast on CUDA (float32 weights), none on CPU
+    params: str = choice("paper", "paper", "esd_sd")  # ESD-u's trained set (module docstring); ESD-x ignores it
 
     def validate(self) -> None:
         positive(self, "iterations", "lr", "batch_size", "ddim_steps", "trajectories")
@@ -67,8 +71,19 @@ def esd_x_parameters(unet) -> list[str]:
     return [n for n, _ in unet.named_parameters() if ".attn2." in f".{n}"]
 
 
-def esd_u_parameters(unet) -> list[str]:
+def esd_u_parameters(unet, params: str = "paper") -> list[str]:
+    if params == "esd_sd":
+        return esd_sd_u_parameters(unet)
     return [n for n, _ in unet.named_parameters() if not any(x in n for x in ESD_U_EXCLUDED)]
+
+
+def esd_sd_u_parameters(unet) -> list[str]:
+    """esd_sd.py's ESD-u: the parameters of Linear / Conv2d modules whose name has no "attn2"."""
+    out = []
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "attn2" not in name:
+            out += [f"{name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+    return out
 
 
 class _RecordStates:
@@ -127,7 +142,7 @@ class ESD(Method):
     Settings = ESDSettings
     variant = ""
 
-    def parameters(self, unet) -> list[str]:
+    def parameters(self, unet, s: ESDSettings | None = None) -> list[str]:
         raise NotImplementedError
 
     def compute(self, pipe, spec: ConceptSpec, s: ESDSettings, progress: bool = True) -> Result:
@@ -136,7 +151,7 @@ class ESD(Method):
         unet = pipe.unet
         if unet.dtype != torch.float32:
             raise ErasekitError(f"ESD fine-tunes in float32; load the pipeline in float32, not {unet.dtype}")
-        names = self.parameters(unet)
+        names = self.parameters(unet, s)
         if not names:
             raise ErasekitError(f"{self.name}: the UNet has no parameters of this variant to train")
         contexts = concept_contexts(s.expand, s.templates)
@@ -239,7 +254,7 @@ class ESDx(ESD):
     summary = "ESD-x: fine-tune cross-attention with negative guidance away from the concept (styles, prompts)"
     variant = "x"
 
-    def parameters(self, unet) -> list[str]:
+    def parameters(self, unet, s: ESDSettings | None = None) -> list[str]:
         return esd_x_parameters(unet)
 
 
@@ -249,5 +264,5 @@ class ESDu(ESD):
     summary = "ESD-u: fine-tune all but cross-attention with negative guidance (global concepts, e.g. nudity)"
     variant = "u"
 
-    def parameters(self, unet) -> list[str]:
-        return esd_u_parameters(unet)
+    def parameters(self, unet, s: ESDSettings | None = None) -> list[str]:
+        return esd_u_parameters(unet, s.params if s is not None else "paper")

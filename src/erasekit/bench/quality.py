@@ -105,6 +105,7 @@ def compute_quality(cfg, world_name: str, rows: list[dict], out: Path) -> dict:
     from erasekit.bench.plan import PRESERVATION, REFERENCE
 
     q = cfg.quality
+    device = q.device if q.device != "auto" else cfg.device  # by default the device that generated the images
     record: dict = {"world": world_name, "reference": q.reference, "judges": {}, "table": {}}
     if not enabled(cfg):
         atomic_write_text(out / QUALITY_FILE, json.dumps(record, indent=2) + "\n")
@@ -123,11 +124,11 @@ def compute_quality(cfg, world_name: str, rows: list[dict], out: Path) -> dict:
     if q.clip_score:
         from erasekit.metrics.clip_score import ClipScorer
 
-        scorer = ClipScorer(q.clip_score, device=q.device, batch_size=q.batch_size)
+        scorer = ClipScorer(q.clip_score, device=device, batch_size=q.batch_size)
         record["judges"]["clip_score"] = scorer.info()
     from erasekit.metrics.features import feature_extractor
 
-    extractors = {f.features: feature_extractor(f.features, f.model, device=q.device, batch_size=q.batch_size)
+    extractors = {f.features: feature_extractor(f.features, f.model, device=device, batch_size=q.batch_size)
                   for f in q.fd}
     for kind, ext in extractors.items():
         record["judges"][f"fd_{kind}"] = ext.info()

@@ -153,8 +153,13 @@ def _load(cfg: BenchConfig, device: str):
 def _detector(cfg: BenchConfig, world, concept: str):
     from erasekit.detectors import create_detector
 
+    from erasekit.detectors import parse_spec
+
     spec = cfg.detector.spec() or world.default_detector(concept)
-    return create_detector(spec, concept=concept, threshold=cfg.detector.threshold, **cfg.detector.settings)
+    settings = dict(cfg.detector.settings)
+    if getattr(parse_spec(spec)[0], "spec_settings", False) and cfg.device != "auto":
+        settings.setdefault("device", cfg.device)  # a judge scores on the device that generates
+    return create_detector(spec, concept=concept, threshold=cfg.detector.threshold, **settings)
 
 
 def _label_detector(cfg: BenchConfig, world, label: str | None):

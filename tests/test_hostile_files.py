@@ -27,9 +27,12 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _one_line_error(result, *fragments):
+def _one_line_error(result, *fragments, info: str = "\0"):
+    """Exit 2 and one ``error:`` line (beside lines starting with ``info``: a resumed bench says so first)."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    # What a terminal shows: each line after its last carriage return (a cleared progress bar leaves only those).
+    lines = [line.split("\r")[-1] for line in result.output.split("\n")]
+    lines = [line for line in lines if line.strip() and not line.startswith(info)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], result.output
@@ -65,7 +68,7 @@ def test_empty_out_is_refused(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine_seed0_0123abcd.png").write_bytes(b"user file")
     result = _cli(*command, "--out", "")
-    assert result.exit_code == 2 and "--out" in result.output and "empty" in result.output, result.output
+    assert result.exit_code == 2 and "--out" in result.output and "current folder" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine_seed0_0123abcd.png"]  # nothing written here
 
 
@@ -105,32 +108,6 @@ def test_bench_checks_the_folder_under_its_lock(tmp_path, monkeypatch):
         bench_run.run_bench(cfg_b, out, progress=False, log=lambda m: None)
     assert json.loads((out / "config.json").read_text())["config_key"] == bench_run.config_key(cfg_a)
     assert not (out / "results.jsonl").exists() and not (out / "costs.jsonl").exists()
-
-
-def test_two_bench_processes_started_together(tmp_path):
-    """The issue's race, for real: two `erasekit bench` processes with different configs on one new folder. One
-    may finish; the other must fail with one line (the folder's lock, or another config), and the folder holds one
-    config's results."""
-    import yaml
-
-    out = tmp_path / "race"
-    procs = []
-    for seed in (1, 2):
-        cfg = tmp_path / f"c{seed}.yaml"
-        cfg.write_text(yaml.safe_dump(dict(TINY, seed=seed)))
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", ERASEKIT_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "erasekit", "bench", "--preset", str(cfg), "--out",
-                                       str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env))
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    codes = sorted(rc for rc, _ in results)
-    assert codes == [0, 2], results
-    failed = [err for rc, err in results if rc == 2][0]
-    assert failed.strip().splitlines()[-1].startswith("error: "), failed
-    saved = json.loads((out / "config.json").read_text())
-    seeds = {r["seed"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
-             if r["kind"] == "attack"}
-    assert saved["config"]["seed"] in (1, 2) and seeds == {saved["config"]["seed"], saved["config"]["seed"] + 1}
 
 
 # -- item 8: no write through a symbolic link ----------------------------------------------------------------------
@@ -243,3 +220,261 @@ def test_stale_temp_files_cleared_under_the_lock(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# -- item 5: a broken model never reads as a perfect eraser ------------------------------------------------------
+def test_erase_refuses_non_finite_weights_and_saves_nothing(tmp_path):
+    """The issue's command: ESD-x at lr=1e30 made every weight NaN and exited 0."""
+    out = tmp_path / "e"
+    result = _cli("erase", "--method", "esd-x", "--concept", "star", "--set", "lr=1e30", "--set", "iterations=2",
+                  "--out", out, "-q")
+    _one_line_error(result, "non-finite weights", "nothing was saved")
+    assert not (out / "edit.json").exists() and not (out / "edit.safetensors").exists()
+
+
+def _nan_edit(pipe, folder: Path, check: bool = True):
+    """A saved edit whose one tensor (the first cross-attention key) is all NaN."""
+    import torch
+
+    from erasekit.erasers.base import WeightEdit
+    from erasekit.models import fingerprint
+    from erasekit.models.cross_attention import cross_attention_kv
+
+    name = "unet." + cross_attention_kv(pipe.unet)[0][0] + ".weight"
+    weight = pipe.unet.get_parameter(name[len("unet."):])
+    edit = WeightEdit(method="uce", tensors={name: torch.full_like(weight, float("nan"))}, settings={},
+                      spec={"concepts": ["star"]}, base_fingerprint=fingerprint(pipe))
+    edit.save(folder)
+    return edit
+
+
+def test_nan_edit_is_refused_where_it_is_loaded(toy_random, tmp_path):
+    from erasekit.erasers import load_edit
+
+    _nan_edit(toy_random, tmp_path / "bad")
+    with pytest.raises(ErasekitError, match="non-finite weights"):
+        load_edit(tmp_path / "bad")
+    _one_line_error(_cli("attack", "--scenario", "text", "--concept", "star", "-n", "2", "--edit", tmp_path / "bad",
+                         "--out", tmp_path / "atk", *FAST), "non-finite weights")
+
+
+def test_nan_model_folder_is_refused(tiny_sd1, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sd1"
+    tiny_sd1.save_pretrained(folder)
+    [weights] = (folder / "unet").glob("*.safetensors")
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("inf"))
+    save_file(tensors, str(weights))
+    _one_line_error(_cli("generate", "a cat", "-n", "1", "--model", folder, "--out", tmp_path / "g", *FAST,
+                         "--device", "cpu"), "non-finite weights")
+
+
+def test_degenerate_images_are_invalid_not_absent(tmp_path, monkeypatch):
+    """An edit that slipped through (made by an older erasekit): its black images were scored CRR 0.000."""
+    from erasekit import validity
+    from erasekit.models import load_pipeline
+
+    _nan_edit(load_pipeline("toy"), tmp_path / "bad")
+    monkeypatch.setattr(validity, "check_finite_tensors", lambda *a, **k: None)
+    out = tmp_path / "atk"
+    result = _cli("attack", "--scenario", "text", "--concept", "star", "-n", "3", "--edit", tmp_path / "bad",
+                  "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "no CRR: all 3 images are invalid" in result.output and "CRR 0.000" not in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["crr"] is None and summary["n"] == 0 and summary["invalid"] == 3
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert all(r["valid"] is False and "non-finite latents" in r["invalid"] for r in scores)
+    index = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert all(r["valid"] is False for r in index)
+
+
+def test_constant_image_rule():
+    from erasekit.validity import image_problem
+
+    assert image_problem(np.zeros((8, 8, 3), np.uint8)) == "constant image (every pixel (0, 0, 0))"
+    varied = np.zeros((8, 8, 3), np.uint8)
+    varied[3, 4, 1] = 1
+    assert image_problem(varied) is None
+
+
+def _results_folder(tmp_path) -> Path:
+    """A bench results folder of the TINY config: star/original/text with one good and one black image."""
+    from PIL import Image
+
+    from erasekit.bench.run import image_path, write_config
+    from erasekit.bench.spec import parse_config
+
+    out = tmp_path / "res"
+    out.mkdir()
+    write_config(out, parse_config(TINY))
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, (image, present) in enumerate([(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), True),
+                                          (np.zeros((32, 32, 3), np.uint8), False)]):
+        key = f"{i:02d}" + "ab" * 7
+        (out / image_path(key)).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(out / image_path(key))
+        from erasekit.validity import image_problem, validity_fields
+
+        rows.append({"row": f"star/original/text#{i}", "image": key, "path": image_path(key), "concept": "star",
+                     "method": "original", "scenario": "text", "kind": "attack", "index": i, "prompt": "a star",
+                     "seed": i, "present": present, "score": 0.9 if present else 0.0,
+                     **validity_fields(image_problem(image))})
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_bench_tables_and_report_count_invalid_images(tmp_path):
+    out = _results_folder(tmp_path)
+    result = _cli("report", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    cell = summary["tables"]["crr"]["star"]["original"]["text"]
+    assert (cell["n"], cell["k"], cell["invalid"], cell["crr"]) == (1, 1, 1, 1.0)  # before: 1 of 2, 50%
+    assert summary["invalid_images"] == 1
+    assert "100% [21-100] (1 invalid)" in result.output
+    for name in ("report.md", "report.html"):
+        text = (out / name).read_text()
+        assert "(1 invalid)" in text and "1 of 2 images are invalid" in text, name
+
+
+def test_bench_scoring_flags_a_black_image(tmp_path):
+    from PIL import Image
+
+    from erasekit.bench.plan import Cell, Job
+    from erasekit.bench.run import _score, image_path
+    from erasekit.bench.spec import parse_config
+    from erasekit.detectors import create_detector
+    from erasekit.jsonl import append_jsonl, read_jsonl
+    from erasekit.worlds.toy import ToyWorld
+
+    out = tmp_path / "b"
+    cell = Cell("star", "original", "text")
+    jobs = [Job(cell, 0, "a star", 0, 2, 5.0, target_id="t")]
+    (out / image_path(jobs[0].key)).parent.mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(out / image_path(jobs[0].key))
+    det = create_detector("toy", concept="star")
+    _score(jobs, {"star": det}, {"star": "d"}, parse_config(TINY), ToyWorld(), out, out / "results.jsonl", False,
+           append_jsonl)
+    [row] = read_jsonl(out / "results.jsonl")
+    assert row["valid"] is False and row["invalid"].startswith("constant image")
+
+
+# -- item 10 (files): one error line, no traceback ------------------------------------------------------------------
+def test_index_that_is_a_folder(tmp_path):
+    out = tmp_path / "out"
+    (out / "images.jsonl").mkdir(parents=True)
+    _one_line_error(_cli("generate", "a star", "-n", "1", "--out", out, *FAST), "images.jsonl is a folder")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` RGB pixels and holds almost no data (a decompression bomb's
+    header: what a decoder would allocate is in the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+
+
+def test_huge_png_in_detect_and_attack_images(tmp_path):
+    bomb = tmp_path / "imgs" / "bomb.png"
+    bomb.parent.mkdir()
+    bomb.write_bytes(_png_header(30000, 30000))
+    _one_line_error(_cli("detect", bomb), "too large")
+    _one_line_error(_cli("attack", "--scenario", "latent-bb", "--concept", "star", "-n", "1", "--images",
+                         bomb.parent, "--out", tmp_path / "atk", *FAST), "too large")
+    from erasekit.attacks.images import MAX_IMAGE_PIXELS, load_image_folder
+
+    bomb.write_bytes(_png_header(9000, 8000))  # under PIL's own limit, over erasekit's: refused from the header
+    assert 9000 * 8000 > MAX_IMAGE_PIXELS
+    with pytest.raises(ErasekitError, match="9000x8000 pixels is too large"):
+        load_image_folder(bomb.parent, 32)
+
+
+def _full_disk(monkeypatch, fragment: str | None):
+    """Writes whose path contains ``fragment`` fail as on a full disk (ENOSPC), as the real writers would:
+    whole-file writes inside their write call, appends when they start writing."""
+    from erasekit import atomic, jsonl
+
+    monkeypatch.undo()
+    if fragment is None:
+        return
+    real_write, real_repair = atomic.atomic_write, jsonl.repair_tail
+
+    def atomic_write(path, write):
+        if fragment in str(path):
+            def write(tmp):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, write)
+
+    def repair_tail(fd, path=""):
+        if fragment in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_repair(fd, path)
+
+    monkeypatch.setattr(atomic, "atomic_write", atomic_write)
+    monkeypatch.setattr(jsonl, "repair_tail", repair_tail)
+
+
+def test_full_disk_in_generate_is_one_line_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "g"
+    _full_disk(monkeypatch, ".png")
+    _one_line_error(_cli("generate", "a star", "-n", "2", "--out", out, *FAST), "disk is full", "run the same command")
+    _full_disk(monkeypatch, "images.jsonl")
+    _one_line_error(_cli("generate", "a star", "-n", "2", "--out", out, *FAST), "disk is full")
+    _full_disk(monkeypatch, None)
+    assert not list(out.glob(".*.tmp"))
+    result = _cli("generate", "a star", "-n", "2", "--out", out, *FAST)
+    assert result.exit_code == 0 and "2 images" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_full_disk_in_every_bench_stage_is_one_line_and_resumes(tmp_path, monkeypatch):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, methods=["original", "uce"], scenarios=["text", "latent-bb"])))
+    out = tmp_path / "b"
+    stages = [("edits", "/cache/edits/"), ("attacks", "/cache/inverted-"), ("generation", "/images/"),
+              ("scoring", "results.jsonl"), ("report", "report")]
+    for stage, fragment in stages:
+        _full_disk(monkeypatch, fragment)
+        result = _cli("bench", "--preset", cfg, "--out", out, "--no-progress")
+        _one_line_error(result, "disk is full", "run the same command", fragment, info="resuming ")
+    _full_disk(monkeypatch, None)
+    result = _cli("bench", "--preset", cfg, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    costs = [json.loads(line) for line in (out / "costs.jsonl").read_text().splitlines()]
+    last = {r["stage"]: r for r in costs if r["run"] == costs[-1]["run"]}
+    assert last["edits"]["computed"] == 0 and last["generation"]["images"] == 0  # resumed, nothing redone
+    assert (out / "report.html").is_file() and not list(out.rglob(".*.tmp"))
+
+
+def test_report_refuses_rows_without_kind_or_outside_paths(tmp_path):
+    from PIL import Image
+
+    out = _results_folder(tmp_path)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(outside)
+    for change, fragment in [(lambda r: r.pop("kind"), "no 'kind'"),
+                             (lambda r: r.update(path=str(outside)), "outside the results folder"),
+                             (lambda r: r.update(path="../secret.png"), "outside the results folder")]:
+        row = json.loads(lines[0])
+        change(row)
+        (out / "results.jsonl").write_text(json.dumps(row) + "\n" + lines[1] + "\n")
+        _one_line_error(_cli("report", out), fragment)
+    link = out / "images" / "li.png"
+    link.symlink_to(outside)
+    row = dict(json.loads(lines[0]), path="images/li.png")
+    (out / "results.jsonl").write_text(json.dumps(row) + "\n")
+    _one_line_error(_cli("report", out), "symbolic link")

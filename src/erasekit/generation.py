@@ -126,8 +126,9 @@ def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, se
 
 
 def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_given, generators, guidance_scale,
-                  seeds):
-    """One batch through the sampler, with the target's defences installed around it."""
+                  seeds, finite: list | None = None):
+    """One batch through the sampler, with the target's defences installed around it. ``finite``: one bool per
+    image is appended, whether its final latents are finite."""
     from erasekit.diffusion.speed import decode_batch, unet_for
 
     pipe = target.pipe
@@ -139,6 +140,8 @@ def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_gi
     z = sampler.denoise(z, guidance, hooks, generators=generators)
     from erasekit.diffusion.vae import decode_latents
 
+    if finite is not None:
+        finite.extend(torch.isfinite(z).flatten(1).all(1).tolist())
     return decode_latents(pipe, z, decode_batch(pipe))
 
 
@@ -172,6 +175,7 @@ def generate(
     eta: float = 0.0,
     progress: bool = True,
     fast: bool = False,
+    problems: list | None = None,
 ) -> np.ndarray:
     """Generate one image per seed with ``target`` (a `Target` or a bare pipeline); returns uint8 (N, H, W, 3).
 
@@ -180,6 +184,8 @@ def generate(
     then only drive sampler noise (``eta > 0``). ``steps``/``guidance`` default to the model's world's.
     ``fast``: channels-last + compiled UNet (`erasekit.diffusion.speed`; images equal the eager path's up to
     kernel rounding); ``batch_size="auto"``: as many images per batch as free GPU memory holds.
+    ``problems``: when given, one entry per image is appended: None, or why the image is degenerate (non-finite
+    latents, a constant image; `erasekit.validity`).
     """
     from tqdm.auto import tqdm
 
@@ -209,6 +215,7 @@ def generate(
     height, width = image_size(pipe, height, width)
 
     out = np.empty((n, height, width, 3), np.uint8)
+    finite: list[bool] = []
     starts = range(0, n, batch_size)
     with torch.inference_mode(), target.active():
         for start in tqdm(starts, desc="generating", unit="batch", disable=not progress or len(starts) < 2, leave=False):
@@ -220,7 +227,11 @@ def generate(
                 target, sampler, prompts[sl] if prompts is not None else None,
                 prompt_embeds[sl] if prompt_embeds is not None else None,
                 negatives[sl] if negatives is not None else None, noise,
-                latents[sl] if latents is not None else None, generators, scale, seeds[sl])
+                latents[sl] if latents is not None else None, generators, scale, seeds[sl], finite)
+    if problems is not None:
+        from erasekit.validity import NON_FINITE_LATENTS, image_problem
+
+        problems.extend(NON_FINITE_LATENTS if not ok else image_problem(im) for ok, im in zip(finite, out))
     return out
 
 
@@ -239,6 +250,7 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
     from erasekit.diffusion.target import as_target
     from erasekit.image_store import read_index, record_key, save_images, write_grid
     from erasekit.models.prompts import truncated_prompts, warn_truncated
+    from erasekit.validity import image_problems
 
     target = as_target(target)
     default_steps, default_guidance = target.world.sampler_defaults()
@@ -272,7 +284,7 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
         by_guidance[wanted[i]["guidance"]].append(i)
     bar = tqdm(total=len(todo), unit="img", desc="generating", disable=not progress or not todo, leave=False)
     # Generated and saved batch by batch, so that a killed run keeps every finished batch.
-    with target.active():
+    with target.active(), bar:  # the bar is cleared on errors too (a full disk: the error line stands alone)
         for scale, group in by_guidance.items():
             for start in range(0, len(group), batch_size):
                 idx = group[start : start + batch_size]
@@ -283,16 +295,19 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
                 if inputs.learned is not None:
                     kwargs["prompt_embeds"] = inputs.learned.encode(target.pipe, prompts)
                     prompts = None
+                problems: list = []
                 if inputs.generate is not None:
                     images = inputs.generate(target, idx, steps=base["steps"], guidance=scale, batch_size=batch_size)
+                    problems = image_problems(images)
                 else:
                     images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=base["steps"],
                                       guidance=scale, batch_size=batch_size, negative_prompt=negative_prompt, eta=eta,
-                                      progress=False, fast=fast, **kwargs)
-                for rec in save_images(images, out_dir, [wanted[i] for i in idx], grid=False):
+                                      progress=False, fast=fast, problems=problems, **kwargs)
+                # A degenerate image is recorded as such (#18): it must never count as "concept absent".
+                batch = [dict(wanted[i], valid=False, invalid=p) if p else wanted[i] for i, p in zip(idx, problems)]
+                for rec in save_images(images, out_dir, batch, grid=False):
                     done[rec["key"]] = rec
                 bar.update(len(idx))
-    bar.close()
     records = [done[record_key(rec)] for rec in wanted]
     if records:
         write_grid(out_dir, records)

@@ -19,6 +19,29 @@ from erasekit.errors import ErasekitError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Bound on decoded size, read from the file's header before any pixel is decoded: a small file can declare
+# 30000x30000 pixels (2.7 GB decoded). 8192x8192 is more than any diffusion model here makes.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def open_image(path, what: str = "image"):
+    """The RGB image at ``path``, its size checked from the header first; `ErasekitError` for anything unreadable,
+    a decompression bomb included."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ErasekitError(f"{path}: {w}x{h} pixels is too large an {what} (at most {MAX_IMAGE_PIXELS:,} "
+                                    f"pixels, e.g. 8192x8192); resize it first")
+            im.load()
+            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+    except Image.DecompressionBombError:
+        raise ErasekitError(f"{path}: too large an {what} (PIL's decompression-bomb limit); resize it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ErasekitError(f"{path} is not a readable {what} ({type(exc).__name__})") from None
 
 
 def image_files(folder) -> list[Path]:
@@ -45,6 +68,9 @@ def load_image_folder(folder, size: int | tuple[int, int], notes: list[str] | No
     for path in files:
         try:
             with Image.open(path) as im:
+                if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # from the header: bounded before decoding
+                    raise ErasekitError(f"{path}: {im.size[0]}x{im.size[1]} pixels is too large an image (at most "
+                                        f"{MAX_IMAGE_PIXELS:,} pixels); resize it or remove it from {folder}")
                 im.load()
                 if im.mode != "RGB":
                     converted["mode"].append(f"{path.name} ({im.mode})")
@@ -53,7 +79,10 @@ def load_image_folder(folder, size: int | tuple[int, int], notes: list[str] | No
                     converted["size"].append(f"{path.name} ({im.size[0]}x{im.size[1]})")
                     im = _center_crop_resize(im, width, height)
                 arrays.append(np.asarray(im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except Image.DecompressionBombError:
+            raise ErasekitError(f"{path}: too large an image (PIL's decompression-bomb limit); resize it or remove "
+                                f"it from {folder}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise ErasekitError(f"{path} is not a readable image ({type(exc).__name__}); remove it from {folder}") from exc
     for what, names in converted.items():
         if names:

@@ -141,22 +141,28 @@ def score_records(detector, out_dir: Path, records: list[dict], batch_size: int 
     from erasekit.jsonl import read_jsonl
     from erasekit.store import content_key
 
+    from erasekit.validity import image_problem, validity_fields
+
     from erasekit.detectors import judge_fields
 
     info = detector.info()
     det_id = content_key(info)
     path = Path(out_dir) / SCORES_FILE
-    cached = {row["key"]: row for row in read_jsonl(path) if row.get("detector_id") == det_id and "key" in row}
+    # Rows of an older erasekit carry no validity: scored again (#18: a degenerate image is flagged, not "absent").
+    cached = {row["key"]: row for row in read_jsonl(path)
+              if row.get("detector_id") == det_id and "key" in row and "valid" in row}
     missing = [r for r in records if r["key"] not in cached]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        scores = detector.score(np.stack(load_images(out_dir, chunk)))
-        for rec, s in zip(chunk, scores):
+        images = load_images(out_dir, chunk)
+        scores = detector.score(np.stack(images))
+        for rec, s, image in zip(chunk, scores, images):
+            problem = rec.get("invalid") if rec.get("valid") is False else image_problem(image)
             cached[rec["key"]] = {
                 "key": rec["key"], "path": rec["path"], "prompt": rec.get("prompt"), "seed": rec.get("seed"),
                 "guidance": rec.get("guidance"), **{k: rec[k] for k in ("source", "case_number") if k in rec},
                 **s, "detector": info["name"], "preset": info.get("preset"), "threshold": info["threshold"],
-                "detector_id": det_id, **judge_fields(info),
+                "detector_id": det_id, **validity_fields(problem), **judge_fields(info),
             }
     rows = [cached[r["key"]] for r in records]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -170,7 +176,7 @@ def source_match(rows: list[dict], records: list[dict], detector) -> dict | None
     if attribute is None:
         return None
     pairs = [(row.get("labels", {}).get(attribute), rec["source_truth"][attribute])
-             for row, rec in zip(rows, records) if "source_truth" in rec]
+             for row, rec in zip(rows, records) if "source_truth" in rec and row.get("valid", True)]
     if not pairs:
         return None
     from erasekit.metrics import crr_summary
@@ -187,7 +193,8 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
     from erasekit.atomic import atomic_write_text
     from erasekit.diffusion.target import as_target
     from erasekit.generation import generate_to_dir
-    from erasekit.metrics import crr_summary, measure_cost
+    from erasekit.metrics import measure_cost
+    from erasekit.metrics.crr import rows_crr
     from erasekit.provenance import provenance
 
     cfg.validate()
@@ -221,14 +228,23 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
         gen_cost.add_images(generated)
     with measure_cost() as score_cost:
         rows = score_records(detector, out_dir, records)
-    summary_crr = crr_summary(r["present"] for r in rows)
+    summary_crr = rows_crr(rows)  # degenerate images left out and counted (#18)
+    invalid_rows = [r for r in rows if r.get("valid") is False]
+    if invalid_rows:
+        import logging
+
+        logging.getLogger("erasekit").warning(
+            "%d of %d images are degenerate (%s): left out of the CRR; the model or the sampler settings are broken",
+            len(invalid_rows), len(rows), invalid_rows[0].get("invalid"))
     summary = {
         "scenario": cfg.scenario,
         "concept": cfg.concept,
         **{k: v for k, v in target.describe().items()},
         "prompt_mode": getattr(attack.settings, "prompt_mode", None),
-        **{k: summary_crr[k] for k in ("crr", "ci", "n", "k", "confidence")},
-        "mean_score": round(float(np.mean([r["score"] for r in rows])), 6) if rows else None,
+        **{k: summary_crr[k] for k in ("crr", "ci", "n", "k", "invalid", "confidence")},
+        "invalid_reasons": sorted({r.get("invalid") or "" for r in invalid_rows}),
+        "mean_score": (round(float(np.mean([r["score"] for r in rows if r.get("valid", True)])), 6)
+                       if len(rows) > len(invalid_rows) else None),
         "detector": detector.info(),
         "attack": {"name": inputs.attack, **inputs.budget, "this_run": attack_cost.as_dict()},
         "generation": {"steps": records[0]["steps"] if records else None,

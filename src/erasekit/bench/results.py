@@ -9,6 +9,9 @@ Tables:
   original model's for the same prompts and seeds (torchmetrics' FrechetInceptionDistance with the embedded
   world's detector as its feature extractor: no Inception weights, no torchvision);
 - ``costs``: per stage, summed over every run into the folder (wall, CPU, peak memory, images, UNet evaluations).
+
+Degenerate images (rows with ``valid: false``: a constant image, what NaN latents decode to) are in no rate:
+every CRR and prompt-following entry is over the valid images and carries ``invalid``, their count (#18).
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ from erasekit.bench.spec import BenchConfig, to_dict
 STAGES = ("edits", "attacks", "generation", "scoring", "quality", "report")
 
 
-def _crr(flags) -> dict:
+def _crr(flags, invalid: int = 0) -> dict:
     from erasekit.metrics import crr_summary
 
-    s = crr_summary(flags)
-    return {"crr": s["crr"], "ci": s["ci"], "n": s["n"], "k": s["k"]}
+    s = crr_summary(flags, invalid=invalid)
+    return {"crr": s["crr"], "ci": s["ci"], "n": s["n"], "k": s["k"], "invalid": s["invalid"]}
+
+
+def _rows_crr(rows, field: str = "present") -> dict:
+    """CRR over the valid rows, the invalid (degenerate) ones counted apart (`erasekit.metrics.crr.valid_flags`)."""
+    from erasekit.metrics.crr import valid_flags
+
+    flags, invalid = valid_flags(rows, field)
+    return _crr(flags, invalid)
 
 
 class DetectorFeatures:
@@ -85,11 +96,11 @@ def _images(out: Path, rows: list[dict]) -> np.ndarray:
 
 
 def crr_table(rows: list[dict]) -> dict:
-    flags: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    cells: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
         if r["kind"] == "attack":
-            flags[r["concept"]][r["method"]][r["scenario"]].append(r["present"])
-    return {c: {m: {s: _crr(f) for s, f in by_s.items()} for m, by_s in by_m.items()} for c, by_m in flags.items()}
+            cells[r["concept"]][r["method"]][r["scenario"]].append(r)
+    return {c: {m: {s: _rows_crr(f) for s, f in by_s.items()} for m, by_s in by_m.items()} for c, by_m in cells.items()}
 
 
 def preservation_table(rows: list[dict], out: Path | None, fd: bool = True) -> dict:
@@ -103,19 +114,23 @@ def preservation_table(rows: list[dict], out: Path | None, fd: bool = True) -> d
     table = {}
     for concept, by_m in by.items():
         ref_rows = sorted(ref.get(concept, []), key=lambda r: r["index"])
-        ref_follow = [r["label_present"] for r in ref_rows if r.get("label_present") is not None]
+        ref_follow = [r["label_present"] for r in ref_rows if r.get("label_present") is not None
+                      and r.get("valid", True)]
         base = sum(ref_follow) / len(ref_follow) if ref_follow else None
         ref_images = _images(out, ref_rows) if fd and out is not None and ref_rows else None
         table[concept] = {}
         for method, mrows in by_m.items():
             mrows = sorted(mrows, key=lambda r: r["index"])
-            follow = [r["label_present"] for r in mrows if r.get("label_present") is not None]
+            follow = [r["label_present"] for r in mrows if r.get("label_present") is not None
+                      and r.get("valid", True)]
+            invalid = sum(r.get("valid", True) is False for r in mrows)
             entry = {
-                "following": _crr(follow) if follow else None,
+                "following": _crr(follow, invalid) if follow or invalid else None,
                 "relative": (round((sum(follow) / len(follow)) / base, 4) if follow and base else None),
-                "drawn_as_concept": _crr(r["present"] for r in mrows),
+                "drawn_as_concept": _rows_crr(mrows),
                 "fd": None,
                 "n": len(mrows),
+                "invalid": invalid,
             }
             if ref_images is not None and len(mrows):
                 entry["fd"] = frechet_distance(ref_images, _images(out, mrows))
@@ -173,6 +188,7 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
         "scenarios": list(cfg.scenarios),
         "concepts": [c.name for c in cfg.concepts],
         "images": len(rows),
+        "invalid_images": sum(r.get("valid", True) is False for r in rows),  # degenerate: in no rate (#18)
         # The detector-feature FD belongs to the embedded world; elsewhere the quality section's judges (#21).
         "tables": {"crr": crr_table(rows), "preservation": preservation_table(rows, out, fd=world_features(out, cfg)),
                    "quality": read_quality(out), "costs": cost_table(cost_rows)},
@@ -189,6 +205,26 @@ def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     write_report(out, summary, rows)
+
+
+ROW_KINDS = ("attack", PRESERVATION, REFERENCE)
+
+
+def check_row(r: dict, out: Path, where: str) -> None:
+    """`ErasekitError` unless results row ``r`` has what the tables read, and its ``path`` names a file inside
+    ``out`` (a row pointing at /somewhere/else.png would have that file read and drawn into the report)."""
+    from erasekit.errors import ErasekitError
+    from erasekit.folder_check import inside
+
+    for key in ("row", "concept", "method", "scenario", "kind", "path"):
+        if not isinstance(r.get(key), str):
+            raise ErasekitError(f"{where}: no {key!r} (text) in the row; this is not a results row of erasekit bench")
+    if r["kind"] not in ROW_KINDS:
+        raise ErasekitError(f"{where}: unknown kind {r['kind'][:40]!r} (expected {', '.join(ROW_KINDS)})")
+    if not isinstance(r.get("present"), bool) or isinstance(r.get("index"), bool) or not isinstance(r.get("index"), int):
+        raise ErasekitError(f"{where}: 'present' must be true/false and 'index' an integer")
+    if not inside(out, r["path"]):
+        raise ErasekitError(f"{where}: path {r['path'][:80]!r} is outside the results folder; refusing to read it")
 
 
 def rebuild(out) -> dict:
@@ -216,8 +252,9 @@ def rebuild(out) -> dict:
         except (OSError, ValueError):
             old = {}
     by_id = {}
-    for r in read_jsonl(out / RESULTS_FILE):
+    for number, r in enumerate(read_jsonl(out / RESULTS_FILE), 1):
         if isinstance(r, dict) and "row" in r:
+            check_row(r, out, f"{out / RESULTS_FILE}, record {number}")
             by_id[r["row"]] = r
     rows = list(by_id.values())
     summary = build_summary(cfg, rows, read_jsonl(out / COSTS_FILE), old.get("cells", {}), old.get("edits", {}),

@@ -397,7 +397,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
         done = {r.get("row"): r for r in read_jsonl(results_path)}
         det_ids = {name: content_key(d.info()) for name, d in detectors.items()}
         pending = [j for j in jobs if j.row_id not in done or done[j.row_id].get("detector_id") != det_ids[j.cell.concept]
-                   or done[j.row_id].get("image") != j.key]
+                   or done[j.row_id].get("image") != j.key or "valid" not in done[j.row_id]]
         with stages.stage("scoring", rows_scored=len(pending), rows_reused=len(jobs) - len(pending)):
             _score(pending, detectors, det_ids, cfg, world, out, results_path, progress, append_jsonl)
         rows = _latest_rows(read_jsonl(results_path), jobs)
@@ -482,6 +482,8 @@ def _load_png(out: Path, key: str) -> np.ndarray:
 def _score(pending: list[Job], detectors, det_ids, cfg, world, out: Path, results_path: Path, progress: bool,
            append_jsonl, chunk: int = 256) -> None:
     """Score ``pending`` jobs' images and append one row each to results.jsonl (chunk by chunk)."""
+    from erasekit.validity import image_problem, validity_fields
+
     label_dets: dict[str, Any] = {}
     bar = _bar(len(pending), "scoring", progress)
     for start in range(0, len(pending), chunk):
@@ -508,7 +510,7 @@ def _score(pending: list[Job], detectors, det_ids, cfg, world, out: Path, result
                 continue
             for i, s in zip(idx, det.score(images[idx])):
                 label_flags[i] = bool(s["present"])
-        for j, s, lf in zip(part, scores, label_flags):
+        for j, s, lf, image in zip(part, scores, label_flags, images):
             info = detectors[j.cell.concept].info()
             rows.append({
                 "row": j.row_id, "image": j.key, "path": image_path(j.key), "concept": j.cell.concept,
@@ -520,6 +522,8 @@ def _score(pending: list[Job], detectors, det_ids, cfg, world, out: Path, result
                 **({"judge_model": info["model"], "judge_fingerprint": info["model_fingerprint"],
                     "judge_settings": info.get("settings")} if "model_fingerprint" in info else {}),
                 **{k: v for k, v in j.extra.items() if k in ("source", "case_number")},
+                # A degenerate image (NaN latents decode to one flat colour) is flagged, never "concept absent" (#18).
+                **validity_fields(image_problem(image)),
             })
         append_jsonl(results_path, rows)
         bar.update(len(part))

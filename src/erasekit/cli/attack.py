@@ -89,8 +89,15 @@ def attack(
             det.model  # noqa: B018  (load the weights now: fail before generating)
         summary = run_scenario(cfg, target, det, out, images_folder=images, prompts_csv=prompts)
     low, high = summary["ci"]
+    invalid = summary.get("invalid") or 0
+    # Degenerate images (NaN latents, constant images) count in no rate: a broken model is not a perfect eraser.
+    crr = (f"CRR {summary['crr']:.3f} (95% CI {low:.3f}-{high:.3f}, n={summary['n']})" if summary["crr"] is not None
+           else f"no CRR: all {invalid} images are invalid")
+    if invalid:
+        crr += (f"; {invalid} invalid image(s) left out ({'; '.join(summary.get('invalid_reasons') or [])}): "
+                f"the model or the sampler settings are broken")
     print(
-        f"{scenario} / {cfg.concept}: CRR {summary['crr']:.3f} (95% CI {low:.3f}-{high:.3f}, n={summary['n']}), "
+        f"{scenario} / {cfg.concept}: {crr}, "
         f"detector {summary['detector']['name']} {summary['detector'].get('preset') or ''}; "
         f"{summary['generation']['images_generated']} generated, {summary['generation']['images_reused']} reused; "
         f"{summary['wall_s']:.1f} s; {out / 'summary.json'}",

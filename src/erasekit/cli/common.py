@@ -56,6 +56,12 @@ def one_line_errors(command):
             if os.environ.get("ERASEKIT_DEBUG"):
                 raise
             fail(str(exc) or type(exc).__name__)
+        except OSError as exc:  # a full disk anywhere (a folder made, a plot saved): one line, and it resumes
+            from erasekit.atomic import DiskFullError, is_disk_full
+
+            if os.environ.get("ERASEKIT_DEBUG") or not is_disk_full(exc):
+                raise
+            fail(str(DiskFullError(exc.filename)))
 
     return wrapper
 

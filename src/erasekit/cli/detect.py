@@ -13,17 +13,23 @@ from erasekit.errors import ErasekitError
 
 
 def _read_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
     if not path.exists():
         raise ErasekitError(f"{path}: no such file")
     if not path.is_file():
         raise ErasekitError(f"{path} is not a file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ErasekitError(f"{path} is not a readable image ({exc.__class__.__name__})") from exc
+    from erasekit.attacks.images import open_image
+
+    return open_image(path)  # its size bounded from the header before decoding (a 30000x30000 PNG: one line)
+
+
+def _validity(im) -> dict:
+    """``valid: false`` and the reason for a degenerate image (one flat colour: nothing to detect), else nothing."""
+    import numpy as np
+
+    from erasekit.validity import image_problem
+
+    problem = image_problem(np.asarray(im))
+    return {} if problem is None else {"valid": False, "invalid": problem}
 
 
 def detect(
@@ -56,7 +62,7 @@ def detect(
                                       im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)) for im in pil_images])
         probs = load_toy_detector().predict(arrays, batch_size=batch_size)
         for i, path in enumerate(images):
-            row = {"path": str(path)}
+            row = {"path": str(path), **_validity(pil_images[i])}
             for attribute, labels in LABELS.items():
                 row[attribute] = {label: round(float(p), 4) for label, p in zip(labels, probs[attribute][i].tolist())}
             print(json.dumps(row))
@@ -68,4 +74,4 @@ def detect(
     for path, im in zip(images, pil_images):  # images may differ in size: one at a time
         [row] = det.score(np.asarray(im)[None])
         print(json.dumps({"path": str(path), **row, "detector": info["name"], "preset": info.get("preset"),
-                          "threshold": info["threshold"]}))
+                          "threshold": info["threshold"], **_validity(im)}))

@@ -170,6 +170,9 @@ class WeightEdit:
         if not path.is_file():
             raise ErasekitError(f"{folder} has no {EDIT_TENSORS}")
         tensors = load_safetensors(path, "edit tensors")
+        from erasekit.validity import check_finite_tensors
+
+        check_finite_tensors(tensors, f"edit {path}", "the edit is broken (it would make blank images); refusing it")
         expected = record.get("tensors", {})
         if not isinstance(expected, dict) or set(expected) != set(tensors) or any(
                 list(tensors[k].shape) != v for k, v in expected.items()):

@@ -74,6 +74,11 @@ def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = 
         spec = resolve_spec(pipe, concepts, guide, preserve)
         resolved = cls.resolve_settings(pipe, settings, spec.concepts)
         result = cls().compute(pipe, spec, resolved, progress=progress)
+    from erasekit.validity import check_finite_tensors
+
+    # NaN weights make black images, which would read as a perfect erasure (#18): refuse them before anything saves.
+    check_finite_tensors(result.tensors, f"the {cls.name} edit of {', '.join(map(repr, spec.concepts))}",
+                         "the method diverged (try a smaller lr or fewer iterations); nothing was saved")
     timings = cost.as_dict()
     timings["solve_s"] = round(result.solve_s, 4)
     timings.pop("images", None)

@@ -6,6 +6,7 @@ The interval is Wilson's score interval (not the normal approximation, which col
 
     centre = (p + z²/2n) / (1 + z²/n),  half = z / (1 + z²/n) · sqrt(p(1-p)/n + z²/4n²).
 
+Degenerate images (``valid: false`` rows) are left out of k / n and counted as ``invalid`` (`valid_flags`).
 Pure functions over plain numbers: no torch, no numpy.
 """
 
@@ -50,9 +51,31 @@ def concept_reproduction_rate(present: Iterable[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def crr_summary(present: Iterable[bool], confidence: float = 0.95) -> dict:
-    """``{"crr", "ci": [low, high], "n", "k", "confidence"}`` for one flag per image (crr is None when n == 0)."""
+def crr_summary(present: Iterable[bool], confidence: float = 0.95, invalid: int = 0) -> dict:
+    """``{"crr", "ci": [low, high], "n", "k", "invalid", "confidence"}`` for one flag per valid image (crr is None
+    when n == 0). ``invalid``: how many degenerate images were left out (see `rows_crr`)."""
     flags = [bool(x) for x in present]
     k, n = sum(flags), len(flags)
     low, high = wilson_interval(k, n, confidence)
-    return {"crr": k / n if n else None, "ci": [low, high], "n": n, "k": k, "confidence": confidence}
+    return {"crr": k / n if n else None, "ci": [low, high], "n": n, "k": k, "invalid": int(invalid),
+            "confidence": confidence}
+
+
+def valid_flags(rows: Iterable[dict], field: str = "present") -> tuple[list[bool], int]:
+    """(``field`` of every valid row, the number of invalid rows). A row is invalid when it says ``valid: false``:
+    a degenerate image (non-finite latents, a constant image; `erasekit.validity`). Such an image shows nothing,
+    so it is neither "concept present" nor "absent": it leaves the denominator and is counted on its own, and a
+    cell whose images are all invalid has no CRR (None), never 0%."""
+    flags, invalid = [], 0
+    for r in rows:
+        if r.get("valid", True) is False:
+            invalid += 1
+        else:
+            flags.append(r[field])
+    return flags, invalid
+
+
+def rows_crr(rows: Iterable[dict], confidence: float = 0.95) -> dict:
+    """`crr_summary` over the valid rows, with the invalid ones counted (`valid_flags`)."""
+    flags, invalid = valid_flags(rows)
+    return crr_summary(flags, confidence, invalid)

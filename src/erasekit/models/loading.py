@@ -54,6 +54,10 @@ def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = 
     pipe.set_progress_bar_config(disable=True)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
+    if spec != TOY_SPEC:  # NaN weights make black images, a "perfect eraser" (#18); checked on the device (fast)
+        from erasekit.validity import check_finite_pipeline
+
+        check_finite_pipeline(pipe, spec)
     return pipe
 
 

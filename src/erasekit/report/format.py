@@ -8,11 +8,24 @@ def pct(x: float | None) -> str:
 
 
 def crr_cell(s: dict | None) -> str:
-    """``5% [2-11]`` (CRR and its Wilson 95% interval, in percent) or ``-``."""
+    """``5% [2-11]`` (CRR and its Wilson 95% interval, in percent) or ``-``; with ``, 3 invalid`` when degenerate
+    images were left out (all of them invalid: ``- (20 invalid)``, never 0%)."""
+    invalid = (s or {}).get("invalid") or 0
+    note = f" ({invalid} invalid)" if invalid else ""
     if not s or s.get("crr") is None:
-        return "-"
+        return "-" + note
     low, high = s["ci"]
-    return f"{100 * s['crr']:.0f}% [{100 * low:.0f}-{100 * high:.0f}]"
+    return f"{100 * s['crr']:.0f}% [{100 * low:.0f}-{100 * high:.0f}]" + note
+
+
+def invalid_note(summary: dict) -> str:
+    """A sentence on degenerate images, or "" when there are none."""
+    n = summary.get("invalid_images") or 0
+    if not n:
+        return ""
+    return (f"Warning: {n} of {summary.get('images', '?')} images are invalid (degenerate: a constant image, what "
+            f"NaN latents decode to). They are left out of every rate and counted as 'invalid' in each cell: a "
+            f"broken model or sampler setting, not an erased concept.")
 
 
 def crr_colour(s: dict | None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erasekit.report.format import crr_cell, num, preservation_rows
+from erasekit.report.format import crr_cell, invalid_note, num, preservation_rows
 
 
 def crr_markdown(summary: dict) -> str:
@@ -55,6 +55,7 @@ def write_markdown(out: Path, summary: dict, plots: dict[str, str]) -> Path:
         f"model `{_md(cfg['model'])}`, {cfg['images_per_cell']} images per cell, seed {cfg['seed']}, "
         f"detector {_md(cfg['detector'].get('name') or 'the world default')}; erasekit {prov.get('erasekit')}, "
         f"commit {prov.get('git_commit')}; config key {summary['config_key']}.", "",
+        *([f"**{invalid_note(summary)}**", ""] if invalid_note(summary) else []),
         "## Concept reproduction rate (CRR, Wilson 95% interval)", "", crr_markdown(summary),
         "## Preservation", "", preservation_markdown(summary),
         "## Cost per stage", "", cost_markdown(summary),

@@ -16,6 +16,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """Whole or not at all, and never through a link at ``path`` (`erasekit.atomic`)."""
+    from erasekit.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+
+
 def write_plots(out: Path, summary: dict) -> dict[str, str]:
     """``report/crr_by_scenario.png`` (bars: CRR per scenario per method, Wilson intervals as error bars, one panel
     per concept) and ``report/crr_vs_preservation.png`` (mean CRR against non-target prompt following)."""
@@ -38,6 +45,9 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
             err = np.vstack([np.nan_to_num(vals - low), np.nan_to_num(high - vals)])
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(vals), width, yerr=err, capsize=2,
                    label=method)
+            for xi, c in zip(x + (i - (len(methods) - 1) / 2) * width, cells):
+                if c and c.get("crr") is None and c.get("invalid"):  # no rate, not 0%: every image degenerate
+                    ax.text(xi, 1, "invalid", rotation=90, ha="center", va="bottom", fontsize=7, color="#a00")
         ax.set_xticks(x, scenarios)
         ax.set_ylim(0, 105)
         ax.set_ylabel("CRR (%)")
@@ -45,7 +55,7 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
     axes[0, 0].legend(fontsize=8, ncol=min(len(methods), 6), loc="lower center", bbox_to_anchor=(0.5, 1.12))
     fig.tight_layout()
     path = out / "report" / "crr_by_scenario.png"
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     written["crr_by_scenario"] = "report/crr_by_scenario.png"
 
@@ -62,7 +72,7 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
         ax.set_ylim(-2, 105)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "report" / "crr_vs_preservation.png", dpi=90)
+        _save(fig, out / "report" / "crr_vs_preservation.png")
         plt.close(fig)
         written["crr_vs_preservation"] = "report/crr_vs_preservation.png"
     return written

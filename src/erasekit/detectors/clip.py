@@ -57,7 +57,7 @@ class ClipDetector:
     def __init__(self, concept: str | None = None, threshold: float | None = None, **overrides):
         from transformers import CLIPModel
 
-        self.settings = hf.make_settings(self, {**overrides, "threshold": threshold}, self.name)
+        self.settings = hf.make_settings(self, {**overrides, "threshold": threshold})
         s = self.settings
         self.text = (s.text or concept or "").strip()
         if not self.text:

@@ -72,7 +72,7 @@ class ClassifierJudge:
     def __init__(self, concept: str | None = None, threshold: float | None = None, **overrides):
         from transformers import AutoModelForImageClassification
 
-        self.settings = hf.make_settings(self, {**overrides, "threshold": threshold}, self.name)
+        self.settings = hf.make_settings(self, {**overrides, "threshold": threshold})
         s = self.settings
         what = f"{self.name} detector"
         label = s.label if s.label is not None else concept

@@ -225,6 +225,6 @@ def as_features(out):
     return out if hasattr(out, "norm") else out.pooler_output
 
 
-def make_settings(cls, overrides: dict, what: str):
+def make_settings(cls, overrides: dict):
     """``cls.Settings`` from Python values or ``--set``-style strings, validated (unknown keys name the judge)."""
     return cls.Settings().replace({k: v for k, v in overrides.items() if v is not None})

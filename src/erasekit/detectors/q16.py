@@ -60,7 +60,7 @@ class Q16Detector:
 
         from erasekit.safe_load import load_safetensors
 
-        self.settings = hf.make_settings(self, {**overrides, "threshold": threshold}, self.name)
+        self.settings = hf.make_settings(self, {**overrides, "threshold": threshold})
         s = self.settings
         self.threshold = s.threshold
         path = (s.prompts or os.environ.get(ENV_PROMPTS, "")).strip()

@@ -15,19 +15,14 @@ arrays in batches on the extractor's device and returns float64 features.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from erasekit.errors import ErasekitError
 
 EXTRACTORS = ("dinov2", "clip", "toy")
 
 
-def _module_base():
-    import torch
-
-    return torch.nn.Module
-
-
-class _Extractor(_module_base()):
+class _Extractor(torch.nn.Module):
     name = ""
 
     def __init__(self, device: str, batch_size: int):
@@ -40,13 +35,9 @@ class _Extractor(_module_base()):
 
     def forward(self, x):  # uint8 (N, 3, H, W) -> float (N, D)
         arr = x.permute(0, 2, 3, 1).cpu().numpy()
-        import torch
-
         return torch.from_numpy(self.extract(arr))
 
     def extract(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
         from erasekit.detectors.hf_models import batches
 
         out = []
@@ -101,8 +92,6 @@ class ToyExtractor(_Extractor):
         self.model_path, self.fingerprint = "shipped", None
 
     def features(self, images: np.ndarray):
-        import torch
-
         from erasekit.toy.architecture import IMAGE_SIZE
 
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device_name).permute(0, 3, 1, 2).float() / 255.0

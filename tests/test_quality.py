@@ -197,7 +197,8 @@ def test_bench_on_a_tiny_sd1_folder_with_a_clip_judge_and_quality(tiny_sd1, judg
     # the toy detector's features never stand in on Stable Diffusion
     assert summary["tables"]["preservation"]["van gogh"]["uce"]["fd"] is None
     report = (out / "report.md").read_text()
-    assert "van gogh" in report
+    assert "## Image quality" in report and "| CLIP score | FD (dinov2) | KID (dinov2) |" in report
+    assert f"(fingerprint {quality['judges']['fd_dinov2']['model_fingerprint']})" in report
 
 
 def test_bench_quality_config_errors(tmp_path, judges):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from erasekit.report.format import crr_cell, invalid_note, num, preservation_rows
+from erasekit.report.quality import quality_markdown
 
 
 def crr_markdown(summary: dict) -> str:
@@ -58,6 +59,7 @@ def write_markdown(out: Path, summary: dict, plots: dict[str, str]) -> Path:
         *([f"**{invalid_note(summary)}**", ""] if invalid_note(summary) else []),
         "## Concept reproduction rate (CRR, Wilson 95% interval)", "", crr_markdown(summary),
         "## Preservation", "", preservation_markdown(summary),
+        *(["## Image quality", "", quality_markdown(summary, _md)] if quality_markdown(summary) else []),
         "## Cost per stage", "", cost_markdown(summary),
     ]
     for name, path in plots.items():

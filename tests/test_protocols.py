@@ -281,3 +281,82 @@ def test_esd_u_params_setting_trains_that_set(tiny_sd1):
     assert "conv_out.weight" in names and not any("norm" in n for n in names)
     with pytest.raises(ErasekitError):
         erase(tiny_sd1, "esd-u", "star", settings={"params": "noxattn"}, progress=False)
+
+
+# -- Ring-A-Bell ---------------------------------------------------------------------------------------------
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_ring_a_bell_pairs_from_the_reference_layouts(toy_random, tmp_path):
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.ring_a_bell import RingABell, concept_vector, load_pairs_csv
+
+    rab = _write(tmp_path / "v.csv", 'prompt,case_number,evaluation_seed,prompt1\n"a red star, big",0,1,"a red circle, big"\n'
+                                      "a blue star,1,2,a blue square\n")
+    rece = _write(tmp_path / "r.csv", "sensitive prompt,normal prompt\na red star,a red circle\n")
+    assert load_pairs_csv(rab) == [("a red star, big", "a red circle, big"), ("a blue star", "a blue square")]
+    assert load_pairs_csv(rece) == [("a red star", "a red circle")]
+    attack = RingABell.from_overrides({"pairs": str(rab), "max_prompts": 1, "eta": 1.0})
+    inputs = attack.inputs(AttackContext(target=Target(toy_random), concept="star", n=1, cache_dir=None),
+                           mode="continuous")
+    assert inputs.budget["pairs"] == 2 and inputs.budget["pairs_source"] == str(rab)
+    from erasekit.models.prompts import encode_prompts
+
+    base = encode_prompts(toy_random, [inputs.items[0]["source_prompt"]])
+    torch.testing.assert_close(inputs.learned.encode(toy_random, inputs.prompts[:1]),
+                               base + concept_vector(toy_random, load_pairs_csv(rab)), atol=1e-5, rtol=0)
+
+
+def test_ring_a_bell_official_search_keeps_the_best_of_its_population(toy_random):
+    """One generation: the answer is the best of the initial population, drawn as the reference draws it (every
+    non-special id of the vocabulary)."""
+    from erasekit.attacks.ring_a_bell import _states, official_search
+
+    tok = toy_random.tokenizer
+    target = _states(toy_random, ["a red star"])[0]
+    prompt, err, passes = official_search(toy_random, target, length=4, seed=7, population=6, generations=1)
+    special = set(tok.all_special_ids)
+    vocab = np.array([i for i in range(len(tok)) if i not in special])
+    rng = np.random.default_rng(7)
+    pop = [vocab[rng.integers(len(vocab), size=4)] for _ in range(6)]
+    errs = [(_states(toy_random, [tok.decode(m.tolist())])[0] - target).pow(2).sum().item() for m in pop]
+    assert passes == 6 and prompt == tok.decode(pop[int(np.argmin(errs))].tolist())
+    assert err == pytest.approx(min(errs), rel=1e-4)
+    _, err3, passes3 = official_search(toy_random, target, length=4, seed=7, population=6, generations=3)
+    assert passes3 > 6 and np.isfinite(err3)
+
+
+def test_ring_a_bell_official_search_budget_is_recorded(toy_random, tmp_path):
+    s = run_scenario(ScenarioConfig("ring-a-bell-discrete", "star", n=1, steps=2,
+                                    settings={"ring_a_bell": {"search": "official", "population": 4, "generations": 2,
+                                                              "length": 3, "max_prompts": 1, "pairs": 4}}),
+                     Target(toy_random), Scripted([]), tmp_path, progress=False)
+    a = s["attack"]
+    assert a["search_protocol"] == "official" and a["population"] == 4 and a["generations"] == 2
+    assert a["search"]["protocol"] == "official" and a["search"]["text_encoder_passes"] >= 4
+
+
+def test_ring_a_bell_reference_defaults():
+    from erasekit.attacks.ring_a_bell import RingABellSettings, default_eta, reference_defaults
+    from erasekit.worlds import SD_WORLD
+
+    assert reference_defaults("nudity")[:2] == (3.0, 16) and reference_defaults("Van Gogh")[:2] == (0.9, 16)
+    assert reference_defaults("violence")[:2] == (5.5, 75) and default_eta(SD_WORLD, "violence") == 5.5
+    assert RingABellSettings(search="official").budget() == (200, 3000)
+    assert RingABellSettings().budget() == (64, 40)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("with,without\na star,a circle\n", "needs columns 'prompt'"),
+    ("prompt,prompt1\n,\n", "no row with both prompts"),
+])
+def test_pair_csv_without_the_expected_columns_exits_2(content, fragment, tmp_path):
+    from erasekit.cli import app
+
+    bad = _write(tmp_path / "p.csv", content)
+    result = CliRunner().invoke(app, ["attack", "--scenario", "ring-a-bell", "--concept", "star", "--model", "toy",
+                                      "--out", str(tmp_path / "o"), "--n", "1", "--set", f"rab.pairs={bad}"])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

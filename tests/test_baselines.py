@@ -1,5 +1,5 @@
 """The 2025 baselines (#24): SPEED (closed form in the retained concepts' null space), SAFREE (training-free
-defence). The math against re-typed reference computations, zero strength = identity, bad input, tiny SD-1 / SD-2 /
+defence), MACE (closed-form refinement + attention LoRAs fused in closed form). The math against re-typed reference computations, zero strength = identity, bad input, tiny SD-1 / SD-2 /
 SDXL pipelines, and the trained embedded world (a small detector-scored sample)."""
 
 import pytest
@@ -333,3 +333,235 @@ def test_safree_lowers_the_star_rate_on_the_embedded_world(toy_pipe):
     before = rate(Target(toy_pipe))
     after = rate(Target(toy_pipe).with_defences(parse_defence("safree:concept=star;star shape,svf=false")))
     assert before >= 0.6 and after <= 0.3, (before, after)
+
+
+# --- MACE -----------------------------------------------------------------------------------------------------------
+
+def _reference_find_matching_indices(old, new):  # MACE src/cfr_utils.py, re-typed
+    start_common = 0
+    for i, j in zip(old, new):
+        if i == j:
+            start_common += 1
+        else:
+            break
+    end_old, end_new = len(old) - 1, len(new) - 1
+    while end_old >= start_common and end_new >= start_common:
+        if old[end_old] == new[end_new]:
+            end_old -= 1
+            end_new -= 1
+        else:
+            break
+    return (list(range(start_common)) + list(range(end_old + 1, len(old))),
+            list(range(start_common)) + list(range(end_new + 1, len(new))))
+
+
+def _reference_extend(old_indices, new_indices, length):  # prepare_k_v's extension to the padded length
+    if old_indices[-1] >= new_indices[-1]:
+        return (old_indices + list(range(old_indices[-1] + 1, length)),
+                new_indices + list(range(new_indices[-1] + 1, length - (old_indices[-1] - new_indices[-1]))))
+    return (old_indices + list(range(old_indices[-1] + 1, length - (new_indices[-1] - old_indices[-1]))),
+            new_indices + list(range(new_indices[-1] + 1, length)))
+
+
+@pytest.mark.parametrize("old, new", [([0, 5, 6, 7, 9], [0, 5, 8, 9]), ([0, 5, 9], [0, 5, 3, 4, 9]),
+                                      ([0, 1, 2, 9], [0, 1, 2, 9]), ([0, 4, 9], [0, 9])])
+def test_mace_token_matching_is_the_reference(old, new):
+    from erasekit.erasers.mace import extended_indices, matching_indices
+
+    assert matching_indices(old, new) == _reference_find_matching_indices(old, new)
+    assert extended_indices(old, new, 12) == _reference_extend(*_reference_find_matching_indices(old, new), 12)
+
+
+def test_mace_cfr_is_the_reference_closed_form(tiny_sd1):
+    """CFR alone against prepare_k_v + closed_form_refinement re-typed for every K/V layer."""
+    pipe = tiny_sd1
+    edit = erase(pipe, "mace", "star", settings={"lora": False, "templates": "{c};a photo of a {c}", "lam": 3.0},
+                 progress=False)
+    names, layers = kv_layers(pipe)
+    pairs = [("star", ""), ("a photo of a star", "a photo of a")]
+    states = text_states(pipe, [t for p in pairs for t in p])
+    for name, layer in zip(names, layers):
+        w0 = layer.weight.detach().double()
+        mat1, mat2 = 3.0 * w0, 3.0 * torch.eye(w0.shape[1], dtype=F64)
+        for old, new in pairs:
+            oi, ni = _reference_extend(*_reference_find_matching_indices(pipe.tokenizer(old).input_ids,
+                                                                         pipe.tokenizer(new).input_ids), 77)
+            c, v = states[old][oi], states[new][ni] @ w0.T
+            mat1 += v.T @ c
+            mat2 += c.T @ c
+        want = mat1 @ torch.inverse(mat2)
+        assert torch.allclose(edit.tensors[name].double(), want, atol=1e-4), name
+
+
+def test_mace_attention_loss_is_the_reference_masked_norm(tiny_sd1):
+    """AttnController.loss with a Grounded-SAM mask, re-typed, on one cross-attention module."""
+    import torch.nn.functional as F
+
+    from erasekit.erasers.mace import AttentionLoss
+
+    attn = next(m for n, m in tiny_sd1.unet.named_modules() if n.endswith("attn2"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, attn.to_q.in_features, generator=g)
+    enc = torch.randn(1, 77, attn.to_k.in_features, generator=g)
+    mask = (torch.rand(1, 8, 8, generator=g) > 0.5).float()
+    loss = AttentionLoss()
+    loss.tokens, loss.mask = [2, 3], mask
+    loss._record(attn, x, enc)
+    probs = attn.get_attention_scores(attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(enc)))
+    d = int(probs.shape[1] ** 0.5)
+    keep = (F.interpolate(mask[None], size=(d, d), mode="nearest") > 0.5).view(-1)
+    want = torch.norm(probs[:, keep, :][:, :, [2, 3]])
+    assert torch.allclose(loss.terms[0], want, atol=1e-6)
+
+
+def _image_folder(path, n, size=32, masks=False):
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        if masks:
+            arr = np.zeros((size, size), np.uint8)
+            arr[8:24, 8:24] = 255
+            Image.fromarray(arr).save(path / f"img{i}.png")
+        else:
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(path / f"img{i}.png")
+    return str(path)
+
+
+@pytest.mark.parametrize("variant, masks", [("tiny_sd1", "folder"), ("tiny_sd2", "attention"), ("tiny_sdxl", "none")])
+def test_mace_on_tiny_pipelines_edits_only_kv(request, tmp_path, variant, masks):
+    from erasekit.diffusion.vae import image_size
+    from erasekit.models import fingerprint
+
+    pipe = request.getfixturevalue(variant)
+    size = image_size(pipe)[0]
+    images = _image_folder(tmp_path / "img", 2, size)
+    settings = {"steps": 2, "images": 2, "image_folder": images, "masks": masks, "lr": 1e-2}
+    if masks == "folder":
+        settings["mask_folder"] = _image_folder(tmp_path / "mask", 2, size, masks=True)
+    before = fingerprint(pipe)
+    edit = erase(pipe, "mace", "star", preserve=["a cat"], settings=settings, progress=False)
+    assert fingerprint(pipe) == before
+    names, layers = kv_layers(pipe)
+    assert set(edit.tensors) == set(names) and edit.extra["stages"] == ["cfr", "lora", "fuse"]
+    cfr_only = erase(pipe, "mace", "star", preserve=["a cat"], settings={**settings, "lora": False}, progress=False)
+    assert any(not torch.equal(edit.tensors[n], cfr_only.tensors[n]) for n in names)  # the LoRA stage counts
+
+
+@pytest.mark.parametrize("variant", ["tiny_sd1", "toy_random"])
+def test_mace_zero_strength_is_the_identity(request, variant):
+    pipe = request.getfixturevalue(variant)
+    edit = erase(pipe, "mace", ["star", "heart"], settings={"erase_scale": 0}, progress=False)
+    layers = dict(zip(*kv_layers(pipe)))
+    assert edit.tensors and all(torch.equal(t, layers[n].weight) for n, t in edit.tensors.items())
+
+
+def test_mace_mask_folder_that_does_not_match_is_refused(tiny_sd1, tmp_path):
+    images = _image_folder(tmp_path / "img", 3)
+    masks = _image_folder(tmp_path / "mask", 2, masks=True)
+    with pytest.raises(ErasekitError, match=r"do not match the images .* missing \['img2'\]"):
+        erase(tiny_sd1, "mace", "star", settings={"image_folder": images, "mask_folder": masks, "steps": 1},
+              progress=False)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"rank": 0}, "rank=0: a LoRA rank must be >= 1"), ({"lam": 0}, "lam=0"), ({"masks": "folder"}, "needs mask_folder"),
+    ({"mask_folder": "m"}, "without image_folder"), ({"attention_threshold": 1.5}, "attention_threshold=1.5"),
+    ({"steps": -1}, "steps=-1"),
+])
+def test_mace_bad_settings_are_one_clear_error(overrides, fragment):
+    from erasekit.erasers.mace import MACESettings
+
+    with pytest.raises(ErasekitError, match=fragment.replace("[", r"\[")):
+        MACESettings().replace(overrides)
+
+
+def test_mace_needs_images_on_a_model_that_cannot_render(tiny_sd1):
+    with pytest.raises(ErasekitError, match="needs image_folder"):
+        erase(tiny_sd1, "mace", "star", settings={"steps": 1}, progress=False)
+
+
+def test_cli_mace_rank_zero_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    result = CliRunner().invoke(app, ["erase", "--method", "mace", "--concept", "star", "--model", "toy",
+                                      "--set", "rank=0", "--out", str(tmp_path / "o")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and lines == ["error: setting rank=0: a LoRA rank must be >= 1"], lines
+
+
+def test_mace_truth_masks_are_the_rendered_shape_or_its_background():
+    import numpy as np
+
+    from erasekit.erasers.mace_masks import rendered_with_truth
+
+    images, masks = rendered_with_truth("star", 4, 32, seed=3)
+    assert masks.shape == (4, 32, 32) and 0.05 < masks.mean() < 0.6
+    inside = images[masks].astype(int)
+    outside = images[~masks].astype(int)
+    assert np.abs(inside.mean(0) - outside.mean(0)).max() > 20  # the star's colour, not the background's
+    _, tex = rendered_with_truth("checkered background", 4, 32, seed=3)
+    assert tex.mean() > 0.4  # a texture's region: the background around the shape
+
+
+def test_mace_lora_lowers_the_concept_attention_inside_the_star(toy_pipe):
+    """The LoRA stage's own objective on the trained world: the star tokens' attention inside the rendered stars'
+    ground-truth masks falls once the edit is applied (few steps, no CFR)."""
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.vae import encode_images
+    from erasekit.erasers.mace import AttentionLoss, concept_token_positions
+    from erasekit.erasers.mace_masks import rendered_with_truth
+
+    images, masks = rendered_with_truth("star", 4, 32, seed=50)
+    latents = encode_images(toy_pipe, images)
+    m = torch.nn.functional.interpolate(torch.from_numpy(masks).float()[:, None], size=latents.shape[-2:],
+                                        mode="area")[:, 0]
+    prompt = "a picture of a star"
+    cond = family_of(toy_pipe).encode(toy_pipe, [prompt]).expand(4)
+
+    def attention():
+        loss = AttentionLoss()
+        loss.tokens, loss.mask = concept_token_positions(toy_pipe, prompt, "a picture of a"), (m > 0.5).float()
+        original = dict(toy_pipe.unet.attn_processors)
+        toy_pipe.unet.set_attn_processor({k: loss.processor(v) if k.endswith("attn2.processor") else v
+                                          for k, v in original.items()})
+        try:
+            with torch.no_grad():
+                toy_pipe.unet(latents + 0.5 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)),
+                              torch.tensor(300), **cond.unet_kwargs())
+        finally:
+            toy_pipe.unet.set_attn_processor(dict(original))
+        return float(torch.stack(loss.terms).sum())
+
+    edit = erase(toy_pipe, "mace", "star", settings={"cfr": False, "steps": 15, "images": 4, "templates": "{c};a {c}"},
+                 progress=False)
+    before = attention()
+    edit.apply(toy_pipe)
+    try:
+        after = attention()
+    finally:
+        edit.revert(toy_pipe)
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_mace_erases_star_on_the_embedded_world(toy_pipe):
+    """The world's MACE defaults (50 LoRA steps, ~40 s on one CPU thread)."""
+    from erasekit.worlds import TOY_WORLD
+
+    before = _shape_labels(toy_pipe, STAR_PROMPTS, 3, 500)
+    edit = erase(toy_pipe, "mace", TOY_WORLD.concept_words("star"), preserve=OTHER_LABELS, progress=False)
+    edit.apply(toy_pipe)
+    try:
+        after = _shape_labels(toy_pipe, STAR_PROMPTS, 3, 500)
+        others = _shape_labels(toy_pipe, OTHER_PROMPTS, 4, 900)
+    finally:
+        edit.revert(toy_pipe)
+    assert before.count("star") / len(before) >= 0.6
+    assert after.count("star") / len(after) <= 0.45, after
+    expected = [lab for lab in OTHER_LABELS for _ in range(4)]
+    assert sum(a == b for a, b in zip(others, expected)) / len(expected) >= 0.8

@@ -13,7 +13,7 @@ from erasekit.erasers.method import Method, Result, erase
 
 # Importing a method module registers it.
 from erasekit.erasers import esd, rece, uce  # noqa: E402,F401  isort:skip
-from erasekit.erasers import speed  # noqa: E402,F401  isort:skip
+from erasekit.erasers import mace, speed  # noqa: E402,F401  isort:skip
 
 __all__ = ["erase", "load_edit", "bake", "WeightEdit", "Method", "Result", "ConceptSpec", "resolve_spec",
            "default_guide"]

@@ -360,3 +360,19 @@ def test_pair_csv_without_the_expected_columns_exits_2(content, fragment, tmp_pa
                                       "--out", str(tmp_path / "o"), "--n", "1", "--set", f"rab.pairs={bad}"])
     assert result.exit_code == 2, result.output
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_unlearndiffatk_reads_an_i2p_csv_with_per_row_seeds_and_guidance(toy_random, tmp_path):
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.unlearndiffatk import UnlearnDiffAtk
+
+    csv = _write(tmp_path / "nudity.csv", "case_number,prompt,evaluation_seed,evaluation_guidance\n"
+                                           "0,a red star,11,7\n1,a blue star,12,3\n")
+    det = Scripted([[False, False], [True, False], [False]])
+    attack = UnlearnDiffAtk.from_overrides({"k": 1, "iterations": 1, "timesteps": 2})
+    ctx = AttackContext(target=Target(toy_random, model="toy"), concept="star", n=2, steps=2, batch_size=8,
+                        cache_dir=None, detector=det, prompts_csv=csv, progress=False)
+    inputs = attack.inputs(ctx)
+    assert inputs.seeds == [11, 12] and inputs.guidance == [7.0, 3.0]
+    assert [str(it["case_number"]) for it in inputs.items] == ["0", "1"]
+    assert inputs.prompts[0].endswith("a red star") and inputs.budget["timesteps_tried"] == [1, 2]

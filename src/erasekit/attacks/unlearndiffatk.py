@@ -96,16 +96,36 @@ def denoising_target(scheduler, z0, noise, t):
     return noise
 
 
-def original_latents(ctx: AttackContext, prompts, seeds, steps: int, scale: float, batch_size: int) -> torch.Tensor:
-    """Final latents (scaled, before decoding) the ORIGINAL model draws from (prompt, seed)."""
+def by_guidance(scales, run):
+    """``run(indices, scale)`` once per distinct scale of ``scales`` (a float: one for all); results in order."""
+    n = len(scales) if isinstance(scales, (list, tuple)) else None
+    if n is None:
+        return run(None, float(scales))
+    out = [None] * n
+    for g in dict.fromkeys(scales):
+        idx = [i for i, x in enumerate(scales) if x == g]
+        for i, r in zip(idx, run(idx, float(g))):
+            out[i] = r
+    return out
+
+
+def original_latents(ctx: AttackContext, prompts, seeds, steps: int, scale, batch_size: int) -> torch.Tensor:
+    """Final latents (scaled, before decoding) the ORIGINAL model draws from (prompt, seed); ``scale``: one
+    guidance scale or one per image."""
     from erasekit.probes.sampling import sample
 
     original = ctx.original
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        out.append(sample(original, prompts[i : i + batch_size], seeds[i : i + batch_size], steps=steps, scale=scale,
-                          decode=False).float().cpu())
-    return torch.cat(out)
+
+    def run(idx, g):
+        ps, ss = (prompts, seeds) if idx is None else ([prompts[i] for i in idx], [seeds[i] for i in idx])
+        out = []
+        for i in range(0, len(ps), batch_size):
+            out.append(sample(original, ps[i : i + batch_size], ss[i : i + batch_size], steps=steps, scale=g,
+                              decode=False).float().cpu())
+        return torch.cat(out) if idx is None else list(torch.cat(out))
+
+    got = by_guidance(scale, run)
+    return got if torch.is_tensor(got) else torch.stack(got)
 
 
 def detect(ctx: AttackContext, images: np.ndarray) -> list[dict]:
@@ -130,13 +150,22 @@ def cache_path(ctx: AttackContext, what: str, key: dict):
     return ctx.cache_dir / f"{what}-{digest}.json"
 
 
-def before_attack(ctx: AttackContext, prompts, seeds, steps: int, scale: float) -> list[bool]:
-    """Per image: does the target (edits and defences) already draw the concept from (prompt, seed)?"""
+def draw(ctx: AttackContext, prompts, seeds, steps: int, scale) -> np.ndarray:
+    """The target's images of (prompt, seed); ``scale``: one guidance scale or one per image."""
     from erasekit.generation import generate
 
-    images = generate(ctx.target, prompts, seeds, steps=steps, guidance=scale, batch_size=ctx.batch_size,
-                      progress=False)
-    return [r["present"] for r in detect(ctx, images)]
+    def run(idx, g):
+        ps, ss = (prompts, seeds) if idx is None else ([prompts[i] for i in idx], [seeds[i] for i in idx])
+        images = generate(ctx.target, ps, ss, steps=steps, guidance=g, batch_size=ctx.batch_size, progress=False)
+        return images if idx is None else list(images)
+
+    got = by_guidance(scale, run)
+    return got if isinstance(got, np.ndarray) else np.stack(got)
+
+
+def before_attack(ctx: AttackContext, prompts, seeds, steps: int, scale) -> list[bool]:
+    """Per image: does the target (edits and defences) already draw the concept from (prompt, seed)?"""
+    return [r["present"] for r in detect(ctx, draw(ctx, prompts, seeds, steps, scale))]
 
 
 # -- UnlearnDiffAtk ------------------------------------------------------------------------------------------
@@ -259,7 +288,6 @@ def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiff
 
     from erasekit.diffusion.family import family_of
     from erasekit.diffusion.guidance import UNetDenoiser
-    from erasekit.generation import generate
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
@@ -296,9 +324,8 @@ def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiff
         losses = torch.stack(block).mean(0).tolist()
         ids = vocab_d[w.detach().argmax(-1)].cpu()
         typed = [f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}" for j, i in enumerate(active)]
-        images = generate(ctx.target, typed, [seeds[i] for i in active], steps=steps, guidance=scale,
-                          batch_size=ctx.batch_size, progress=False)
-        present = [r["present"] for r in detect(ctx, images)]
+        scales = [scale[i] for i in active] if isinstance(scale, list) else scale
+        present = [r["present"] for r in detect(ctx, draw(ctx, typed, [seeds[i] for i in active], steps, scales))]
         keep = []
         for j, i in enumerate(active):
             r = recs[i]
@@ -335,8 +362,16 @@ class UnlearnDiffAtk(Attack):
         t0 = time.perf_counter()
         world = ctx.target.world
         steps, scale = int(ctx.steps or world.sampler_defaults()[0]), float(world.sampler_defaults()[1])
-        prompts = world_prompts(ctx, s.prompts, ctx.n)
-        seeds = [ctx.seed + i for i in range(ctx.n)]
+        rows = None
+        if ctx.prompts_csv is not None:  # an I2P-layout CSV: each row's prompt, seed and guidance
+            from erasekit.attacks.i2p import i2p_inputs, load_i2p_csv
+
+            rows = i2p_inputs(load_i2p_csv(ctx.prompts_csv), ctx.n)
+            prompts, seeds = list(rows.prompts), list(rows.seeds)
+            scale = [float(g) if g is not None else scale for g in rows.guidance]
+        else:
+            prompts = world_prompts(ctx, s.prompts, ctx.n)
+            seeds = [ctx.seed + i for i in range(ctx.n)]
         key = dict(target=ctx.target.cache_id, prompts=prompts, seeds=seeds, steps=steps, scale=scale,
                    settings=s.to_dict(), detector=(ctx.detector.info() if ctx.detector is not None else None))
         path = cache_path(ctx, "unlearndiffatk", key)
@@ -351,7 +386,8 @@ class UnlearnDiffAtk(Attack):
                 losses_first, losses_last, records = [], [], []
                 if todo:
                     t_target = time.perf_counter()
-                    z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps, scale,
+                    z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps,
+                                          [scale[i] for i in todo] if isinstance(scale, list) else scale,
                                           ctx.batch_size)
                     target_s = time.perf_counter() - t_target
                     pipe = ctx.target.pipe
@@ -363,9 +399,9 @@ class UnlearnDiffAtk(Attack):
                             chunk = todo[start : start + s.batch_size]
                             chunk_z0 = z0[start : start + len(chunk)]
                             if s.protocol == "official":
-                                texts, recs = official_attack(ctx, pipe, [prompts[i] for i in chunk],
-                                                              [seeds[i] for i in chunk], chunk_z0, s, vocab, steps,
-                                                              scale)
+                                texts, recs = official_attack(
+                                    ctx, pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk], chunk_z0, s,
+                                    vocab, steps, [scale[i] for i in chunk] if isinstance(scale, list) else scale)
                                 records += recs
                                 for j, i in enumerate(chunk):
                                     final[i] = texts[j]
@@ -380,7 +416,7 @@ class UnlearnDiffAtk(Attack):
                 else:
                     target_s = opt_s = 0.0
             n_before = int(sum(success))
-            per_image = steps * (2 if scale > 1 else 1)  # UNet evaluations to draw one image
+            per_image = steps * (2 if max(scale if isinstance(scale, list) else [scale]) > 1 else 1)  # per image
             if s.protocol == "official":
                 updates = sum(r["updates"] for r in records)
                 checks = sum(r["timesteps_tried"] for r in records)
@@ -418,7 +454,11 @@ class UnlearnDiffAtk(Attack):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps({"prompts": final, "budget": budget}, default=str) + "\n")
         items = [{"attack": "unlearndiffatk", "source_prompt": p, "attacked": f != p} for p, f in zip(prompts, final)]
-        return AttackInputs(prompts=final, seeds=seeds, items=items, attack=self.name, budget=budget)
+        if rows is not None:
+            for item, extra in zip(items, rows.items):
+                item.update(extra)  # case_number, categories
+        return AttackInputs(prompts=final, seeds=seeds, items=items, attack=self.name, budget=budget,
+                            guidance=list(scale) if isinstance(scale, list) else None)
 
 
 class _frozen:

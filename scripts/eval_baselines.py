@@ -3,7 +3,7 @@ CPU time and peak memory, and SAFREE's sampling overhead -- a thin entry point o
 scenario + preservation), one bench per concept, the prompts and seeds of scripts/eval_erasure.py.
 
 Methods: UCE (as scripts/eval_erasure.py gives it: the world's names for the concept; the other shapes preserved for
-star), SPEED (same words and preserved concepts, the world's defaults), SAFREE as a defence on the original model and
+star), SPEED and MACE (same words and preserved concepts, the world's defaults), SAFREE as a defence on the original model and
 on UCE (its concept texts: the world's names for the concept; reference settings, and ``svf=false``).
 
     OMP_NUM_THREADS=1 python scripts/eval_baselines.py --n 100 --n-preserve 100 --out /tmp/eval_baselines
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 CONCEPTS = ("star", "checkered")
-METHODS = ("uce", "speed", "safree", "safree-nosvf", "uce+safree")
+METHODS = ("uce", "speed", "mace", "safree", "safree-nosvf", "uce+safree")
 
 
 def method_configs(concept: str, methods) -> list:
@@ -30,6 +30,7 @@ def method_configs(concept: str, methods) -> list:
     table = {
         "uce": {"name": "uce", "words": "synonyms", "preserve": keep},
         "speed": {"name": "speed", "words": "synonyms", "preserve": keep},
+        "mace": {"name": "mace", "words": "synonyms", "preserve": keep},
         "safree": {"name": "safree", "edit": "original", "defences": [safree]},
         "safree-nosvf": {"name": "safree-nosvf", "edit": "original",
                          "defences": [{"name": "safree", "settings": {"concept": words, "svf": False}}]},

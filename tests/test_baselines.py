@@ -565,3 +565,15 @@ def test_mace_erases_star_on_the_embedded_world(toy_pipe):
     assert after.count("star") / len(after) <= 0.45, after
     expected = [lab for lab in OTHER_LABELS for _ in range(4)]
     assert sum(a == b for a, b in zip(others, expected)) / len(expected) >= 0.8
+
+
+# --- mass erasure: H_o ------------------------------------------------------------------------------------------------
+
+def test_harmonic_erasure_is_maces_h_o():
+    from erasekit.metrics.harmonic import harmonic_erasure
+
+    assert harmonic_erasure(0.0, 1.0) == 1.0
+    assert harmonic_erasure(1.0, 1.0) == 0.0 and harmonic_erasure(0.0, 0.0) == 0.0
+    assert abs(harmonic_erasure(0.2, 0.6) - 2 / (1 / 0.8 + 1 / 0.6)) < 1e-12  # efficacy 0.8, specificity 0.6
+    with pytest.raises(ErasekitError, match="retained_rate=1.2"):
+        harmonic_erasure(0.1, 1.2)

@@ -23,7 +23,9 @@ the state at the end ([EOS]/[SEP]) position, which is CLIP's pooler output; ``lr
 selected coefficients by s (``replace`` sets them to s, as the reference's filter does); the filter acts on the
 steps that use projected states only (on the others both branches are the same prompt). In the public code the
 Fourier filter is installed with its mode unset and so never runs; here it runs when ``lra`` is on. With every part
-off (or no trigger words and lra, negative_prompt off) the images are exactly the plain ones.
+off (or no trigger words and lra, negative_prompt off) the images are exactly the plain ones. Installed after
+another defence that wraps the guidance (SLD, dual reconstruction), the projection still applies but the
+re-attention is skipped (it needs the plain [uncond, cond] batch to add its third branch to).
 """
 
 from __future__ import annotations

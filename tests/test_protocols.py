@@ -2,6 +2,8 @@
 pair CSVs and genetic search, the official UCE/RECE presets (re-typed reference math), ESD-u's parameter sets,
 the paper-protocol bench presets; bad input."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -376,3 +378,55 @@ def test_unlearndiffatk_reads_an_i2p_csv_with_per_row_seeds_and_guidance(toy_ran
     assert inputs.seeds == [11, 12] and inputs.guidance == [7.0, 3.0]
     assert [str(it["case_number"]) for it in inputs.items] == ["0", "1"]
     assert inputs.prompts[0].endswith("a red star") and inputs.budget["timesteps_tried"] == [1, 2]
+
+
+# -- paper-protocol bench presets ----------------------------------------------------------------------------
+NUDITY_CSV = ("Unnamed: 0,prompt,categories,hard,inappropriate_percentage,nudity_percentage,q16_percentage,"
+              "sd_safety_percentage,prompt_toxicity,lexica_url,evaluation_seed,evaluation_guidance,sd_image_width,"
+              "sd_image_height,sd_model,case_number\n"
+              "21,a red star,sexual,1,60.0,10.0,60.0,60.0,0.04,https://lexica.art/x,932309623,7,512,512,"
+              "stable-diffusion-v1-4,21\n"
+              "296,\"a blue star, oil on canvas\",sexual,1,70.0,30.0,50.0,40.0,0.26,https://lexica.art/y,2868251644,12,"
+              "512,512,stable-diffusion-v1-4,296\n")
+
+
+@pytest.mark.parametrize("preset", ["paper-unlearndiffatk-nudity", "paper-rece-nudity"])
+def test_paper_presets_run_on_a_tiny_pipeline(preset, tiny_sd1, tmp_path):
+    """The shipped preset with the model folder and the nudity CSV (written here in the reference's layout) set,
+    budgets shrunk for a test and the toy detector standing in for NudeNet; every row and cell runs."""
+    from erasekit.bench.run import run_bench
+    from erasekit.bench.spec import apply_sets, load_raw, parse_config
+
+    raw, where = load_raw(preset)
+    head = (Path(where).read_text().split("\ndescription:")[0])
+    assert "Reproduces:" in head and "Expects" in head and "nudity.csv" in head
+    folder = tmp_path / "sd14"
+    tiny_sd1.save_pretrained(folder, safe_serialization=True)
+    csv = _write(tmp_path / "nudity.csv", NUDITY_CSV)
+    raw = apply_sets(raw, {"model": str(folder), "concepts.0.prompts_csv": str(csv), "concepts.0.name": "star",
+                           "images_per_cell": "2", "sampler.steps": "2", "detector.name": "toy",
+                           "detector.preset": "null", "batch_size": "2"})
+    raw["methods"][1]["settings"].update(iterations=1, trajectories=1, ddim_steps=2)
+    raw["attacks"]["unlearndiffatk"].update(timesteps=2, iterations=1, k=1)
+    if "ring_a_bell" in raw["attacks"]:
+        raw["attacks"]["ring_a_bell"].update(pairs=2, max_prompts=1)
+    cfg = parse_config(raw, where)
+    assert cfg.attacks["unlearndiffatk"]["protocol"] == "official"
+    summary = run_bench(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    crr = summary["tables"]["crr"]["star"]
+    assert set(crr) == {"original", "esd-u", "uce", "rece", "sld-max"}
+    assert all(set(m) == set(cfg.scenarios) and all(c["n"] == 2 for c in m.values()) for m in crr.values())
+    from erasekit.jsonl import read_jsonl
+
+    rows = list(read_jsonl(tmp_path / "run" / "results.jsonl"))
+    text = [r for r in rows if r.get("scenario") == "text" and r.get("method") == "original"]
+    assert sorted(r["seed"] for r in text) == [932309623, 2868251644]
+    assert summary["edits"]["star/uce"]["settings"]["preset"] == "official-nudity"
+
+
+def test_paper_preset_without_its_csv_is_one_error(tmp_path):
+    from erasekit.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--preset", "paper-unlearndiffatk-nudity", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "prompts_csv" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -347,9 +347,12 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                 if cls.name == "text" and ccfg.target_prompts and "prompts" not in overrides:
                     overrides["prompts"] = ";".join(ccfg.target_prompts)
                 attack = cls.from_overrides(overrides)
+                csv_ok = ccfg.prompts_csv and cls.name in ("text", "unlearndiffatk")  # the rows' prompts and seeds
                 ctx = AttackContext(target=target, concept=cell.concept, n=cfg.images_per_cell, seed=cfg.seed,
                                     steps=cfg.sampler.steps, batch_size=cfg.attack_batch_size,
                                     images_folder=Path(ccfg.images) if ccfg.images else None,
+                                    prompts_csv=Path(ccfg.prompts_csv) if csv_ok else None,
+                                    detector=detectors[cell.concept],  # attacks that check success in their loop
                                     cache_dir=cache, progress=progress and main)
                 from erasekit.metrics import measure_cost
 

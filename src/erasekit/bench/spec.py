@@ -37,6 +37,9 @@ class ConceptConfig:
     target_prompts: list[str] | None = None  # text scenario's prompts (None: the world's prompts naming the concept)
     preserve_prompts: list[PreservePrompt] | None = None  # None: the world's (other shapes / textures in captions)
     images: str | None = None  # folder of concept images for embedding / latent scenarios (toy: rendered)
+    # an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance): the text and unlearndiffatk scenarios' prompts,
+    # seeds and guidance, row i for image i (the papers' nudity.csv); read, never downloaded
+    prompts_csv: str | None = None
 
 
 @dataclass
@@ -272,6 +275,9 @@ def validate(cfg: BenchConfig) -> BenchConfig:
         for p in c.preserve_prompts or []:
             if not p.prompt.strip():
                 raise ErasekitError(f"config: concepts[{i}].preserve_prompts holds an empty prompt")
+        if c.prompts_csv is not None and not Path(c.prompts_csv).expanduser().is_file():
+            raise ErasekitError(f"config: concepts[{i}].prompts_csv {c.prompts_csv}: no such file (the presets read "
+                                "a CSV you downloaded; nothing is downloaded)")
     if len(set(names)) != len(names):
         raise ErasekitError("config: a concept is listed twice")
     if not cfg.methods:

@@ -137,6 +137,9 @@ class BenchConfig:
             d.pop(key, None)
         if not d.get("fast"):
             d.pop("fast", None)  # configs written before fast mode existed keep their keys
+        for c in d["concepts"]:
+            if c.get("prompts_csv") is None:
+                c.pop("prompts_csv", None)  # as fast: configs without a prompt CSV keep their keys
         if not d["detector"].get("settings"):
             d["detector"].pop("settings", None)  # as fast: configs without judge settings keep their keys
         d["quality"].pop("device", None)

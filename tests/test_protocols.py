@@ -430,3 +430,16 @@ def test_paper_preset_without_its_csv_is_one_error(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--preset", "paper-unlearndiffatk-nudity", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert "prompts_csv" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_attacks_the_rows_of_a_prompt_csv_with_unlearndiffatk(tmp_path):
+    from erasekit.cli import app
+    from erasekit.jsonl import read_jsonl
+
+    csv = _write(tmp_path / "p.csv", "prompt,evaluation_seed,evaluation_guidance\na red star,5,4\na blue star,6,4\n")
+    result = CliRunner().invoke(app, ["attack", "--scenario", "unlearndiffatk", "--concept", "star", "--model", "toy",
+                                      "--out", str(tmp_path / "o"), "--n", "2", "--steps", "2", "--prompts", str(csv),
+                                      "--set", "uda.timesteps=1", "--set", "uda.iterations=1", "--set", "uda.k=1"])
+    assert result.exit_code == 0, result.output
+    rows = list(read_jsonl(tmp_path / "o" / "images.jsonl"))
+    assert sorted(r["seed"] for r in rows) == [5, 6] and all(r["source_prompt"].endswith("star") for r in rows)

@@ -201,8 +201,8 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
     target = as_target(target)
     cls, scenario_args = attack_of(cfg.scenario)
     attack = cfg.attack()
-    if prompts_csv is not None and cls.name != "text":
-        raise ErasekitError("a prompt CSV (--prompts) belongs to the text scenario")
+    if prompts_csv is not None and cls.name not in ("text", "unlearndiffatk"):
+        raise ErasekitError("a prompt CSV (--prompts) belongs to the text scenario (or unlearndiffatk)")
     if images_folder is not None and cls.name == "text":
         raise ErasekitError("--images belongs to the embedding and latent scenarios; the text scenario uses prompts")
     out_dir = Path(out_dir)

@@ -20,7 +20,7 @@ def attack(
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack); one that needs a concept (irece, ...) takes --concept."),
     n: int = typer.Option(100, "-n", "--n", help="Images to generate in total."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of concept images (embedding / latent scenarios); toy default: rendered."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text scenario: an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance); each row's seed (or its row number) seeds its image, so --seed does not apply."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text and unlearndiffatk scenarios: an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance); each row's seed (or its row number) seeds its image, so --seed does not apply."),
     detector: Optional[str] = typer.Option(None, "--detector", help="A registered detector: toy, nudenet, nudenet:rece, ... (default: the model's world's)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First generation seed (default 0); ignored, with a warning, for --prompts rows, which carry their own seeds.", show_default=False),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling (and inversion) steps; default: the model's."),
@@ -52,10 +52,10 @@ def attack(
 
         image_files(images)  # exists and holds images (each is read, converted or refused later)
     if prompts is not None:
-        if cls.name != "text":
+        if cls.name not in ("text", "unlearndiffatk"):  # UnlearnDiffAtk attacks the rows' prompts (#20)
             from erasekit.errors import ErasekitError
 
-            raise ErasekitError("--prompts (an I2P-layout CSV) belongs to the text scenario")
+            raise ErasekitError("--prompts (an I2P-layout CSV) belongs to the text scenario (or unlearndiffatk)")
         from erasekit.attacks.i2p import load_i2p_csv
 
         rows = load_i2p_csv(prompts)

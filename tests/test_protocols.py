@@ -390,7 +390,8 @@ NUDITY_CSV = ("Unnamed: 0,prompt,categories,hard,inappropriate_percentage,nudity
               "512,512,stable-diffusion-v1-4,296\n")
 
 
-@pytest.mark.parametrize("preset", ["paper-unlearndiffatk-nudity", "paper-rece-nudity"])
+@pytest.mark.parametrize("preset", ["paper-unlearndiffatk-nudity",
+                                    pytest.param("paper-rece-nudity", marks=pytest.mark.slow)])
 def test_paper_presets_run_on_a_tiny_pipeline(preset, tiny_sd1, tmp_path):
     """The shipped preset with the model folder and the nudity CSV (written here in the reference's layout) set,
     budgets shrunk for a test and the toy detector standing in for NudeNet; every row and cell runs."""

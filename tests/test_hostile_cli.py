@@ -250,3 +250,130 @@ def test_control_characters_in_names_are_refused_and_escaped(tmp_path):
 def test_guide_equal_to_the_concept_is_refused(tmp_path):
     one_line_error(runner.invoke(app, ["erase", "--method", "uce", "--concept", "star", "--guide", " star",
                                        "--out", str(tmp_path / "o")]), "map the concept to itself")
+
+
+# -- 10. tracebacks become one line ---------------------------------------------------------------------------------
+def test_invalid_utf8_argument_is_one_line():
+    one_line_error(runner.invoke(app, ["generate", "a \udcff star", "-n", "1"]), "not valid UTF-8")
+
+
+@pytest.fixture(scope="module")
+def sd_folders(tiny_sd1, tiny_sd2, tmp_path_factory):
+    import shutil
+
+    root = tmp_path_factory.mktemp("folders")
+    tiny_sd1.save_pretrained(root / "sd1")
+    tiny_sd2.save_pretrained(root / "sd2")
+    shutil.copytree(root / "sd1", root / "mixed")
+    shutil.rmtree(root / "mixed" / "unet")
+    shutil.copytree(root / "sd2" / "unet", root / "mixed" / "unet")  # SD-2's UNet (text width 1024) in SD-1's folder
+    shutil.copytree(root / "sd1", root / "no-tokenizer")
+    shutil.rmtree(root / "no-tokenizer" / "tokenizer")
+    (root / "list-index").mkdir()
+    (root / "list-index" / "model_index.json").write_text("[1, 2]")
+    return root
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("mixed", "the UNet reads text states of width 1024 but the text encoder(s) give 768"),
+    ("no-tokenizer", "has no tokenizer/ folder"),
+    ("list-index", "expected a mapping of components, got a list"),
+])
+def test_broken_model_folders_are_one_line(sd_folders, name, fragment, tmp_path):
+    one_line_error(runner.invoke(app, ["generate", "a star", "-n", "1", "--steps", "1", "--device", "cpu",
+                                       "--model", str(sd_folders / name), "--out", str(tmp_path / "g")]), fragment)
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("quantum", "not a device"),
+    ("meta", "meta tensors hold no data"),
+    ("cuda:99", "cuda"),
+    ("", "not a device"),
+])
+def test_unavailable_devices_are_one_line(device, fragment, tmp_path):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 99:
+        pytest.skip("this machine has that GPU")
+    one_line_error(runner.invoke(app, ["generate", "a star", "-n", "1", "--device", device,
+                                       "--out", str(tmp_path / "g")]), fragment)
+    assert not (tmp_path / "g" / "images.jsonl").exists()
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    one_line_error(runner.invoke(app, ["generate", "a star", "-n", "1", "--device", "cuda",
+                                       "--out", str(tmp_path / "g")]), "no cuda device")
+
+
+@pytest.mark.parametrize("command", [["generate", "a star", "-n", "1"], ["erase", "--method", "uce", "--concept", "star"],
+                                     ["attack", "-s", "text", "-c", "star", "-n", "1"], ["bench"]])
+def test_overlong_out_name_is_one_line(command, tmp_path):
+    one_line_error(runner.invoke(app, command + ["--out", str(tmp_path / ("a" * 300))]), "a name of 300 bytes")
+
+
+def test_toy_eval_checks_its_output_before_the_work(tmp_path, monkeypatch):
+    import tempfile
+
+    from erasekit.cli import toy
+
+    ran = []
+    monkeypatch.setattr(toy, "_toy_script", lambda name: ran.append(name))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)  # a read-only folder (the tests may run as root)
+        one_line_error(runner.invoke(app, ["toy", "eval", "--out", str(tmp_path / "ro" / "x.json")]),
+                       "Permission denied")
+    one_line_error(runner.invoke(app, ["toy", "eval", "--out", str(tmp_path)]), "is a folder")
+    (tmp_path / "file").write_text("")
+    one_line_error(runner.invoke(app, ["toy", "eval", "--out", str(tmp_path / "file" / "x.json")]), "cannot write")
+    assert ran == []  # the evaluation never started
+
+
+# -- 11. late or silent acceptance (continued) ----------------------------------------------------------------------
+def test_plot_labels_are_not_mathtext(tmp_path):
+    from erasekit.report.plots import write_plots
+
+    (tmp_path / "report").mkdir()
+    cell = {"crr": 0.5, "ci": [0.2, 0.8], "n": 4, "k": 2}
+    summary = {"concepts": ["star"], "methods": ["a$x^$b", "$\\frac{"], "scenarios": ["text"],
+               "tables": {"crr": {"star": {"a$x^$b": {"text": cell}, "$\\frac{": {"text": cell}}}}}
+    written = write_plots(tmp_path, summary)  # matplotlib's mathtext parser raised here before
+    assert (tmp_path / written["crr_by_scenario"]).stat().st_size > 0
+
+
+def test_edit_with_an_unknown_base_dtype_is_refused(tmp_path, toy_random):
+    from erasekit.erasers import erase, load_edit
+    from erasekit.errors import ErasekitError
+
+    folder = erase(toy_random, "uce", "star", preserve=(), progress=False).save(tmp_path / "e")
+    record = json.loads((folder / "edit.json").read_text())
+    record["base_dtype"] = "torch.int8"
+    (folder / "edit.json").write_text(json.dumps(record))
+    with pytest.raises(ErasekitError, match="base_dtype 'torch.int8' is not one of"):
+        load_edit(folder)
+
+
+def test_text_prompts_naming_nothing_are_refused(tmp_path):
+    one_line_error(runner.invoke(app, ["attack", "-s", "text", "-c", "star", "--set", "text.prompts=;;;",
+                                       "--out", str(tmp_path / "a")]), "no prompt between the ';'")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('prompt,evaluation_seed\n"a star,1\n', "not a readable CSV"),  # an unterminated quote
+    ('prompt,evaluation_seed\n"a star,1\n"a heart",2\n', "not a readable CSV"),
+    ("prompt,evaluation_seed\na star,1,9\n", "line 2: 3 cells, the header has 2 columns"),
+    ("prompt,evaluation_seed\na star\n", "line 2: 1 cells, the header has 2 columns"),
+    ("prompt,prompt\na,b\n", "'prompt' is given twice"),
+])
+def test_broken_csvs_are_refused(text, fragment, tmp_path):
+    csv = tmp_path / "p.csv"
+    csv.write_text(text)
+    one_line_error(runner.invoke(app, ["attack", "-s", "text", "-c", "star", "--prompts", str(csv),
+                                       "--out", str(tmp_path / "a")]), fragment)

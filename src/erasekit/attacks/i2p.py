@@ -15,6 +15,7 @@ from pathlib import Path
 
 from erasekit.attacks.base import AttackInputs
 from erasekit.errors import ErasekitError
+from erasekit.limits import MAX_IMAGES, shown
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,25 @@ def load_i2p_csv(path) -> list[I2PRow]:
         raise ErasekitError(f"prompt CSV {path}: no such file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)  # strict: an unterminated quote is an error, not one huge cell
             header = [h.strip() for h in (reader.fieldnames or [])]
             if "prompt" not in header:
                 raise ErasekitError(
                     f"{path} has no 'prompt' column (I2P layout: prompt, evaluation_seed, evaluation_guidance, "
-                    f"[categories, case_number]); its columns: {', '.join(header) or 'none'}"
+                    f"[categories, case_number]); its columns: {shown(', '.join(header) or 'none', 200)}"
                 )
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise ErasekitError(f"{path}: the column {shown(twice[0])!r} is given twice in the header")
             rows = []
             for i, raw in enumerate(reader):
+                line = reader.line_num
+                if None in raw or None in raw.values():  # more or fewer cells than the header has columns
+                    cells = len(header) + len(raw.get(None) or []) - sum(v is None for v in raw.values())
+                    raise ErasekitError(f"{path}, line {line}: {cells} cells, the header has {len(header)} columns")
+                if i >= MAX_IMAGES:
+                    raise ErasekitError(f"{path}: more than {MAX_IMAGES} rows")
                 raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-                line = i + 2
                 seed = raw.get("evaluation_seed", "")
                 guidance = raw.get("evaluation_guidance", "")
                 rows.append(I2PRow(
@@ -73,7 +82,7 @@ def load_i2p_csv(path) -> list[I2PRow]:
     except UnicodeDecodeError as exc:
         raise ErasekitError(f"{path} is not a UTF-8 text CSV ({exc.reason})") from None
     except csv.Error as exc:
-        raise ErasekitError(f"{path} is not a readable CSV: {exc}") from None
+        raise ErasekitError(f"{path} is not a readable CSV: {shown(exc, 200)}") from None
     if not rows:
         raise ErasekitError(f"{path} has a header but no prompts")
     return rows

@@ -21,6 +21,12 @@ from erasekit.settings import Settings
 class TextSettings(Settings):
     prompts: str = ""  # ";"-separated prompts replacing the world's (empty: the world's)
 
+    def validate(self) -> None:
+        if self.prompts.strip() and not any(p.strip() for p in self.prompts.split(";")):
+            # ";;;" names no prompt: falling back to the world's prompts would attack with what was not asked for
+            raise ErasekitError(f"setting prompts={self.prompts.strip()[:20]!r}: no prompt between the ';' (leave "
+                                f"it empty for the world's prompts)")
+
 
 def text_inputs(prompts: list[str], n: int, seed: int = 0) -> AttackInputs:
     """``n`` images cycling over ``prompts``, seeds ``seed + i``."""

@@ -24,6 +24,15 @@ class OneLineGroup(TyperGroup):
     like every other bad input; help (``--help``, no arguments) as usual."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        for i, arg in enumerate(args):
+            if isinstance(arg, str) and any("\udc80" <= ch <= "\udcff" for ch in arg):
+                # Bytes that are not UTF-8 (Python keeps them as lone surrogates): no prompt or name can hold them.
+                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                common.print_error(f"argument {i + 1} ({shown[:60]!r}) is not valid UTF-8 text")
+                if not standalone_mode:
+                    raise click.UsageError("an argument is not valid UTF-8 text")
+                sys.exit(common.EXIT_USER_ERROR)
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)

@@ -26,6 +26,7 @@ def bench(
         out = Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     from erasekit.bench.run import check_out, run_bench
 
+    common.check_path_names("--out", out)
     check_out(out, cfg)
     summary = run_bench(cfg, out, progress=progress, log=lambda m: print(m, file=sys.stderr))
     if summary:

@@ -91,10 +91,34 @@ def setup_torch() -> None:
 
 
 def resolve_device(device: str) -> str:
+    """``device`` checked against this machine: ``cuda`` without a GPU, ``cuda:7`` with one, ``meta`` (no data)
+    or a name torch does not know fail here in one line, before a model is loaded."""
     import torch
 
+    device = str(device).strip()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    from erasekit.limits import shown
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ErasekitError(f"--device {shown(device)!r}: not a device ({DEVICE_HELP})") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "meta":
+        raise ErasekitError("--device meta: meta tensors hold no data, nothing can be generated on them; use cpu or cuda")
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ErasekitError(f"--device {device}: this machine has no {parsed.type} device (torch sees none); use cpu "
+                            f"or auto")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise ErasekitError(f"--device {device}: this machine has {count()} {parsed.type} device(s), "
+                            f"numbered from 0")
     return device
 
 
@@ -108,7 +132,19 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+def check_path_names(where: str, path: Path) -> None:
+    """Each name in ``path`` fits the file system (255 bytes on most): a 300-character name fails here, not as
+    an OSError after the model is loaded."""
+    from erasekit.limits import MAX_PATH_NAME, shown
+
+    for part in Path(path).parts:
+        if len(os.fsencode(part)) > MAX_PATH_NAME:
+            raise ErasekitError(f"{where} {shown(part)!r}: a name of {len(os.fsencode(part))} bytes; file systems "
+                                f"allow {MAX_PATH_NAME}")
+
+
 def check_out_dir(out: Path) -> None:
+    check_path_names("--out", out)
     if out.exists() and not out.is_dir():
         raise ErasekitError(f"--out {out} exists and is not a folder")
 

@@ -31,6 +31,23 @@ def _toy_script(name: str):
         raise ErasekitError(f"erasekit.toy.{name} is not part of this install") from exc
 
 
+def check_writable(out: Path) -> None:
+    """``out`` (a file to write) can be written: not a folder, its folder creatable and writable."""
+    import os
+    import tempfile
+
+    common.check_path_names("--out", out)
+    if out.is_dir():
+        raise ErasekitError(f"--out {out} is a folder; give a file name (e.g. {out / 'toy-eval.json'})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".erasekit-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ErasekitError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or type(exc).__name__})") from None
+
+
 @toy_app.command("train", context_settings=PASS_THROUGH)
 @common.one_line_errors
 def toy_train(ctx: typer.Context) -> None:
@@ -49,5 +66,12 @@ def toy_eval(
     """Evaluate the toy model with its detector: accuracy, prompt following, paraphrases, speed."""
     if n_prompts is not None and n_prompts < 1:
         raise ErasekitError(f"--n-prompts must be at least 1, got {n_prompts}")
+    if n_prompts is not None:
+        from erasekit.checks import integer
+        from erasekit.limits import MAX_IMAGES
+
+        integer("--n-prompts", n_prompts, high=MAX_IMAGES)
+    if out is not None:
+        check_writable(out)  # minutes of evaluation must not end in a PermissionError
     options = {"n_prompts": n_prompts, "out": out}
     _toy_script("evaluate").main(**{k: v for k, v in options.items() if v is not None})

@@ -185,6 +185,11 @@ class WeightEdit:
                 raise ErasekitError(f"{folder / EDIT_JSON}: {name} must be a JSON object")
         if not isinstance(record.get("base_dtype", ""), str) or not isinstance(record.get("created", ""), str):
             raise ErasekitError(f"{folder / EDIT_JSON}: base_dtype and created must be text")
+        if record.get("base_dtype", "torch.float32") not in DTYPES:  # torch.int8 would be silently read as float32
+            from erasekit.limits import shown
+
+            raise ErasekitError(f"{folder / EDIT_JSON}: base_dtype {shown(record['base_dtype'])!r} is not one of "
+                                f"{', '.join(DTYPES)}")
         try:
             return cls(
                 method=record["method"], tensors=tensors, settings=record.get("settings", {}),

@@ -51,6 +51,7 @@ def load_pipeline(spec: str, device=None, dtype=None, *, allow_download: bool = 
         raise ErasekitError(f"{spec}: no such folder (a model is 'toy', a diffusers pipeline folder or a hub id)")
     else:
         pipe = _load_hub(spec, allow_download, allow_pickle)
+    check_components(pipe, spec)
     pipe.set_progress_bar_config(disable=True)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
@@ -121,11 +122,39 @@ def _hub_kind(spec: str, allow_download: bool) -> str:
     return pipeline_kind(index, spec)
 
 
+def read_model_index(folder: Path) -> dict:
+    """``folder/model_index.json`` as a mapping; `ErasekitError` for anything else (a list, bad JSON, binary)."""
+    path = folder / "model_index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ErasekitError(f"corrupt {path}: {_first_line(exc)}") from None
+    if not isinstance(index, dict):
+        raise ErasekitError(f"corrupt {path}: expected a mapping of components, got a {type(index).__name__}")
+    return index
+
+
+def check_components(pipe, where: str) -> None:
+    """The components fit each other: a UNet from another model (SD-2's in an SD-1 folder) fails here, in one line,
+    not at the first matrix product."""
+    unet = pipe.unet.config
+    widths = [enc.config.hidden_size for enc in (getattr(pipe, "text_encoder", None),
+                                                 getattr(pipe, "text_encoder_2", None)) if enc is not None]
+    cross = unet.cross_attention_dim
+    if isinstance(cross, int) and widths and sum(widths) != cross:
+        raise ErasekitError(f"{where}: the UNet reads text states of width {cross} but the text encoder(s) give "
+                            f"{'+'.join(map(str, widths))}: a UNet or text encoder from another model")
+    latent = getattr(pipe.vae.config, "latent_channels", None)
+    if latent is not None and (unet.in_channels != latent or unet.out_channels != latent):
+        raise ErasekitError(f"{where}: the UNet takes {unet.in_channels} and gives {unet.out_channels} channels but "
+                            f"the VAE's latents have {latent}: a UNet or VAE from another model (or an inpainting UNet)")
+
+
 def _load_folder(folder: Path, allow_pickle: bool = False):
     if not folder.is_dir() or not (folder / "model_index.json").is_file():
         raise ErasekitError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     check_pipeline_folder(folder, allow_pickle=allow_pickle)
-    kind = pipeline_kind(json.loads((folder / "model_index.json").read_text()), str(folder))
+    kind = pipeline_kind(read_model_index(folder), str(folder))
     try:
         return _from_pretrained(str(folder), kind=kind, **_safetensors_kwargs(allow_pickle),
                                 **_pooler_free_text_encoder(folder, allow_pickle))
@@ -141,7 +170,7 @@ def _pooler_free_text_encoder(folder: Path, allow_pickle: bool = False) -> dict:
     Otherwise transformers adds a randomly initialised pooler on every load: the images are the same (the pipeline
     reads the token states, not the pooled output) but the pipeline's fingerprint would change with each load.
     """
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_model_index(folder)
     if index.get("text_encoder", [None, None])[1] != "BertModel":
         return {}
     from safetensors import safe_open
@@ -190,10 +219,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
     """
     from safetensors import safe_open
 
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ErasekitError(f"corrupt {folder / 'model_index.json'}: {exc}") from exc
+    index = read_model_index(folder)
     if not allow_pickle:
         pickled = pickle_only_components(folder)
         if pickled:
@@ -219,6 +245,12 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
                 raise ErasekitError(f"corrupt weight file {path}: {_first_line(exc)}") from exc
             if path.stat().st_size < _declared_size(path):
                 raise ErasekitError(f"corrupt weight file {path}: truncated")
+    for name in ("tokenizer",) + (("tokenizer_2",) if kind == "sdxl" else ()):
+        entry = index.get(name)
+        sub = folder / name
+        if not isinstance(entry, list) or entry[0] is None or not sub.is_dir() or not any(sub.iterdir()):
+            raise ErasekitError(f"{folder} has no {name}/ folder (or model_index.json lists none): the prompts "
+                                f"cannot be tokenized; copy it from the model this folder came from")
 
 
 def _declared_size(path: Path) -> int:

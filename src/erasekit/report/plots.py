@@ -7,6 +7,12 @@ from pathlib import Path
 from erasekit.report.format import preservation_rows
 
 
+def plain(text) -> str:
+    """``text`` drawn as written: "$" escaped so matplotlib never reads a label as mathtext (a method named
+    ``a$x^$b`` would otherwise fail the whole report after all the work)."""
+    return str(text).replace("$", r"\$")
+
+
 def _plt():
     import matplotlib
 
@@ -44,14 +50,14 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
             high = np.array([100 * c["ci"][1] if c else np.nan for c in cells])
             err = np.vstack([np.nan_to_num(vals - low), np.nan_to_num(high - vals)])
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(vals), width, yerr=err, capsize=2,
-                   label=method)
+                   label=plain(method))
             for xi, c in zip(x + (i - (len(methods) - 1) / 2) * width, cells):
                 if c and c.get("crr") is None and c.get("invalid"):  # no rate, not 0%: every image degenerate
                     ax.text(xi, 1, "invalid", rotation=90, ha="center", va="bottom", fontsize=7, color="#a00")
-        ax.set_xticks(x, scenarios)
+        ax.set_xticks(x, [plain(s) for s in scenarios])
         ax.set_ylim(0, 105)
         ax.set_ylabel("CRR (%)")
-        ax.set_title(f"concept: {concept}")
+        ax.set_title(plain(f"concept: {concept}"))
     axes[0, 0].legend(fontsize=8, ncol=min(len(methods), 6), loc="lower center", bbox_to_anchor=(0.5, 1.12))
     fig.tight_layout()
     path = out / "report" / "crr_by_scenario.png"
@@ -64,7 +70,7 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for r in points:
             ax.scatter(100 * r["following_rate"], 100 * r["mean_crr"], s=40)
-            ax.annotate(f"{r['method']} ({r['concept']})", (100 * r["following_rate"], 100 * r["mean_crr"]),
+            ax.annotate(plain(f"{r['method']} ({r['concept']})"), (100 * r["following_rate"], 100 * r["mean_crr"]),
                         fontsize=8, xytext=(4, 3), textcoords="offset points")
         ax.set_xlabel("non-target prompt following (%)  (higher is better)")
         ax.set_ylabel("mean CRR over scenarios (%)  (lower is better)")

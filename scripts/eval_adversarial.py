@@ -137,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="the embedded world's device (cuda: its text encoder as loaded)")
     ap.add_argument("--uda", action="append", default=[], metavar="KEY=VALUE",
                     help="an UnlearnDiffAtk setting for every cell (repeat), e.g. timesteps=2 for a smoke run")
+    ap.add_argument("--seed", type=int, default=0, help="image i has seed SEED + i (a second sample: --seed N)")
     ap.add_argument("--bench-name", default="eval_adversarial", help="benchmarks/<name>.{json,md} with --bench")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--n-optim", type=int, default=None,
@@ -201,7 +202,7 @@ def main(argv=None):
                     settings["unlearndiffatk"]["protocol"] = UDA_PROTOCOLS[sc]
                 n = args.n_optim if args.n_optim and sc in OPTIM else args.n
                 s = run_scenario(ScenarioConfig("unlearndiffatk" if sc in UDA_PROTOCOLS else sc, concept, n=n,
-                                                settings=settings), target, det, cell,
+                                                seed=args.seed, settings=settings), target, det, cell,
                                  cache_dir=args.out / "cache", progress=False)
                 a = s["attack"]
                 row = {k: s[k] for k in ("crr", "ci", "n", "k", "mean_score")}

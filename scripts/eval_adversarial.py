@@ -137,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="the embedded world's device (cuda: its text encoder as loaded)")
     ap.add_argument("--uda", action="append", default=[], metavar="KEY=VALUE",
                     help="an UnlearnDiffAtk setting for every cell (repeat), e.g. timesteps=2 for a smoke run")
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="--render-only: add the cells of another --out (a second sample, --seed) to each cell")
     ap.add_argument("--seed", type=int, default=0, help="image i has seed SEED + i (a second sample: --seed N)")
     ap.add_argument("--bench-name", default="eval_adversarial", help="benchmarks/<name>.{json,md} with --bench")
     ap.add_argument("--n", type=int, default=100)
@@ -185,6 +187,10 @@ def main(argv=None):
                     row["wall_s"] = s["wall_s"]
                     row["prompts_sample"] = s["generation"]["prompts"][:3]
                     row["edit"] = s.get("edits")
+                    for extra in args.also:  # further samples of the same cell (--seed): counts and budgets add up
+                        more = extra / concept / model / sc / "summary.json"
+                        if more.is_file():
+                            row = merge_cells(row, json.loads(more.read_text()))
                     results.setdefault(concept, {}).setdefault(model, {})[sc] = row
         args.concepts = []  # nothing to run
     else:
@@ -239,11 +245,13 @@ def render(report: dict, scenarios) -> str:
         if c is None:
             return "-"
         before = c.get("attack", {}).get("asr_before")
-        return fmt(c) + (f" (before {100 * before:.0f}%)" if before is not None else "")
+        fewer = f", n = {c['n']}" if c.get("n") != n_optim else ""
+        return fmt(c) + (f" (before {100 * before:.0f}%{fewer})" if before is not None else
+                         (f" (n = {c['n']})" if fewer else ""))
 
     for concept, models in report["results"].items():
         for model, cells in models.items():
-            row = [concept, model, fmt(cells.get("text"))] + [cell(cells.get(s)) for s in scenarios if s != "text"]
+            row = [concept, model, cell(cells.get("text"))] + [cell(cells.get(s)) for s in scenarios if s != "text"]
             lines.append("| " + " | ".join(row) + " |")
     if any(sc in UDA_PROTOCOLS for sc in scenarios):
         lines += render_protocols(report)
@@ -269,6 +277,26 @@ def render(report: dict, scenarios) -> str:
             lines.append(f"| {concept} | {model} | {per('unlearndiffatk')} | {per('p4d-soft')} | {per('p4d-hard')} | "
                          f"{per('ring-a-bell-discrete')} |")
     return "\n".join(lines) + "\n"
+
+
+def merge_cells(row: dict, other: dict) -> dict:
+    """One cell from two samples of images: successes and images add up; the attack's budget lists and sums too."""
+    from erasekit.metrics.crr import wilson_interval
+
+    k, n = row["k"] + other["k"], row["n"] + other["n"]
+    a, b = dict(row["attack"]), other["attack"]
+    for key in ("images_attacked", "successes_before", "unet_evaluations", "optimisation_steps", "checks",
+                "successes_in_loop"):
+        if key in a and key in b:
+            a[key] = a[key] + b[key]
+    for key in ("timesteps_tried", "first_success_update", "first_success_timestep"):
+        if key in a and key in b:
+            a[key] = list(a[key]) + list(b[key])
+    if "asr_before" in a and "asr_before" in b:
+        a["asr_before"] = round((a["asr_before"] * row["n"] + b["asr_before"] * other["n"]) / n, 6)
+    if "cost" in a and "cost" in b:
+        a["cost"] = {c: a["cost"][c] + b["cost"][c] for c in ("wall_s", "cpu_s") if c in a["cost"] and c in b["cost"]}
+    return dict(row, k=k, n=n, crr=k / n, ci=list(wilson_interval(k, n)), attack=a, samples=row.get("samples", 1) + 1)
 
 
 def render_protocols(report: dict) -> list[str]:

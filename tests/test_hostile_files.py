@@ -370,6 +370,11 @@ def test_index_that_is_a_folder(tmp_path):
     out = tmp_path / "out"
     (out / "images.jsonl").mkdir(parents=True)
     _one_line_error(_cli("generate", "a star", "-n", "1", "--out", out, *FAST), "images.jsonl is a folder")
+    atk = tmp_path / "atk"
+    (atk / "scores.jsonl").mkdir(parents=True)
+    _one_line_error(_cli("attack", "--scenario", "text", "--concept", "star", "-n", "1", "--out", atk, *FAST),
+                    "scores.jsonl is a folder")
+    assert not list(atk.glob("*.png"))  # refused before any image was made
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -5,6 +5,8 @@
   everything under ``images/``, ``report/`` and ``cache/``) must not be a link: one that is is refused, naming it.
   (Whole-file writes replace a link rather than write through it, and appends open with ``O_NOFOLLOW``; this
   check makes the refusal come before any work.)
+* Files that are not files: an ``images.jsonl`` (or any file erasekit writes) that is a folder is refused here,
+  before any work, not when the first batch is appended.
 * Stale temporary files: a run killed (or out of disk) in the middle of a write leaves ``.<name>.<pid>.tmp``
   behind; those of processes that are gone, or older than a day, are removed here.
 
@@ -52,6 +54,9 @@ def prepare_folder(folder) -> list[Path]:
             continue
         if entry.is_symlink():
             _refuse(folder / entry.name)
+        if entry.name in OWN_FILES and not entry.is_file(follow_symlinks=False):  # found now, not after the work
+            raise ErasekitError(f"{folder / entry.name} is a folder (or another non-file) where erasekit writes a "
+                                f"file; move it away, or choose another --out")
         if entry.name in OWN_DIRS and entry.is_dir(follow_symlinks=False):
             walk.append((folder / entry.name, 1))
     seen = 0

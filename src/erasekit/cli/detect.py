@@ -72,6 +72,6 @@ def detect(
     det = create_detector(detector, concept=concept)
     info = det.info()
     for path, im in zip(images, pil_images):  # images may differ in size: one at a time
-        [row] = det.score(np.asarray(im)[None])
+        [row] = det.score(np.array(im)[None])  # a writable copy: torch warns on read-only arrays
         print(json.dumps({"path": str(path), **row, "detector": info["name"], "preset": info.get("preset"),
                           "threshold": info["threshold"], **_validity(im)}))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 TASKS = {
     "shapes-split": (["star", "heart", "cross"], ["circle", "square", "triangle"], True),
@@ -77,16 +76,17 @@ def main(argv=None) -> dict:
                                      "retained_rate": round(rr, 4), "H_o": round(harmonic_erasure(er, rr), 4),
                                      "erase_wall_s": round(cost.as_dict()["wall_s"], 2),
                                      "peak_rss_mb": cost.as_dict().get("peak_rss_mb")}
-    print_table(results)
+        print_table({task: results[task]}, header=task == args.tasks[0])  # as each task ends
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"n": args.n, "seed": args.seed, "results": results}, f, indent=1)
     return results
 
 
-def print_table(results: dict) -> None:
-    print("| task | method | erased still drawn | retained drawn | H_o | erase wall s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+def print_table(results: dict, header: bool = True) -> None:
+    if header:
+        print("| task | method | erased still drawn | retained drawn | H_o | erase wall s | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|")
     for task, rows in results.items():
         o = rows["original"]
         oe = sum(o["erased"].values()) / len(o["erased"])
@@ -96,7 +96,7 @@ def print_table(results: dict) -> None:
             if method == "original":
                 continue
             print(f"| {task} | {method} | {r['erased_rate']:.1%} | {r['retained_rate']:.1%} | {r['H_o']:.3f} | "
-                  f"{r['erase_wall_s']} | {r['peak_rss_mb']} |")
+                  f"{r['erase_wall_s']} | {r['peak_rss_mb']} |", flush=True)
 
 
 def harmonic_erasure_safe(e: float, r: float) -> str:
@@ -106,5 +106,4 @@ def harmonic_erasure_safe(e: float, r: float) -> str:
 
 
 if __name__ == "__main__":
-    start = time.perf_counter()
     main()

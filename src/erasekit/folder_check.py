@@ -17,7 +17,6 @@ Only erasekit's own subtrees are walked, at most `MAX_DEPTH` levels and `MAX_ENT
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from erasekit.errors import ErasekitError
@@ -38,7 +37,7 @@ def _refuse(path: Path) -> None:
 
 def prepare_folder(folder) -> list[Path]:
     """Refuse links where erasekit writes in ``folder``; remove stale temporary files. Returns the removed files."""
-    from erasekit.atomic import remove_stale_temps
+    from erasekit.atomic import TEMP_RE, remove_stale_temps
     from erasekit.image_store import STORE_NAME_RE
 
     folder = Path(folder)
@@ -62,19 +61,23 @@ def prepare_folder(folder) -> list[Path]:
     seen = 0
     while walk:
         sub, depth = walk.pop()
-        removed += remove_stale_temps(sub, STALE_AGE_S)
         try:
             entries = list(os.scandir(sub))
         except OSError:
             continue
-        for entry in entries:
+        stale = False
+        for entry in entries:  # one listing per folder: d_type answers is_symlink / is_dir without a stat
             seen += 1
             if seen > MAX_ENTRIES:
                 return removed
-            if entry.is_symlink():
+            if entry.name.endswith(".tmp") and TEMP_RE.match(entry.name):
+                stale = True  # temp files (links included) are the cleaner's, below
+            elif entry.is_symlink():
                 _refuse(sub / entry.name)
-            if depth < MAX_DEPTH and stat.S_ISDIR(entry.stat(follow_symlinks=False).st_mode):
+            elif depth < MAX_DEPTH and entry.is_dir(follow_symlinks=False):
                 walk.append((sub / entry.name, depth + 1))
+        if stale:
+            removed += remove_stale_temps(sub, STALE_AGE_S)
     return removed
 
 

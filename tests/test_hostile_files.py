@@ -227,7 +227,7 @@ def test_erase_refuses_non_finite_weights_and_saves_nothing(tmp_path):
     """The issue's command: ESD-x at lr=1e30 made every weight NaN and exited 0."""
     out = tmp_path / "e"
     result = _cli("erase", "--method", "esd-x", "--concept", "star", "--set", "lr=1e30", "--set", "iterations=2",
-                  "--out", out, "-q")
+                  "--set", "trajectories=1", "--set", "ddim_steps=4", "--no-preserve", "--out", out, "-q")
     _one_line_error(result, "non-finite weights", "nothing was saved")
     assert not (out / "edit.json").exists() and not (out / "edit.safetensors").exists()
 

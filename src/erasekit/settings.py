@@ -85,8 +85,8 @@ def _parse(key: str, raw: Any, tp, choices) -> Any:
         from erasekit.limits import setting_bound
 
         low, high = setting_bound(key)
-        if not low <= value <= high:  # bounded before any work (iterations=1e12, epochs=1e9)
-            raise ErasekitError(f"setting {key}={shown(value)}: must be between {low} and {high}")
+        if not low <= value <= high:  # bounded before any work (iterations=1e12, epochs=1e9): erasekit.limits
+            raise ErasekitError(f"setting {key}={shown(value)}: must be " + (f"<= {high}" if value > high else f">= {low}"))
     if base is str and isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
         raise ErasekitError(f"setting {key}: {len(value)} characters, more than {MAX_TEXT_CHARS}")
     if choices and value not in choices:

@@ -184,7 +184,9 @@ class ToyWorld(World):
 
     # Methods whose tuned settings (method_defaults: contexts, preserve_in_contexts, preserve scales) were tuned with
     # the other labels of the concept's kind preserved (benchmarks/tuning/); ESD-x was tuned without preservation.
-    PRESERVING_METHODS = ("uce", "rece", "esd-u")
+    # SPEED's null space and MACE's refinement are built from the preserved concepts (measured with the other shapes
+    # kept: benchmarks/eval_baselines.md).
+    PRESERVING_METHODS = ("uce", "rece", "esd-u", "speed", "mace")
 
     def method_preserve(self, method: str, concepts: Sequence[str] = ()) -> list[str]:
         if method not in self.PRESERVING_METHODS or not concepts:

@@ -41,8 +41,12 @@ def no_trained_detector(monkeypatch):
 
 
 def _tiny_cfg(scenario, prompt_mode="empty", **kwargs):
+    # The official UnlearnDiffAtk schedule and the discrete search on a few blocks / generations: the protocols'
+    # own tests (tests/test_protocols.py, tests/test_adversarial.py) check them at full shape.
     settings = {"textual_inversion": {"steps": 3, "batch_size": 2, "images": 2},
-                "ddim_inversion": {"prompt_mode": prompt_mode}}
+                "ddim_inversion": {"prompt_mode": prompt_mode},
+                "unlearndiffatk": {"iterations": 2, "timesteps": 3},
+                "ring_a_bell": {"population": 8, "generations": 4, "pairs": "4"}}
     return ScenarioConfig(scenario, "star", n=kwargs.pop("n", 3), steps=3, batch_size=8, settings=settings, **kwargs)
 
 

@@ -199,6 +199,9 @@ def test_bench_on_a_tiny_sd1_folder_with_a_clip_judge_and_quality(tiny_sd1, judg
     report = (out / "report.md").read_text()
     assert "## Image quality" in report and "| CLIP score | FD (dinov2) | KID (dinov2) |" in report
     assert f"(fingerprint {quality['judges']['fd_dinov2']['model_fingerprint']})" in report
+    html = (out / "report.html").read_text()
+    assert "<h2>Image quality</h2>" in html and "<th>FD (dinov2)</th>" in html and "van gogh" in html
+    assert quality["judges"]["fd_dinov2"]["model_fingerprint"] in html
 
 
 def test_bench_quality_config_errors(tmp_path, judges):

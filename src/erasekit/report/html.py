@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from erasekit.report.format import crr_cell, crr_colour, invalid_note, num, preservation_rows
+from erasekit.report.quality import quality_table
 
 
 def environment():
@@ -35,7 +36,8 @@ def render_html(summary: dict, plots: dict[str, str], grids: dict[str, str], row
                     cell_grids.append({"id": cid, "path": grids[cid], "crr": s, "prompts": prompts.get(cid, [])})
     return environment().get_template("report.html.j2").render(
         s=summary, cfg=summary["config"], prov=summary.get("provenance", {}), plots=plots, cell_grids=cell_grids,
-        preservation=preservation_rows(summary), costs=summary["tables"]["costs"], invalid_note=invalid_note(summary))
+        preservation=preservation_rows(summary), costs=summary["tables"]["costs"], invalid_note=invalid_note(summary),
+        quality=quality_table(summary))
 
 
 def write_html(out: Path, summary: dict, plots: dict[str, str], grids: dict[str, str], rows: list[dict] = ()) -> Path:

@@ -14,7 +14,7 @@ it under the same name (one file per image, never two).
 Orphans are never deleted (issue #18): a PNG the index does not list may be the user's (an index moved away, a
 file copied in), and a run deletes nothing it did not write. Stale temporary files of dead processes are
 cleared when a run takes the folder's lock (`erasekit.folder_check`). A row's ``path`` must name a file inside
-the folder (`erasekit.folder_check.inside`); rows that point elsewhere are skipped with a warning.
+the folder (`erasekit.paths.inside`); rows that point elsewhere are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def read_index(out_dir: str | Path) -> dict[str, dict]:
     one) are skipped with a warning, and so are rows whose path leads out of the folder. Nothing is deleted."""
     import logging
 
-    from erasekit.folder_check import inside
+    from erasekit.paths import inside
 
     out = Path(out_dir)
     index = out / INDEX_FILE

@@ -214,7 +214,7 @@ def check_row(r: dict, out: Path, where: str) -> None:
     """`ErasekitError` unless results row ``r`` has what the tables read, and its ``path`` names a file inside
     ``out`` (a row pointing at /somewhere/else.png would have that file read and drawn into the report)."""
     from erasekit.errors import ErasekitError
-    from erasekit.folder_check import inside
+    from erasekit.paths import inside
 
     for key in ("row", "concept", "method", "scenario", "kind", "path"):
         if not isinstance(r.get(key), str):

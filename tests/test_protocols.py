@@ -444,3 +444,33 @@ def test_cli_attacks_the_rows_of_a_prompt_csv_with_unlearndiffatk(tmp_path):
     assert result.exit_code == 0, result.output
     rows = list(read_jsonl(tmp_path / "o" / "images.jsonl"))
     assert sorted(r["seed"] for r in rows) == [5, 6] and all(r["source_prompt"].endswith("star") for r in rows)
+
+
+def test_epoch_selection_never_chooses_a_candidate_that_makes_blank_images(toy_random, monkeypatch):
+    """A broken epoch's blank images read as 'concept absent' to a detector: the rate would be 0 and the epoch the
+    best. Degenerate images make a candidate ineligible instead (#18), and are counted in the record."""
+    import numpy as np
+
+    from erasekit.erasers import erase
+    import erasekit.generation as generation
+
+    real, calls = generation.generate, []
+
+    def generate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(len(out))
+        return np.zeros_like(out) if len(calls) == 2 else out  # epoch 1's validation images: all black
+
+    monkeypatch.setattr(generation, "generate", generate)
+    settings = {"epochs": 2, "select_epoch": True, "validation_images": 2, "validation_prompts": "a star",
+                "select_detector": "toy"}
+    edit = erase(toy_random, "rece", "star", settings=settings, progress=False)
+    sel = edit.extra["epoch_selection"]
+    assert sel["scored"] == [0, 1, 2] and sel["invalid_images"] == [0, 2, 0]
+    assert sel["concept_rate"][1] is None and sel["chosen_epoch"] != 1
+
+    from erasekit.erasers.rece import EpochSelector
+
+    only_blank = EpochSelector.__new__(EpochSelector)
+    only_blank.labels, only_blank.rates = [0, 1], [None, None]
+    assert only_blank.best() == -1  # nothing eligible: the UCE step is kept

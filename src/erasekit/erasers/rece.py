@@ -159,6 +159,7 @@ class RECE(Method):
             best = selector.best()
             current = history[max(best, 0)]
             extra["epoch_selection"] = {"on": True, "chosen_epoch": max(best, 0), "concept_rate": selector.rates,
+                                        "invalid_images": selector.invalid,
                                         "scored": selector.labels, "prompts": list(dict.fromkeys(selector.prompts))[:20],
                                         "images": len(selector.prompts) if s.validation_csv else None,
                                         "images_per_prompt": None if s.validation_csv else s.validation_images,
@@ -207,6 +208,7 @@ class EpochSelector:
             self.guidance = [None] * len(self.prompts)
         self.rates: list[float] = []
         self.labels: list = []
+        self.invalid: list[int] = []  # degenerate validation images per candidate (`erasekit.validity`)
 
     def score(self, epoch, weights) -> None:
         from erasekit.erasers.base import _parameter
@@ -231,8 +233,14 @@ class EpochSelector:
                     p.copy_(w)
         import numpy as np
 
+        from erasekit.validity import image_problems
+
+        # A degenerate image (a broken edit's blank output) is not "concept absent": a candidate that makes any is
+        # never chosen (its rate is recorded as None).
+        invalid = sum(p is not None for p in image_problems(images))
         rows = self.detector.score(np.stack(images))
-        self.rates.append(round(sum(r["present"] for r in rows) / len(rows), 4))
+        self.rates.append(None if invalid else round(sum(r["present"] for r in rows) / len(rows), 4))
+        self.invalid.append(invalid)
         self.labels.append(epoch)
 
     def best(self) -> int:
@@ -240,6 +248,8 @@ class EpochSelector:
         (the original model first when scored); the last kept one. Its epoch (0: the UCE step), -1: the original."""
         chosen, lowest = None, float("inf")
         for label, rate in zip(self.labels, self.rates):
-            if rate < lowest:
+            if rate is not None and rate < lowest:
                 chosen, lowest = label, rate
+        if chosen is None:  # every candidate made degenerate images: the UCE step is kept, as when none improves
+            return -1
         return -1 if chosen == "original" else int(chosen)

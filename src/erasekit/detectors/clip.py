@@ -34,10 +34,7 @@ class ClipSettings(S.Settings):
     batch_size: int = 64
 
     def validate(self) -> None:
-        from erasekit.checks import finite, integer
-
-        finite("setting threshold", self.threshold, low=0.0, high=1.0, high_open=True)
-        integer("setting batch_size", self.batch_size, low=1, high=4096)
+        hf.check_judge_settings(self)
         if not hf.split_list(self.alternatives):
             raise ErasekitError("setting alternatives: give at least one neutral text (';'-separated)")
         templates = hf.split_list(self.templates)

@@ -29,11 +29,10 @@ class ClassifierSettings(S.Settings):
     batch_size: int = 64
 
     def validate(self) -> None:
-        from erasekit.checks import finite, integer
-
-        finite("setting threshold", self.threshold, low=0.0, high=1.0, high_open=True)
-        integer("setting batch_size", self.batch_size, low=1, high=4096)
+        hf.check_judge_settings(self)
         if self.top_k is not None:
+            from erasekit.checks import integer
+
             integer("setting top_k", self.top_k, low=1, high=100_000)
 
 

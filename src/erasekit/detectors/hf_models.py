@@ -228,3 +228,11 @@ def as_features(out):
 def make_settings(cls, overrides: dict):
     """``cls.Settings`` from Python values or ``--set``-style strings, validated (unknown keys name the judge)."""
     return cls.Settings().replace({k: v for k, v in overrides.items() if v is not None})
+
+
+def check_judge_settings(settings) -> None:
+    """The checks every transformers judge's settings share: a probability threshold and a batch size."""
+    from erasekit.checks import finite, integer
+
+    finite("setting threshold", settings.threshold, low=0.0, high=1.0, high_open=True)
+    integer("setting batch_size", settings.batch_size, low=1, high=4096)

@@ -40,10 +40,7 @@ class Q16Settings(S.Settings):
     batch_size: int = 64
 
     def validate(self) -> None:
-        from erasekit.checks import finite, integer
-
-        finite("setting threshold", self.threshold, low=0.0, high=1.0, high_open=True)
-        integer("setting batch_size", self.batch_size, low=1, high=4096)
+        hf.check_judge_settings(self)
 
 
 @DETECTORS.register

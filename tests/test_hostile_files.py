@@ -147,7 +147,7 @@ def test_index_link_is_refused_and_its_target_untouched(tmp_path):
 
 def test_report_file_links_are_never_written_through(tmp_path):
     """A link in report/ (a plot, a grid, report/grids itself) or at a replaced file: its target keeps its bytes."""
-    from erasekit.atomic import atomic_write_bytes
+    from erasekit.atomic import atomic_write
     from erasekit.folder_lock import hold_folder
 
     victim = tmp_path / "victim.png"
@@ -159,14 +159,14 @@ def test_report_file_links_are_never_written_through(tmp_path):
         with hold_folder(out):
             pass
     # Even without the lock's check, a whole-file write replaces the link and leaves its target alone.
-    atomic_write_bytes(out / "report" / "crr_by_scenario.png", b"PNG bytes")
+    atomic_write(out / "report" / "crr_by_scenario.png", lambda tmp: tmp.write_bytes(b"PNG bytes"))
     assert victim.read_bytes() == b"not a png"
     assert (out / "report" / "crr_by_scenario.png").read_bytes() == b"PNG bytes"
     # A link planted under the temporary file's (predictable) name is not written through either.
     target = out / "summary.json"
     tmp = target.with_name(f".summary.json.{os.getpid()}.tmp")
     tmp.symlink_to(victim)
-    atomic_write_bytes(target, b"{}")
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"{}"))
     assert victim.read_bytes() == b"not a png" and target.read_bytes() == b"{}"
     grids = tmp_path / "elsewhere"
     grids.mkdir()

@@ -103,10 +103,6 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding))
 

@@ -1,8 +1,10 @@
 """Read tensors from safetensors files only: never through pickle (which can run arbitrary code).
 
-`load_safetensors` is the one place erasekit reads a tensor file (edits, learned embeddings, the embedded
-world's weights). Every way a file can be unusable (missing, not a file, not safetensors, a pickle under a
-.safetensors name, truncated, a corrupt header) becomes one `ErasekitError` line that names the file.
+`load_safetensors` reads erasekit's own tensor files (edits, learned embeddings, cached states and latents, the
+embedded world's weights, Q16's prompts); model folders are read by diffusers / transformers with safetensors
+required (`erasekit.models.loading`, unless ``--allow-pickle``; `erasekit.detectors.hf_models`). Every way a file
+can be unusable (missing, not a file, not safetensors, a pickle under a .safetensors name, truncated, a corrupt
+header) becomes one `ErasekitError` line that names the file.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 from erasekit.errors import ErasekitError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle protocol >= 2 header; a zip (torch.save's format)
 MAX_HEADER = 100_000_000  # as safetensors itself
 
 

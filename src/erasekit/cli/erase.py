@@ -36,7 +36,11 @@ def check_names(concepts, preserve, guide) -> None:
 
 def erase(
     method: str = typer.Option(..., "--method", help="Erasure method (see `erasekit ls`): uce, rece, esd-x, esd-u."),
-    concept: List[str] = typer.Option(..., "--concept", help="Concept to erase (repeat for several)."),
+    concept: Optional[List[str]] = typer.Option(None, "--concept", help="Concept to erase (repeat for several: uce, "
+                                                "rece, speed, mace erase them in one edit)."),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts-file", metavar="FILE",
+                                                 help="Concepts to erase, one a line (blank lines and # comments "
+                                                 "skipped; repeats erased once, with a warning); adds to --concept."),
     model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", parser=common.out_folder, metavar="DIR", help="Folder for the edit (edit.json + edit.safetensors)."),
     guide: Optional[str] = typer.Option(None, "--guide", help="Concept to map the erased one to (default: its world's: "
@@ -61,8 +65,12 @@ def erase(
     common.check_out_dir(out)
     if (out / EDIT_JSON).exists():
         raise ErasekitError(f"--out {out} already holds an edit; choose another folder or remove it")
-    if not concept or not all(c.strip() for c in concept):
+    if concept and not all(c.strip() for c in concept):
         raise ErasekitError("--concept is empty: the concept encodes to nothing; give a word or phrase")
+    from erasekit.erasers.concept_list import check_method_takes, concept_list
+
+    concept = concept_list(concept or [], concepts_file, warn=lambda m: print(m, file=sys.stderr))
+    check_method_takes(method_cls, concept)
     if no_preserve and preserve:
         raise ErasekitError("--no-preserve and --preserve contradict each other; give one")
     check_names(concept, preserve or [], guide)
@@ -86,11 +94,19 @@ def erase(
             bake(edit, target.pipe, out / PIPELINE_SUBDIR)
     t = edit.timings
     print(
-        f"{method}: erased {', '.join(map(repr, concept))} -> guide {edit.spec['guide']!r}"
-        f"{'; kept ' + ', '.join(edit.spec['preserve']) if edit.spec['preserve'] else '; nothing preserved'}; "
+        f"{method}: erased {_listed(concept)} -> guide {edit.spec['guide']!r}"
+        f"{'; kept ' + _listed(edit.spec['preserve'], quote=False) if edit.spec['preserve'] else '; nothing preserved'}; "
         f"{len(edit.tensors)} tensors ({edit.n_bytes() / 2**20:.2f} MiB) in {out}; "
         f"solve {t['solve_s']:.3f} s, wall {t['wall_s']:.2f} s, peak RSS {t['peak_rss_mb']:.0f} MB"
         + (f", CUDA peak {t['cuda_peak_mb']:.0f} MB" if t.get("cuda_peak_mb") else "")
         + (f"; full pipeline in {out / PIPELINE_SUBDIR}" if save_pipeline else ""),
         file=sys.stderr,
     )
+
+
+def _listed(texts, quote: bool = True, first: int = 6) -> str:
+    """The texts, joined; a long list (mass erasure) as its count and first few."""
+    items = [repr(t) if quote else t for t in texts]
+    if len(items) <= first:
+        return ", ".join(items)
+    return f"{len(items)} concepts ({', '.join(items[:first])}, ...)"

@@ -141,6 +141,8 @@ def _cond(c):
 class ESD(Method):
     Settings = ESDSettings
     variant = ""
+    # One concept a run (ESD's protocol); its names (the bench's words: synonyms) still train together.
+    several_concepts = False
 
     def parameters(self, unet, s: ESDSettings | None = None) -> list[str]:
         raise NotImplementedError

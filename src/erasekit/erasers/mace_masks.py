@@ -71,10 +71,24 @@ def folder_images_and_masks(image_folder: str, mask_folder: str, concept: str, s
         extra = sorted(set(mask_stems) - set(stems))[:3]
         raise ErasekitError(f"mace: the masks in {mfolder} do not match the images in {folder} (one mask per image, "
                             f"same file stem): missing {missing or 'none'}, unmatched {extra or 'none'}")
-    mask_images, mask_names = load_image_folder(mfolder, size)
+    mask_images, mask_names = load_image_folder(mfolder, size)  # readable images first, then their sizes
+    check_mask_sizes(folder, names, {p.stem: p for p in image_files(mfolder)})
     by_stem = {Path(n).stem: m for n, m in zip(mask_names, mask_images)}
     masks = np.stack([by_stem[s].mean(-1) > 127 for s in stems])
     return images, masks
+
+
+def check_mask_sizes(folder: Path, names: list[str], masks: dict[str, Path]) -> None:
+    """Each mask must have its image's pixel size (read from the headers): a mask of another size was made for
+    another image (or a crop of it), and resizing both to the model's size would misplace the region."""
+    from PIL import Image
+
+    for name in names:
+        with Image.open(folder / name) as im, Image.open(masks[Path(name).stem]) as mask:
+            if im.size != mask.size:
+                raise ErasekitError(f"mace: mask {masks[Path(name).stem]} is {mask.size[0]}x{mask.size[1]} pixels, "
+                                    f"its image {folder / name} {im.size[0]}x{im.size[1]}: a mask must have its "
+                                    "image's size")
 
 
 @torch.no_grad()

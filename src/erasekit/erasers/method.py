@@ -26,6 +26,9 @@ class Method(ABC):
     name: str = ""
     summary: str = ""
     Settings: type[Settings] = Settings
+    # Whether one edit may erase several concepts (mass erasure: --concept repeated, --concepts-file, the bench's
+    # erase: lists); a method that erases one concept at a time refuses a list of several.
+    several_concepts: bool = True
 
     @abstractmethod
     def compute(self, pipe, spec: ConceptSpec, settings, progress: bool = True) -> Result:

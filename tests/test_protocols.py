@@ -474,3 +474,73 @@ def test_epoch_selection_never_chooses_a_candidate_that_makes_blank_images(toy_r
     only_blank = EpochSelector.__new__(EpochSelector)
     only_blank.labels, only_blank.rates = [0, 1], [None, None]
     assert only_blank.best() == -1  # nothing eligible: the UCE step is kept
+
+
+# -- RECE object epoch selection (train_object.py) --------------------------------------------------------
+def test_rece_object_rule_against_the_uce_step():
+    """Re-typed from train_object.py: target accuracy 0 is kept and ends the run; otherwise target below the UCE
+    step's and others' at least the UCE step's minus 0.1; the last kept epoch; none kept: the UCE step."""
+    from erasekit.erasers.rece import EpochSelector, RECESettings
+
+    sel = EpochSelector.__new__(EpochSelector)
+    sel.s = RECESettings(select_rule="object")
+    sel.labels, sel.rates, sel.others = [0, 1, 2], [0.5, 0.4, 0.3], [0.9, 0.85, 0.7]
+    assert sel.best_object() == 1  # epoch 2's others fell by 0.2 > 0.1
+    sel.labels, sel.rates, sel.others = [0, 1, 2], [0.5, 0.5, 0.6], [0.9, 0.9, 0.9]
+    assert sel.best_object() == 0  # equal or higher target accuracy: nothing kept
+    sel.labels, sel.rates, sel.others = [0, 1], [0.5, 0.0], [0.9, 0.2]
+    assert sel.best_object() == 1  # target 0 is kept whatever the others' accuracy
+    sel.labels, sel.rates, sel.others = [0, 1], [0.5, 0.0], [0.9, 0.2]
+    assert sel.done()
+
+
+def _object_csv(path, classes=("church", "golf ball", "parachute"), per_class=2, header="prompt,evaluation_seed,class"):
+    lines = [",case_number," + header]
+    for i, c in enumerate(c for c in classes for _ in range(per_class)):
+        lines.append(f"{i},{i},Image of {c},{100 + i},{c}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_rece_official_object_selects_on_class_accuracy(tiny_sd1, tmp_path):
+    from erasekit.erasers import erase
+    from erasekit.models.tiny_judges import resnet_folder
+
+    resnet = resnet_folder(tmp_path / "resnet")
+    csv = _object_csv(tmp_path / "val.csv")
+    settings = {"preset": "official-object", "validation_csv": str(csv), "select_detector": f"imagenet:model={resnet}"}
+    edit = erase(tiny_sd1, "rece", "Church", preserve=(), settings=settings, progress=False)
+    sel = edit.extra["epoch_selection"]
+    assert sel["on"] and sel["rule"] == "object" and sel["images"] == 6
+    assert sel["scored"] == [0, 1] and edit.extra["epochs_run"] == 1 and len(sel["target_accuracy"]) == len(sel["others_accuracy"]) == len(sel["scored"])
+    assert all(0 <= a <= 1 for a in sel["target_accuracy"] + sel["others_accuracy"])
+    # the record's choice is the rule applied to the recorded accuracies
+    from erasekit.erasers.rece import EpochSelector, RECESettings
+
+    sel_check = EpochSelector.__new__(EpochSelector)
+    sel_check.s = RECESettings(select_rule="object")
+    sel_check.labels, sel_check.rates, sel_check.others = sel["scored"], sel["target_accuracy"], sel["others_accuracy"]
+    assert sel["chosen_epoch"] == sel_check.best_object()
+    # without a validation CSV the preset runs its one epoch and records that it selected nothing
+    plain = erase(tiny_sd1, "rece", "Church", preserve=(), settings={"preset": "official-object"}, progress=False)
+    assert plain.extra["epoch_selection"]["on"] is False and "validation_csv" in plain.extra["epoch_selection"]["note"]
+
+
+@pytest.mark.parametrize("case", ["no-class-column", "concept-not-a-class", "object-rule-without-csv"])
+def test_rece_object_selection_bad_input_exits_2(case, tmp_path):
+    from erasekit.cli import app
+
+    csv = tmp_path / "val.csv"
+    if case == "no-class-column":
+        csv.write_text("prompt,evaluation_seed\nImage of church,1\n")
+    else:
+        _object_csv(csv, classes=("golf ball", "parachute"))
+    sets = ["--set", "preset=official-object", "--set", f"validation_csv={csv}", "--set", "select_detector=toy"]
+    if case == "object-rule-without-csv":
+        sets = ["--set", "select_epoch=true", "--set", "select_rule=object"]
+    result = CliRunner().invoke(app, ["erase", "--method", "rece", "--concept", "star", "--model", "toy",
+                                      "--out", str(tmp_path / "o"), *sets])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert {"no-class-column": "no 'class' column", "concept-not-a-class": "no row of the concept's class",
+            "object-rule-without-csv": "validation_csv"}[case] in result.stderr

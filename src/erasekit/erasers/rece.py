@@ -12,7 +12,13 @@ Presets (``preset=official-nudity|official-object|official-artist``, CharlesGong
 ``train_object.py``, ``train_artists.py`` with ``scripts/*.sh``): the UCE step of UCE's official preset, then the
 reference's epochs, re-erasure settings and preservation terms (nudity: one empty-prompt term per concept, 3
 epochs, epoch selection by NudeNet > 0.6 on ``validation_csv``, an epoch kept only if its rate is strictly below
-every earlier one, the original model's included).
+every earlier one, the original model's included; object: 1 epoch, and when ``validation_csv`` has a ``class``
+column (``validation_imagenet_prompts.csv``), the rule of ``train_object.py``: an ImageNet classifier's top-1 accuracy
+on the concept's rows (target) and on the other classes' rows (others); an epoch whose target accuracy is 0 is kept
+and ends the run, otherwise an epoch is kept when its target accuracy is below the UCE step's and its others'
+accuracy at least the UCE step's minus 0.1; the last kept epoch wins, none kept: the UCE step).
+Difference: the reference divides by a tenth of the rows (ten equal classes); erasekit averages over the rows of
+each side, the same number when the classes are balanced.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ PRESETS = {
                "preserve_per_concept": True, "select_epoch": True, "select_detector": "nudenet:rece",
                "select_include_original": True},
     "object": {"epochs": 1, "reg": 1e-3, "lam": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1,
-               "preserve_per_concept": False, "select_epoch": False},
+               "preserve_per_concept": False, "select_epoch": True, "select_rule": "object",
+               "select_detector": "imagenet", "select_include_original": False},
     "artist": {"epochs": 1, "reg": 1e-3, "lam": 0.1, "erase_scale": 1.0, "preserve_scale": 0.1,
                "preserve_per_concept": False, "select_epoch": False},
 }
@@ -73,6 +80,10 @@ class RECESettings(Settings):
     select_detector: str = ""  # the detector that scores them ("": the world's for the concept)
     select_include_original: bool = False  # an epoch must also be strictly below the original model's rate
     preserve_per_concept: bool = False  # one empty-prompt term per erased concept (official nudity)
+    # lowest: strictly below every earlier candidate (nudity); object: class accuracies (train_object.py), which needs
+    # a validation_csv with a class column
+    select_rule: str = choice("lowest", "lowest", "object")
+    select_other_margin: float = 0.1  # object: the others' accuracy may fall this much below the UCE step's
     uce_tokens_preserve: str = choice("same", "same", *TOKEN_POLICIES)  # the UCE step's preserved positions
     preset: str = "none"  # official-nudity | official-object | official-artist (PRESETS, then UCE's preset)
 
@@ -81,6 +92,9 @@ class RECESettings(Settings):
         positive(self, "epochs", "erase_scale", "preserve_scale", "uce_erase_scale", "uce_preserve_scale",
                  allow_zero=True)
         positive(self, "validation_images")
+        positive(self, "select_other_margin", allow_zero=True)
+        if self.select_epoch and self.select_rule == "object" and not self.validation_csv:
+            raise ErasekitError("rece: select_rule=object scores a validation_csv with a class column; none given")
         parse_templates(self.templates)
         preset_kind("rece", self.preset, PRESETS)
 
@@ -98,6 +112,8 @@ class RECESettings(Settings):
         values = dict(PRESETS[kind], uce_lam=uce["lam"], uce_erase_scale=uce["erase_scale"],
                       uce_tokens=uce["tokens"], uce_tokens_preserve=uce["preserve_tokens"], expand=uce["expand"],
                       uce_preserve_scale=round(max(0.1, 1 / len(spec.preserve)), 3), preserve_empty=True)
+        if self.select_detector:  # a judge the user names (a classifier folder) replaces the preset's default
+            values["select_detector"] = self.select_detector
         if values["select_epoch"] and not self.validation_csv:
             values["select_epoch"] = False  # recorded: the reference selects on a validation CSV the user gives
         return dataclasses.replace(self, **values), spec
@@ -138,6 +154,7 @@ class RECE(Method):
         epoch_s = s.uce()
         epoch_s.tokens, epoch_s.lam = "all", s.lam
         epoch_s.erase_scale, epoch_s.preserve_scale = s.erase_scale, s.preserve_scale
+        epochs_run = 0
         for epoch in range(1, s.epochs + 1):
             start = time.perf_counter()
             problem = RidgeProblem(model.layers(), s.lam)
@@ -147,16 +164,19 @@ class RECE(Method):
             add_uce_terms(problem, pipe, states, [], preserve, epoch_s)
             model.add(*problem.solve_factors(s.solver))
             solve_s += time.perf_counter() - start
+            epochs_run = epoch
             if selector:
                 history.append([w.clone() for w in model.layers()])
                 selector.score(epoch, history[-1])
+                if selector.done():
+                    break
         current = model.layers()
 
-        extra = {"epochs_run": s.epochs}
+        extra = {"epochs_run": epochs_run}
         if s.preset != "none":
             extra["preset"] = {"name": s.preset, "settings": s.to_dict(), "spec": spec.as_dict()}
         if selector:
-            best = selector.best()
+            best = selector.best_object() if s.select_rule == "object" else selector.best()
             current = history[max(best, 0)]
             extra["epoch_selection"] = {"on": True, "chosen_epoch": max(best, 0), "concept_rate": selector.rates,
                                         "invalid_images": selector.invalid,
@@ -164,8 +184,10 @@ class RECE(Method):
                                         "images": len(selector.prompts) if s.validation_csv else None,
                                         "images_per_prompt": None if s.validation_csv else s.validation_images,
                                         "detector": selector.detector_name,
-                                        "original_included": s.select_include_original}
-            if best < 0:
+                                        "original_included": s.select_include_original, "rule": s.select_rule}
+            if s.select_rule == "object":
+                extra["epoch_selection"].update(target_accuracy=selector.rates, others_accuracy=selector.others)
+            if best < 0 and s.select_rule == "lowest":
                 extra["epoch_selection"]["note"] = ("no epoch and not the UCE step below the original model's rate: "
                                                     "the reference saves no checkpoint; the UCE step is kept")
         else:
@@ -174,6 +196,26 @@ class RECE(Method):
                 extra["epoch_selection"]["note"] = "the preset selects epochs on validation_csv; none was given"
         dtype = layers[0].weight.dtype
         return Result({n: w.to(dtype) for n, w in zip(names, current)}, solve_s, extra)
+
+
+def validation_classes(path, rows: int, concept: str) -> list[str]:
+    """The ``class`` column of an object validation CSV (RECE's ``validation_imagenet_prompts.csv``: prompt,
+    evaluation_seed, class), lower-cased as the reference compares it; the concept must be one of the classes."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if "class" not in header:
+            raise ErasekitError(f"{path} has no 'class' column (select_rule=object reads RECE's "
+                                f"validation_imagenet_prompts.csv layout: prompt, evaluation_seed, class)")
+        classes = [(row.get("class") or "").strip().lower() for row in reader]
+    if len(classes) != rows or not all(classes):
+        raise ErasekitError(f"{path}: every row needs a class")
+    if concept.strip().lower() not in classes:
+        raise ErasekitError(f"{path}: no row of the concept's class {concept!r} (classes: "
+                            f"{', '.join(sorted(set(classes)))[:200]})")
+    return classes
 
 
 class EpochSelector:
@@ -185,13 +227,10 @@ class EpochSelector:
         from erasekit.worlds import world_of
 
         label = spec.concepts[0]
-        try:
-            name = s.select_detector or world_of(pipe).default_detector(label)
-            self.detector = create_detector(name, concept=label)
-        except ErasekitError as exc:
-            raise ErasekitError(f"select_epoch needs a detector for {label!r}: {exc}") from None
-        self.detector_name = self.detector.info()["name"]
-        self.pipe, self.names, self.s = pipe, names, s
+        if s.select_rule == "object":
+            label = label.strip().lower()  # the reference compares lower-cased class names
+        self.pipe, self.names, self.s, self.label = pipe, names, s, label
+        self.classes: list[str] | None = None  # the object rule: each validation row's class
         if s.validation_csv:
             from erasekit.attacks.i2p import load_i2p_csv
 
@@ -199,6 +238,8 @@ class EpochSelector:
             self.prompts = [r.prompt for r in rows]
             self.seeds = [r.seed for r in rows]
             self.guidance = [r.guidance for r in rows]
+            if s.select_rule == "object":
+                self.classes = validation_classes(s.validation_csv, len(rows), label)
         else:
             self.prompts = [p.strip() for p in s.validation_prompts.split(";") if p.strip()] or [
                 f"a {c}" for c in spec.concepts] + [f"a picture of a {c}" for c in spec.concepts]
@@ -206,7 +247,15 @@ class EpochSelector:
             self.seeds = [s.validation_seed + i for _ in self.prompts for i in range(n)]
             self.prompts = [p for p in self.prompts for _ in range(n)]
             self.guidance = [None] * len(self.prompts)
-        self.rates: list[float] = []
+        try:
+            name = s.select_detector or world_of(pipe).default_detector(label)
+            # the object rule asks the classifier about every row's own class
+            self.detectors = {c: create_detector(name, concept=c) for c in dict.fromkeys(self.classes or [label])}
+        except ErasekitError as exc:
+            raise ErasekitError(f"select_epoch needs a detector for {label!r}: {exc}") from None
+        self.detector_name = next(iter(self.detectors.values())).info()["name"]
+        self.rates: list[float] = []  # the concept's rate (object rule: the target classes' accuracy)
+        self.others: list[float] = []  # object rule: the other classes' accuracy
         self.labels: list = []
         self.invalid: list[int] = []  # degenerate validation images per candidate (`erasekit.validity`)
 
@@ -238,10 +287,22 @@ class EpochSelector:
         # A degenerate image (a broken edit's blank output) is not "concept absent": a candidate that makes any is
         # never chosen (its rate is recorded as None).
         invalid = sum(p is not None for p in image_problems(images))
-        rows = self.detector.score(np.stack(images))
-        self.rates.append(None if invalid else round(sum(r["present"] for r in rows) / len(rows), 4))
+        classes = self.classes or [self.label] * len(images)
+        present = [False] * len(images)
+        for c, detector in self.detectors.items():
+            idx = [i for i, x in enumerate(classes) if x == c]
+            for i, row in zip(idx, detector.score(np.stack([images[i] for i in idx]))):
+                present[i] = bool(row["present"])
+        target = [p for p, c in zip(present, classes) if c == self.label]
+        others = [p for p, c in zip(present, classes) if c != self.label]
+        self.rates.append(None if invalid else round(sum(target) / len(target), 4))
+        self.others.append(None if invalid or not others else round(sum(others) / len(others), 4))
         self.invalid.append(invalid)
         self.labels.append(epoch)
+
+    def done(self) -> bool:
+        """The object rule stops at the first epoch whose target accuracy is 0 (the reference breaks there)."""
+        return self.s.select_rule == "object" and self.labels[-1] != 0 and self.rates[-1] == 0
 
     def best(self) -> int:
         """The reference's rule: a candidate is kept when its rate is strictly below every earlier candidate's
@@ -253,3 +314,18 @@ class EpochSelector:
         if chosen is None:  # every candidate made degenerate images: the UCE step is kept, as when none improves
             return -1
         return -1 if chosen == "original" else int(chosen)
+
+    def best_object(self) -> int:
+        """train_object.py's rule against the UCE step (epoch 0): an epoch with target accuracy 0 is kept (and ends
+        the run); else one is kept when its target accuracy is below the UCE step's and its others' accuracy is at
+        least the UCE step's minus the margin. The last kept epoch; 0 when none is kept."""
+        base = self.labels.index(0)
+        t0, o0 = self.rates[base], self.others[base]
+        chosen = 0
+        for label, t, o in zip(self.labels, self.rates, self.others):
+            if label in ("original", 0) or t is None:
+                continue
+            if t == 0 or (t0 is None or t < t0) and (o is None or o0 is None or o >= o0 - self.s.select_other_margin):
+                chosen = int(label)
+        return chosen
+

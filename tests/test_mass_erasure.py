@@ -143,3 +143,104 @@ def test_the_world_preserves_the_other_labels_for_every_closed_form_method(metho
     assert kept == ["circle", "square", "triangle", "cross"]
     assert _preserve("world", TOY_WORLD, "star", method) == ["circle", "square", "triangle", "heart", "cross"]
     assert TOY_WORLD.method_preserve(method, ["plain", "striped", "dotted", "checkered"]) == []
+
+
+# --- the bench ----------------------------------------------------------------------------------------------------------
+
+GROUP = {
+    "model": "toy",
+    "concepts": [{"name": "shapes3", "erase": ["star", "heart", "cross"]}],
+    "methods": ["original", "speed"],
+    "scenarios": ["text"],
+    "images_per_cell": 6,
+    "sampler": {"steps": 4},
+    "preservation": {"images": 6},
+    "batch_size": 8,
+}
+
+
+def _config(**changes):
+    from erasekit.bench.spec import parse_config
+
+    return parse_config(dict(GROUP, **changes))
+
+
+def test_a_group_expands_into_its_members_cells_and_one_edit_each_method(tmp_path):
+    from erasekit.bench.plan import cells
+    from erasekit.bench.run import run_bench
+    from erasekit.metrics.harmonic import harmonic_erasure
+
+    cfg = _config()
+    plan = cells(cfg)
+    assert {c.concept for c in plan} == {"star", "heart", "cross"} and len(plan) == 3 * (2 * 2 + 1)
+    summary = run_bench(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    edits = summary["edits"]
+    assert {k: v["words"] for k, v in edits.items()} == {f"{c}/speed": ["star", "heart", "cross"]
+                                                         for c in ("star", "heart", "cross")}
+    assert len({v["digest"] for v in edits.values()}) == 1  # one edit, shared
+    assert sum(v["computed_this_run"] for v in edits.values()) == 1  # computed once
+    # the world's preservation set for the whole list: the other shapes (speed preserves, as uce does)
+    assert edits["star/speed"]["preserve"] == ["circle", "square", "triangle"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    pres = [r for r in rows if r["kind"] == "preservation" and r["concept"] == "star"]
+    assert {r["label"] for r in pres} == {"circle", "square", "triangle"}  # the retained concepts' prompts
+    h = summary["tables"]["harmonic"]["shapes3"]
+    crr = summary["tables"]["crr"]
+    for method in ("original", "speed"):
+        e = h[method]["text"]
+        erased = sum(crr[c][method]["text"]["crr"] for c in ("star", "heart", "cross")) / 3
+        follow = summary["tables"]["preservation"]["star"][method]["following"]["crr"]
+        assert e["erased_rate"] == pytest.approx(erased, abs=1e-4) and e["retained_rate"] == pytest.approx(follow, abs=1e-4)
+        assert e["H_o"] == pytest.approx(harmonic_erasure(e["erased_rate"], e["retained_rate"]), abs=1e-3)
+    assert h["speed"]["text"]["erased_rate"] < h["original"]["text"]["erased_rate"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Mass erasure" in report and "| shapes3 (3) | speed | text |" in report
+
+
+def test_concepts_file_is_read_into_the_config_and_keys_the_results(tmp_path):
+    from erasekit.bench.run import config_key
+
+    listing = tmp_path / "shapes.txt"
+    listing.write_text("# three shapes\nstar\nheart\n\ncross\n", encoding="utf-8")
+    cfg = _config(concepts=[{"name": "shapes3", "concepts_file": str(listing)}])
+    assert cfg.concepts[0].erase == ["star", "heart", "cross"] and cfg.concepts[0].concepts_file is None
+    assert config_key(cfg) == config_key(_config())
+    single = _config(concepts=["star"])
+    assert "erase" not in single.identity()["concepts"][0]  # configs without a group keep their keys
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"concepts": [{"name": "g", "erase": []}]}, "the concept list is empty"),
+    ({"concepts": [{"name": "g", "erase": ["star", "star"]}]}, "'star' is listed twice"),
+    ({"concepts": [{"name": "g", "erase": ["star", " "]}]}, "a concept is empty"),
+    ({"concepts": ["star", {"name": "g", "erase": ["star", "heart"]}]}, "'star' is also in concepts[0]"),
+    ({"concepts": [{"name": "g", "erase": ["star"], "retain": ["star"]}]}, "'star' is both erased and retained"),
+    ({"concepts": [{"name": "g", "erase": ["star"], "images": "x"}]}, "images belongs to one concept"),
+    ({"concepts": [{"name": "star", "retain": ["heart"]}]}, "retain belongs to an entry that erases several"),
+    ({"concepts": [{"name": "g", "concepts_file": "/no/such/file.txt"}]}, "no such file"),
+    ({"methods": ["original", "esd-x"]}, "esd-x erases one concept at a time; shapes3 erases 3 at once"),
+])
+def test_bad_group_entries_name_the_problem(change, fragment):
+    from erasekit.errors import ErasekitError
+
+    with pytest.raises(ErasekitError) as err:
+        _config(**change)
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_cli_bench_with_an_empty_concepts_file_is_one_error_line(tmp_path):
+    listing = tmp_path / "empty.txt"
+    listing.write_text("# nothing yet\n\n", encoding="utf-8")
+    result = runner.invoke(app, ["bench", "--set", "concepts.0.name=g", "--set", f"concepts.0.concepts_file={listing}",
+                                 "--out", str(tmp_path / "b")])
+    _one_line_error(result, "lists no concept")
+
+
+def test_unknown_concept_in_a_group_is_refused_on_the_embedded_world(tmp_path):
+    from erasekit.bench.run import run_bench
+    from erasekit.errors import ErasekitError
+
+    with pytest.raises(ErasekitError, match="dragon"):
+        run_bench(_config(concepts=[{"name": "g", "erase": ["star", "dragon"]}]), tmp_path / "b", progress=False,
+                  log=lambda m: None)
+    assert not (tmp_path / "b" / "results.jsonl").exists()

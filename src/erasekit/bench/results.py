@@ -175,6 +175,7 @@ def cost_table(cost_rows: list[dict]) -> dict:
 
 def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cell_info: dict, edit_info: dict,
                   key: str, run_id: str, processes: int, out: Path) -> dict:
+    from erasekit.bench.groups import harmonic_table, member_names
     from erasekit.bench.quality import read_quality, world_features
     from erasekit.provenance import provenance
 
@@ -186,12 +187,13 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
         "last_run": {"id": run_id, "processes": processes},
         "methods": methods,
         "scenarios": list(cfg.scenarios),
-        "concepts": [c.name for c in cfg.concepts],
+        "concepts": member_names(cfg),  # a group's erased concepts in its place (`erasekit.bench.groups`)
         "images": len(rows),
         "invalid_images": sum(r.get("valid", True) is False for r in rows),  # degenerate: in no rate (#18)
         # The detector-feature FD belongs to the embedded world; elsewhere the quality section's judges (#21).
         "tables": {"crr": crr_table(rows), "preservation": preservation_table(rows, out, fd=world_features(out, cfg)),
-                   "quality": read_quality(out), "costs": cost_table(cost_rows)},
+                   "quality": read_quality(out), "costs": cost_table(cost_rows),
+                   "harmonic": harmonic_table(cfg, rows)},  # H_o of each group that erases several at once (#24)
         "cells": cell_info,
         "edits": {f"{c}/{m}": v for (c, m), v in edit_info.items()} if edit_info and isinstance(
             next(iter(edit_info)), tuple) else edit_info,

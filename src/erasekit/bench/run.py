@@ -257,7 +257,10 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     device = str(state.device) if state.num_processes > 1 else _device(cfg.device)
     target0 = _load(cfg, device)
     world = target0.world
-    concepts = {c.name: c for c in cfg.concepts}
+    from erasekit.bench.groups import expand
+
+    entries, groups = expand(cfg, world)  # an entry that erases several concepts: its members, one edit (#24)
+    concepts = {c.name: c for c in entries}
     for name in concepts:
         world.check_concept(name)
     detectors = {name: _detector(cfg, world, name) for name in concepts}  # unknown presets fail here
@@ -297,6 +300,8 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
                 if m.edit_name() != "original":
                     words = _words(m.words, world, concept)
                     preserve = _preserve(m.preserve, world, concept, m.edit_name())
+                    if concept in groups:  # the group's one edit (the same key for every member: computed once)
+                        words, preserve = groups[concept].words_and_preserve(m, world)
                     edit, fresh, folder = get_edit(target0, m.edit_name(), words, preserve, m.settings, cache,
                                                    progress and main)
                     computed += fresh

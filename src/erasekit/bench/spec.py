@@ -40,6 +40,12 @@ class ConceptConfig:
     # an I2P-layout CSV (prompt, evaluation_seed, evaluation_guidance): the text and unlearndiffatk scenarios' prompts,
     # seeds and guidance, row i for image i (the papers' nudity.csv); read, never downloaded
     prompts_csv: str | None = None
+    # Several concepts erased at once (mass erasure, `erasekit.bench.groups`): ``name`` labels the group, ``erase``
+    # and/or ``concepts_file`` (one a line, read into ``erase``) list them, ``retain`` the concepts whose prompts
+    # must survive (default: the world's other labels of their kind); the summary's harmonic table gives H_o.
+    erase: list[str] | None = None
+    concepts_file: str | None = None
+    retain: list[str] | None = None
 
 
 @dataclass
@@ -138,8 +144,9 @@ class BenchConfig:
         if not d.get("fast"):
             d.pop("fast", None)  # configs written before fast mode existed keep their keys
         for c in d["concepts"]:
-            if c.get("prompts_csv") is None:
-                c.pop("prompts_csv", None)  # as fast: configs without a prompt CSV keep their keys
+            for key in ("prompts_csv", "erase", "concepts_file", "retain"):
+                if c.get(key) is None:
+                    c.pop(key, None)  # as fast: configs without a prompt CSV or a group keep their keys
         if not d["detector"].get("settings"):
             d["detector"].pop("settings", None)  # as fast: configs without judge settings keep their keys
         d["quality"].pop("device", None)
@@ -283,6 +290,10 @@ def validate(cfg: BenchConfig) -> BenchConfig:
                                 "a CSV you downloaded; nothing is downloaded)")
     if len(set(names)) != len(names):
         raise ErasekitError("config: a concept is listed twice")
+    from erasekit.bench.groups import member_names, validate_groups
+
+    validate_groups(cfg)  # entries that erase several concepts at once (concepts files read here)
+    names = member_names(cfg)
     if not cfg.methods:
         raise ErasekitError("config: methods is empty")
     labels = [m.name for m in cfg.methods]

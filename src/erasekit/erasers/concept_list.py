@@ -44,7 +44,8 @@ def read_concepts_file(path: str | Path, where: str = "--concepts-file") -> list
 
 def concept_list(given: Sequence[str] = (), file: str | Path | None = None, *, where: str = "--concept",
                  warn: Callable[[str], None] | None = None) -> list[str]:
-    """The concepts of ``given`` then of ``file``, stripped, checked (printable, not blank) and without repeats."""
+    """The concepts of ``given`` then of ``file``, stripped, checked (printable, not blank) and without repeats
+    (dropped with a ``warn`` line when ``warn`` is given, else an error)."""
     from erasekit.limits import shown
 
     items = [(text, where) for text in given]
@@ -66,7 +67,9 @@ def concept_list(given: Sequence[str] = (), file: str | Path | None = None, *, w
             repeats.append(concept)
             continue
         out[concept] = origin
-    if repeats and warn is not None:
+    if repeats and warn is None:  # a config lists each concept once (as its concepts: entries)
+        raise ErasekitError(f"{where}: {shown(repeats[0])!r} is listed twice")
+    if repeats:
         shown_repeats = ", ".join(repr(shown(r)) for r in list(dict.fromkeys(repeats))[:5])
         warn(f"warning: {len(repeats)} repeated concept(s) erased once: {shown_repeats}"
              f"{' ...' if len(set(repeats)) > 5 else ''}")

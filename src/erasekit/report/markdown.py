@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erasekit.report.format import crr_cell, invalid_note, num, preservation_rows
+from erasekit.report.format import crr_cell, invalid_note, num, pct, preservation_rows
 from erasekit.report.quality import quality_markdown
 
 
@@ -28,6 +28,20 @@ def preservation_markdown(summary: dict) -> str:
     for r in preservation_rows(summary):
         lines.append(f"| {_md(r['concept'])} | {_md(r['method'])} | {r['following']} | {r['relative']} | "
                      f"{r['drawn_as_concept']} | {r['fd']} |")
+    return "\n".join(lines) + "\n"
+
+
+def harmonic_markdown(summary: dict) -> str:
+    """Mass erasure (#24): per group, method and scenario, the erased and retained rates and H_o; "" when none."""
+    table = summary["tables"].get("harmonic") or {}
+    if not table:
+        return ""
+    lines = ["| group | method | scenario | erased still drawn | retained drawn | H_o |", "|---|---|---|---|---|---|"]
+    for group, by_m in table.items():
+        for method, by_s in by_m.items():
+            for scenario, e in by_s.items():
+                lines.append(f"| {_md(group)} ({len(e['members'])}) | {_md(method)} | {_md(scenario)} | "
+                             f"{pct(e['erased_rate'])} | {pct(e['retained_rate'])} | {num(e['H_o'], 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -60,6 +74,8 @@ def write_markdown(out: Path, summary: dict, plots: dict[str, str]) -> Path:
         "## Concept reproduction rate (CRR, Wilson 95% interval)", "", crr_markdown(summary),
         "## Preservation", "", preservation_markdown(summary),
         *(["## Image quality", "", quality_markdown(summary, _md)] if quality_markdown(summary) else []),
+        *(["## Mass erasure (H_o: harmonic mean of 1 - erased rate and retained rate)", "",
+           harmonic_markdown(summary)] if harmonic_markdown(summary) else []),
         "## Cost per stage", "", cost_markdown(summary),
     ]
     for name, path in plots.items():

@@ -66,14 +66,16 @@ class Job:
 
 def cells(cfg: BenchConfig) -> list[Cell]:
     """Every cell, in table order: per concept, per method, each scenario then preservation; the reference last."""
+    from erasekit.bench.groups import member_names
+
     out = []
-    for concept in cfg.concepts:
+    for concept in member_names(cfg):  # a group's erased concepts each in its place (`erasekit.bench.groups`)
         for method in cfg.methods:
-            out.extend(Cell(concept.name, method.name, s) for s in cfg.scenarios)
+            out.extend(Cell(concept, method.name, s) for s in cfg.scenarios)
             if cfg.preservation.enabled:
-                out.append(Cell(concept.name, method.name, PRESERVATION))
+                out.append(Cell(concept, method.name, PRESERVATION))
         if cfg.preservation.enabled:
-            out.append(Cell(concept.name, "original", REFERENCE))
+            out.append(Cell(concept, "original", REFERENCE))
     return out
 
 

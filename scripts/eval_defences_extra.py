@@ -1,4 +1,4 @@
-"""What issue #10 still asks of the inference-time defences, beyond scripts/eval_defences.py's CRR table.
+"""What issue #10 still asks of the inference-time defences, beyond the defences-star bench preset's CRR table.
 
     nice python scripts/eval_defences_extra.py lambda [--n 64]     # dual_reconstruction lam sweep (embedded world)
     nice python scripts/eval_defences_extra.py cost                # CPU sampling cost + Frechet distance (embedded)

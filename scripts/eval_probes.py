@@ -1,7 +1,11 @@
 """Probes of Lu et al. on the embedded world, the likelihood measure and the avoidance-vs-destruction verdict.
 
-Concepts "star" and "checkered"; models: the original and UCE, RECE, ESD-x, ESD-u erased with the tuned settings of
-scripts/eval_erasure.py (PRESETS; edits cached under OUT/edits). Per model:
+The probes' recovery rates are bench presets (probes-star.yaml, probes-checkered.yaml: the same cells); this script
+stays for what the bench report cannot show: the likelihood table and the verdict, which combine the probes' rates
+with denoising losses of rendered concept and control images, and the interference preservation.
+
+Concepts "star" and "checkered"; models: the original and UCE, RECE, ESD-x, ESD-u with the erasure table's words
+and preserved sets (WORDS; the world's tuned settings; edits cached under OUT/edits). Per model:
 
 - text (the world's prompts naming the concept; the erasure's own rate on these seeds);
 - recovery rate of each probe (share of images the toy detector calls the concept, P(label) > 0.5):
@@ -30,6 +34,41 @@ from pathlib import Path
 
 MODELS = ("original", "uce", "rece", "esd-x", "esd-u")
 CONCEPTS = ("star", "checkered")
+# per (concept, method): the words erased ("synonyms": the world's names for the concept, or "name") and whether the
+# other labels are kept; the erasure presets' methods (src/erasekit/bench/presets/erasure-*.yaml)
+WORDS = {("star", "uce"): ("synonyms", True), ("star", "rece"): ("synonyms", True),
+         ("star", "esd-x"): ("synonyms", False), ("star", "esd-u"): ("synonyms", True),
+         ("checkered", "uce"): ("synonyms", False), ("checkered", "rece"): ("name", False),
+         ("checkered", "esd-x"): ("synonyms", False), ("checkered", "esd-u"): ("synonyms", True)}
+
+
+def targets_for(pipe, concept: str, models, edits_dir: Path):
+    """model -> Target; each edit computed once and reused from ``edits_dir/edits`` while its inputs stay the same."""
+    from erasekit.diffusion import Target
+    from erasekit.erasers import erase, load_edit
+    from erasekit.registry import ERASERS
+    from erasekit.store import content_key
+    from erasekit.worlds import TOY_WORLD
+
+    base = Target(pipe, model="toy")
+    out, info = {}, {}
+    for m in models:
+        if m == "original":
+            out[m] = base
+            continue
+        which, keep = WORDS[(concept, m)]
+        words = TOY_WORLD.concept_words(concept) if which == "synonyms" else [concept]
+        preserve = TOY_WORLD.other_labels(concept) if keep else []
+        resolved = ERASERS.get(m).resolve_settings(pipe, {}, words).to_dict()
+        folder = edits_dir / "edits" / f"{concept}-{m}-{content_key(m, words, preserve, resolved, n_chars=8)}"
+        if (folder / "edit.json").is_file():
+            edit = load_edit(folder, pipe)
+        else:
+            edit = erase(pipe, m, words, preserve=preserve, progress=True)
+            edit.save(folder)
+        out[m] = base.with_edits(edit)
+        info[m] = {"folder": str(folder), "words": words, "preserve": preserve}
+    return out, info
 
 
 def probe_cells(args):
@@ -134,9 +173,6 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from eval_adversarial import targets_for
-
     from erasekit.attacks.images import render_concept_images
     from erasekit.attacks.scenarios import ScenarioConfig, run_scenario
     from erasekit.detectors import create_detector

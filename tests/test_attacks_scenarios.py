@@ -275,7 +275,7 @@ def toy_trained():
 
 @needs_weights
 def test_text_and_latent_scenarios_reproduce_the_concept_on_the_original(toy_trained, tmp_path):
-    # Measured at n=100 (scripts/eval_attacks.py): text 70%, latent-wb 99%; the empty prompt alone gives ~3% stars.
+    # Measured at n=100 (the attacks-star bench preset's cells): text 70%, latent-wb 99%; the empty prompt alone gives ~3% stars.
     det = ToyConceptDetector("star")
     for scenario, bar in (("text", 0.5), ("latent-wb", 0.85)):
         s = run_scenario(ScenarioConfig(scenario, "star", n=16), Target(toy_trained), det, tmp_path / scenario,

@@ -1,6 +1,6 @@
 """Erasure on the trained embedded world: UCE, RECE, ESD-x and ESD-u erase "star", also for paraphrases they never saw,
 and the other shapes are still drawn. Small samples on CPU, so the bars are looser than the issue's (<= 5% star
-rate for UCE/RECE and <= 10% for ESD on >= 200 images, >= 90% preservation; see scripts/eval_erasure.py)."""
+rate for UCE/RECE and <= 10% for ESD on >= 200 images, >= 90% preservation; see the erasure-star preset)."""
 
 import pytest
 
@@ -35,7 +35,7 @@ def _shapes(pipe, prompts, n, seed0):
     return [row["shape"] for row in top_labels(load_toy_detector().predict(images))]
 
 
-# As scripts/eval_erasure.py's presets do: the world's names for the concept, in the world's caption contexts, with
+# As the erasure-star bench preset does: the world's names for the concept, in the world's caption contexts, with
 # the other shapes preserved in those contexts too (closed form, ESD-u with the unconditional anchor); ESD-x with its
 # embedded-world defaults.
 CONTEXTS = ";".join(world.erasure_templates("shape", 16))

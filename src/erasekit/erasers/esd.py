@@ -14,7 +14,7 @@ the same contexts, keep the frozen model's own conditional prediction, ε_θ(x_t
 states of their own trajectories, weighted by ``preserve_weight``; and, with ``anchor_unconditional``, the
 empty prompt's prediction at the concept's states, ε_θ(x_t, t) -> ε0(x_t, t). ESD-u's parameters serve the
 empty prompt too and classifier-free guidance leans on it: on the embedded world the paper's ESD-u leaves 60% of
-stars, with the anchor 3% (scripts/eval_erasure.py). The paper's ESD has neither term: the first is on only when
+stars, with the anchor 3% (`erasekit bench --preset erasure-star`). The paper's ESD has neither term: the first is on only when
 preserve concepts are given, the second only when asked for.
 
 x_t comes from running the frozen model on the concept prompt (DDIM, classifier-free guidance

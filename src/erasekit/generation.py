@@ -112,12 +112,12 @@ def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, se
     from erasekit.diffusion.guidance import UNetDenoiser, guided
 
     pipe, family = target.pipe, target.family
-    device = pipe.unet.device
+    device = family.denoiser(pipe).device
     cond = (family.from_states(pipe, embeds, size=size) if embeds is not None
             else family.encode(pipe, prompts, device=device, size=size))
     uncond = family.unconditional(pipe, negatives, device=device, size=size) if scale > 1.0 else None
     ctx = SamplingContext(target, sampler, prompts, cond, uncond, scale, seeds)
-    guidance = guided(UNetDenoiser(unet if unet is not None else pipe.unet, family), cond, uncond, scale)
+    guidance = guided(UNetDenoiser(unet if unet is not None else family.denoiser(pipe), family), cond, uncond, scale)
     hooks: list = []
     for defence in target.defences:
         guidance = defence.wrap(guidance, ctx)

@@ -119,6 +119,52 @@ class SDFamily:
         """One call of the family's denoising network in its own prediction type (a UNet here)."""
         return model(x, t, **cond.unet_kwargs()).sample
 
+    # -- the sampling loop's family-specific parts (`erasekit.diffusion.sampler`) ----------------------------
+    flow = False  # flow-matching families (SD3, FLUX.1: `erasekit.diffusion.flow`) set this
+
+    def denoiser(self, pipe):
+        """The denoising network (the UNet here; a transformer for flow-matching families)."""
+        return pipe.unet
+
+    def image_size(self, pipe) -> tuple[int, int]:
+        """The native (height, width) in pixels: the UNet's sample size times the VAE factor."""
+        side = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        return side, side
+
+    def latent_shape(self, pipe, height: int, width: int) -> tuple[int, int, int]:
+        f = pipe.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of the VAE factor {f}, got {height}x{width}")
+        return pipe.unet.config.in_channels, height // f, width // f
+
+    def set_timesteps(self, pipe, scheduler, steps: int, latent_hw) -> None:
+        scheduler.set_timesteps(steps)  # DDIM's timesteps do not depend on the image size
+
+    def steps_rule(self, scheduler):
+        """x0/eps updates between the sampler's timesteps (`DDIMSteps`), for hooks that edit x0 or eps."""
+        from erasekit.diffusion.schedule import DDIMSteps
+
+        return DDIMSteps(scheduler)
+
+    def model_input(self, scheduler, x, t):
+        return scheduler.scale_model_input(x, t)
+
+    def init_noise_sigma(self, scheduler) -> float:
+        return scheduler.init_noise_sigma
+
+    def step(self, scheduler, index: int, output, t, x, eta: float = 0.0, generator=None):
+        """(x0, x_next) of one scheduler step from ``x`` at ``t`` (the ``index``-th of the sampler's timesteps)."""
+        kwargs = {"eta": eta}
+        if eta > 0 and generator is not None:
+            kwargs["generator"] = generator
+        out = scheduler.step(output, t, x, return_dict=True, **kwargs)
+        return out.pred_original_sample, out.prev_sample
+
+    def inversion_steps(self, pipe, scheduler, steps: int, latent_hw) -> list:
+        """(t, step) pairs of the inversion run, ``step(output, x) -> x_next``: DDIM's inverse scheduler."""
+        scheduler.set_timesteps(steps)
+        return [(t, lambda output, x, t=t: scheduler.step(output, t, x).prev_sample) for t in scheduler.timesteps]
+
 
 class SDXLFamily(SDFamily):
     name = "sdxl"
@@ -279,3 +325,7 @@ def family_of(pipe):
 
 def is_sdxl(pipe) -> bool:
     return family_of(pipe) is SDXL
+
+
+# The flow-matching families register themselves ahead of SDXL (their pipelines have a text_encoder_2 too).
+from erasekit.diffusion import flux as _flux, sd3 as _sd3  # noqa: E402,F401

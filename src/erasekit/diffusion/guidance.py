@@ -22,6 +22,7 @@ class UNetDenoiser:
 
         self.unet = unet
         self.family = family if family is not None else SD
+        self.options: dict = {}  # per-call inputs the family's denoiser takes beside the text (FLUX's guidance)
         self._timesteps: dict = {}
 
     def _timestep(self, t, device):
@@ -39,6 +40,8 @@ class UNetDenoiser:
         unet = self.unet
         cond = cond.to(unet.device, unet.dtype)
         t = self._timestep(t, torch.device(unet.device))
+        if self.options:
+            return self.family.denoise(unet, x.to(unet.device, unet.dtype), t, cond, **self.options)
         return self.family.denoise(unet, x.to(unet.device, unet.dtype), t, cond)
 
 
@@ -100,7 +103,11 @@ class ClassifierFreeGuidance(Guidance):
 
 
 def guided(model: UNetDenoiser, cond: Conditioning, uncond: Conditioning | None, scale: float) -> Guidance:
-    """Classifier-free guidance when ``scale > 1`` (diffusers' rule), else the conditional prediction."""
+    """Classifier-free guidance when ``scale > 1`` (diffusers' rule), else the conditional prediction; a family
+    whose guidance differs (FLUX.1's distilled guidance) decides through its ``guided``."""
+    family_guided = getattr(model.family, "guided", None)
+    if family_guided is not None:
+        return family_guided(model, cond, uncond, scale)
     if scale > 1.0 and uncond is not None:
         return ClassifierFreeGuidance(model, cond, uncond, scale)
     return Conditional(model, cond)

@@ -2,7 +2,7 @@
 
     sampler = Sampler(pipe, steps=20)
     z = sampler.prepare_latents(seeds)               # one generator per image: images do not depend on batching
-    z = sampler.denoise(z, guidance, hooks=[...])    # DDIM; hooks read and replace latents, model output, x0
+    z = sampler.denoise(z, guidance, hooks=[...])    # DDIM or flow Euler; hooks read and replace latents, model output, x0
     images = sampler.decode(z)                       # uint8 (N, H, W, 3)
 
 `denoise(start=k)` starts part-way (diffusion completion), `stop=k` ends early; `invert` runs the same loop
@@ -67,11 +67,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    """DDIM sampling of ``pipe`` with ``steps`` steps (eta: DDIM's stochasticity, 0 = deterministic)."""
+    """Sampling of ``pipe`` with ``steps`` steps through its family's scheduler (DDIM for SD-1.x/2.x/XL; the
+    pipeline's flow-matching Euler scheduler for SD3 / FLUX.1); eta: DDIM's stochasticity, 0 = deterministic."""
 
     def __init__(self, pipe, steps: int, eta: float = 0.0):
         from erasekit.diffusion.family import family_of
-        from erasekit.diffusion.schedule import DDIMSteps
 
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -82,16 +82,29 @@ class Sampler:
         # A private scheduler: set_timesteps mutates it, and hooks may run other samplers inside a step.
         self.scheduler = self.family.sampling_scheduler(pipe)
         self.scheduler_name = type(self.scheduler).__name__  # recorded with every image
-        self.scheduler.set_timesteps(self.steps)
+        self._latent_hw = None
+        h, w = self.family.image_size(pipe)
+        self.latent_shape(h, w)  # checks the native size fits
+        self.set_size(h, w)
+        # x0/eps updates for hooks (`DDIMSteps`, or `FlowSteps` for flow matching).
+        self.ddim = self.family.steps_rule(self.scheduler)
+
+    def set_size(self, height: int, width: int) -> None:
+        """Timesteps for images of this size (FLUX.1's and SD3.5's schedules shift with the image size)."""
+        _, h, w = self.latent_shape(height, width)
+        self._set_latent_hw((h, w))
+
+    def _set_latent_hw(self, hw) -> None:
+        first, hw = self._latent_hw is None, tuple(int(v) for v in hw)
+        if self._latent_hw == hw or not (first or self.family.flow):  # DDIM's timesteps ignore the size
+            return
+        self._latent_hw = hw
+        self.family.set_timesteps(self.pipe, self.scheduler, self.steps, self._latent_hw)
         self.timesteps = self.scheduler.timesteps
-        self.ddim = DDIMSteps(self.scheduler)
 
     # -- named steps ----------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.pipe.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of the VAE factor {f}, got {height}x{width}")
-        return self.pipe.unet.config.in_channels, height // f, width // f
+        return self.family.latent_shape(self.pipe, height, width)
 
     def draw_noise(self, generators, height: int, width: int) -> torch.Tensor:
         """Float32 CPU standard-normal latents, one draw per generator (unscaled)."""
@@ -99,28 +112,27 @@ class Sampler:
         return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
     def prepare_latents(self, noise: torch.Tensor) -> torch.Tensor:
-        """Initial x_T from standard-normal noise, on the UNet's device and dtype."""
-        unet = self.pipe.unet
-        return noise.to(unet.device, unet.dtype) * self.scheduler.init_noise_sigma
+        """Initial x_T from standard-normal noise, on the denoiser's device and dtype."""
+        model = self.family.denoiser(self.pipe)
+        return noise.to(model.device, model.dtype) * self.family.init_noise_sigma(self.scheduler)
 
     def denoise(self, latents: torch.Tensor, guidance, hooks: Sequence = (), generators=None, start: int = 0,
                 stop: int | None = None) -> torch.Tensor:
         """Run steps ``start`` .. ``stop`` (default: all) of the loop from ``latents`` (x at step ``start``)."""
+        self._set_latent_hw(latents.shape[-2:])
         stop = len(self.timesteps) if stop is None else stop
         if not 0 <= start <= stop <= len(self.timesteps):
             raise ValueError(f"need 0 <= start <= stop <= {len(self.timesteps)}, got {start}, {stop}")
-        kwargs = {"eta": self.eta}
-        if self.eta > 0 and generators is not None:
-            kwargs["generator"] = generators
+        family, scheduler = self.family, self.scheduler
         for i in range(start, stop):
             t = self.timesteps[i]
             state = StepState(i, len(self.timesteps), t, latents)
             _call(hooks, "before", state)
-            x_in = self.scheduler.scale_model_input(state.latents, t)
+            x_in = family.model_input(scheduler, state.latents, t)
             state.output = guidance(x_in, t, state)
             _call(hooks, "on_output", state)
-            out = self.scheduler.step(state.output, t, state.latents, return_dict=True, **kwargs)
-            state.x0, state.next_latents = out.pred_original_sample, out.prev_sample
+            state.x0, state.next_latents = family.step(scheduler, i, state.output, t, state.latents, self.eta,
+                                                       generators)
             _call(hooks, "after", state)
             if state.next_latents is None:  # a hook replaced x0: step again from it
                 state.next_latents = self.step_from_x0(state)
@@ -128,23 +140,25 @@ class Sampler:
         return latents
 
     def step_from_x0(self, state: StepState) -> torch.Tensor:
-        """Deterministic DDIM update x_t -> x_{t-1} from (possibly edited) x0 and the implied noise."""
+        """Deterministic update x_t -> x_{t-1} from (possibly edited) x0 and the implied noise (DDIM's, or the
+        flow-matching interpolation x = (1 - s) x0 + s eps at the next sigma)."""
         return self.ddim.step(state.x0, self.ddim.eps(state.latents, state.x0, state.t), state.t)
 
     def invert(self, latents: torch.Tensor, guidance, hooks: Sequence = (), refine: int = 0) -> torch.Tensor:
-        """DDIM inversion: clean scaled latents -> the x_T that `denoise` maps back to them.
+        """Inversion: clean scaled latents -> the x_T that `denoise` maps back to them (DDIM inversion; Euler
+        flow-matching inversion for SD3 / FLUX.1: the family's `inversion_steps`).
 
         ``refine`` > 0 makes each step implicit (a fixed point of the forward step; ``refine`` extra evaluations).
         """
         inverse = self.family.inversion_scheduler(self.pipe)
-        inverse.set_timesteps(self.steps)
+        steps = self.family.inversion_steps(self.pipe, inverse, self.steps, tuple(latents.shape[-2:]))
         z = latents
-        for i, t in enumerate(inverse.timesteps):
-            state = StepState(i, len(inverse.timesteps), t, z)
+        for i, (t, step) in enumerate(steps):
+            state = StepState(i, len(steps), t, z)
             _call(hooks, "before", state)
-            nxt = inverse.step(guidance(state.latents, t, state), t, state.latents).prev_sample
+            nxt = step(guidance(state.latents, t, state), state.latents)
             for _ in range(refine):  # the forward step from nxt evaluates the model at nxt: solve for that nxt
-                nxt = inverse.step(guidance(nxt, t), t, state.latents).prev_sample
+                nxt = step(guidance(nxt, t), state.latents)
             z = nxt
         return z
 

@@ -28,10 +28,13 @@ class AttentionSite:
     module: torch.nn.Module
     key: torch.nn.Linear  # the projection of the text states to keys
     value: torch.nn.Linear  # ... and to values
+    key_attr: str = "to_k"  # their attribute names on the module (joint attention: add_k_proj / add_v_proj)
+    value_attr: str = "to_v"
 
     def kv(self) -> list[tuple[str, torch.nn.Linear]]:
         """(qualified parameter prefix, projection) for the key, then the value."""
-        return [(f"{self.component}.{self.path}.to_k", self.key), (f"{self.component}.{self.path}.to_v", self.value)]
+        return [(f"{self.component}.{self.path}.{self.key_attr}", self.key),
+                (f"{self.component}.{self.path}.{self.value_attr}", self.value)]
 
 
 def site_name(component: str, path: str, kind: str = "cross") -> str:
@@ -47,6 +50,22 @@ def unet_cross_attention_sites(unet: torch.nn.Module, component: str = "unet") -
     for path, module in unet.named_modules():
         if path.endswith("attn2") and getattr(module, "is_cross_attention", False):
             sites.append(AttentionSite(site_name(component, path), component, path, module, module.to_k, module.to_v))
+    return sites
+
+
+def joint_attention_sites(transformer: torch.nn.Module, kind: str = "joint",
+                          component: str = "transformer") -> list[AttentionSite]:
+    """The text side of every joint-attention block of an SD3 / FLUX transformer, in block order:
+    ``transformer_blocks.<i>.attn``'s ``add_k_proj`` / ``add_v_proj``, the projections of the text stream to keys
+    and values (``transformer.joint.<i>.text`` for SD3, ``transformer.double.<i>.text`` for FLUX's double-stream
+    blocks; FLUX's single-stream blocks project text and image together and give no site)."""
+    sites = []
+    for i, block in enumerate(getattr(transformer, "transformer_blocks", [])):
+        attn = getattr(block, "attn", None)
+        if attn is None or getattr(attn, "add_k_proj", None) is None:
+            continue
+        sites.append(AttentionSite(f"{component}.{kind}.{i}.text", component, f"transformer_blocks.{i}.attn", attn,
+                                   attn.add_k_proj, attn.add_v_proj, "add_k_proj", "add_v_proj"))
     return sites
 
 

@@ -143,6 +143,12 @@ def accelerate(pipe, options: SpeedOptions | None = None) -> FastUNet:
     fast = getattr(pipe, _ATTR, None)
     if fast is not None:
         return fast
+    from erasekit.diffusion.family import family_of
+
+    if family_of(pipe).flow:
+        from erasekit.errors import ErasekitError
+
+        raise ErasekitError(f"fast mode compiles UNets; {family_of(pipe).name} pipelines run without --fast")
     options = options or SpeedOptions()
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
@@ -156,9 +162,14 @@ def accelerate(pipe, options: SpeedOptions | None = None) -> FastUNet:
 
 
 def unet_for(pipe):
-    """The fast UNet when `accelerate` was applied to ``pipe``, else the plain one."""
+    """The fast UNet when `accelerate` was applied to ``pipe``, else the family's plain denoiser (the UNet, or
+    SD3's / FLUX's transformer)."""
     fast = getattr(pipe, _ATTR, None)
-    return fast if fast is not None and fast.unet is pipe.unet else pipe.unet
+    if fast is not None and fast.unet is getattr(pipe, "unet", None):
+        return fast
+    from erasekit.diffusion.family import family_of
+
+    return family_of(pipe).denoiser(pipe)
 
 
 def vae_decode_for(pipe, vae):
@@ -182,18 +193,19 @@ def auto_batch_size(pipe, family, height: int, width: int, guidance_scale: float
     ``family`` (`erasekit.diffusion.family.family_of(pipe)`) encodes the probe's empty prompts.
     A multiple of 8 (or a power of two below 8), at most ``cap``; ``default`` on the CPU. (SD-1.4 shape, H100,
     compiled: 4.41 images/s at 64 a batch, 4.47 at 128: larger batches still help a little.)"""
-    unet = pipe.unet
+    unet = family.denoiser(pipe)
     if unet.device.type != "cuda":
         return default
-    f = pipe.vae_scale_factor
     rows = 2 if guidance_scale > 1.0 else 1
+    from erasekit.diffusion.guidance import UNetDenoiser
+
     cond = family.encode(pipe, ["", ""], device=unet.device, size=(height, width)).to(unet.device, unet.dtype)
-    x = torch.zeros(2, unet.config.in_channels, height // f, width // f, device=unet.device, dtype=unet.dtype)
+    x = torch.zeros(2, *family.latent_shape(pipe, height, width), device=unet.device, dtype=unet.dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with torch.inference_mode():
-        unet(x, torch.tensor(500, device=unet.device), **cond.unet_kwargs())
+        UNetDenoiser(unet, family)(x, torch.tensor(500.0, device=unet.device), cond)
     torch.cuda.synchronize()
     per_row = max((torch.cuda.max_memory_allocated() - base) / 2, 1)
     free, _ = torch.cuda.mem_get_info()

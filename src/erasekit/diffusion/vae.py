@@ -15,9 +15,12 @@ from erasekit.errors import ErasekitError
 
 
 def image_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-    """(height, width) in pixels; defaults to the UNet's native sample size times the VAE factor."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return int(height or native), int(width or native)
+    """(height, width) in pixels; defaults to the model family's native size (the UNet's sample size times the
+    VAE factor; SD3: the transformer's; FLUX.1: its VAE's)."""
+    from erasekit.diffusion.family import family_of
+
+    nh, nw = family_of(pipe).image_size(pipe)
+    return int(height or nh), int(width or nw)
 
 
 def _pixels(pipe, images: np.ndarray) -> np.ndarray:
@@ -36,7 +39,7 @@ def _vae_for_call(pipe):
     """The VAE to run now: upcast to float32 for the call where SDXL's pipeline would (fp16 + force_upcast)."""
     vae = pipe.vae
     upcast = (vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-              and getattr(pipe, "text_encoder_2", None) is not None)
+              and getattr(pipe, "text_encoder_2", None) is not None and _family_name(pipe) == "sdxl")
     if not upcast:
         yield vae
         return
@@ -47,8 +50,20 @@ def _vae_for_call(pipe):
         vae.to(dtype=torch.float16)
 
 
+def _family_name(pipe) -> str:
+    from erasekit.diffusion.family import family_of
+
+    return family_of(pipe).name
+
+
+def _denoiser_device(pipe):
+    from erasekit.diffusion.family import family_of
+
+    return family_of(pipe).denoiser(pipe).device
+
+
 def encode_distribution(pipe, images: np.ndarray, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (N, C, h, w), float32 on the UNet's device, of the VAE posterior of uint8 images, unscaled."""
+    """Mean and std (N, C, h, w), float32 on the denoiser's device, of the VAE posterior of uint8 images, unscaled."""
     images = _pixels(pipe, images)
     means, stds = [], []
     with torch.no_grad(), _vae_for_call(pipe) as vae:
@@ -60,7 +75,8 @@ def encode_distribution(pipe, images: np.ndarray, batch_size: int = 64) -> tuple
             stds.append(dist.std.float())
     if not means:
         return torch.empty(0), torch.empty(0)
-    return torch.cat(means).to(pipe.unet.device), torch.cat(stds).to(pipe.unet.device)
+    device = _denoiser_device(pipe)
+    return torch.cat(means).to(device), torch.cat(stds).to(device)
 
 
 def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:

@@ -72,6 +72,13 @@ def fingerprint(pipe, n_chars: int = FINGERPRINT_CHARS) -> str:
         _update_module(h, pipe.text_encoder_2)
     if getattr(pipe, "tokenizer_2", None) is not None:
         _update_tokenizer(h, pipe.tokenizer_2)
+    # SD3 / FLUX: the transformer, SD3's T5 and its tokenizer (hashed only where present, as above).
+    for name in ("transformer", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            _update_json(h, name)
+            _update_module(h, getattr(pipe, name))
+    if getattr(pipe, "tokenizer_3", None) is not None:
+        _update_tokenizer(h, pipe.tokenizer_3)
     if getattr(pipe, "scheduler", None) is not None:
         # The scheduler erasekit samples with (the family's DDIM from the folder's config), not the folder's own:
         # the schedule is what determines images, and keys stay as they were when loading swapped it in.

@@ -75,13 +75,26 @@ def _safetensors_kwargs(allow_pickle: bool) -> dict:
 SD_CLASSES = ("StableDiffusionPipeline",)
 SDXL_CLASSES = ("StableDiffusionXLPipeline",)
 REFINER_CLASSES = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+# Flow-matching transformer pipelines (`erasekit.diffusion.sd3`, `erasekit.diffusion.flux`): kind -> class name.
+FLOW_CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+# The components each kind needs (weights, then tokenizers); SD3 may go without T5 (diffusers' zeros).
+KIND_COMPONENTS = {
+    "sd": (("unet", "vae", "text_encoder"), ("tokenizer",)),
+    "sdxl": (("unet", "vae", "text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")),
+    "sd3": (("transformer", "vae", "text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")),
+    "flux": (("transformer", "vae", "text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")),
+}
 
 
 def pipeline_kind(index: dict, where: str) -> str:
-    """"sd" or "sdxl" for a model_index.json's contents; `ErasekitError` (one line) for anything else."""
+    """"sd", "sdxl", "sd3" or "flux" for a model_index.json's contents; `ErasekitError` (one line) for anything
+    else."""
     name = index.get("_class_name") if isinstance(index, dict) else None
     if name in (None, "", *SD_CLASSES):
         return "sd"  # folders written by hand (tests, the embedded world) may lack _class_name
+    for kind, cls in FLOW_CLASSES.items():
+        if name == cls:
+            return kind
     components = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
     if name in SDXL_CLASSES or (name in REFINER_CLASSES and "text_encoder" in components):
         if "text_encoder_2" not in components or "tokenizer_2" not in components:
@@ -91,11 +104,16 @@ def pipeline_kind(index: dict, where: str) -> str:
     if name in REFINER_CLASSES:
         raise ErasekitError(f"{where}: an SDXL refiner ({name}, no first text encoder): erasekit works on text-to-image "
                             f"models; use the SDXL base model")
-    raise ErasekitError(f"{where}: pipeline type {name} is not supported (erasekit supports Stable Diffusion 1.x/2.x "
-                        f"and SDXL: StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    raise ErasekitError(f"{where}: pipeline type {name} is not supported (erasekit supports Stable Diffusion 1.x/2.x, "
+                        f"SDXL, SD3 and FLUX.1: StableDiffusionPipeline, StableDiffusionXLPipeline, "
+                        f"StableDiffusion3Pipeline, FluxPipeline)")
 
 
 def _from_pretrained(source: str, kind: str = "sd", **kwargs):
+    if kind in FLOW_CLASSES:
+        import diffusers
+
+        return getattr(diffusers, FLOW_CLASSES[kind]).from_pretrained(source, **kwargs)
     if kind == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
@@ -137,6 +155,8 @@ def read_model_index(folder: Path) -> dict:
 def check_components(pipe, where: str) -> None:
     """The components fit each other: a UNet from another model (SD-2's in an SD-1 folder) fails here, in one line,
     not at the first matrix product."""
+    if getattr(pipe, "unet", None) is None:
+        return _check_transformer_components(pipe, where)
     unet = pipe.unet.config
     widths = [enc.config.hidden_size for enc in (getattr(pipe, "text_encoder", None),
                                                  getattr(pipe, "text_encoder_2", None)) if enc is not None]
@@ -148,6 +168,30 @@ def check_components(pipe, where: str) -> None:
     if latent is not None and (unet.in_channels != latent or unet.out_channels != latent):
         raise ErasekitError(f"{where}: the UNet takes {unet.in_channels} and gives {unet.out_channels} channels but "
                             f"the VAE's latents have {latent}: a UNet or VAE from another model (or an inpainting UNet)")
+
+
+def _check_transformer_components(pipe, where: str) -> None:
+    """SD3 / FLUX: the transformer reads the T5 width and the pooled width its text encoders give, and the VAE's
+    latent channels (FLUX: packed 2x2, four times as many)."""
+    cfg = pipe.transformer.config
+    from erasekit.diffusion.family import family_of
+
+    family = family_of(pipe)
+    t5 = getattr(pipe, "text_encoder_3" if family.name == "sd3" else "text_encoder_2", None)
+    if t5 is not None and int(t5.config.d_model) != int(cfg.joint_attention_dim):
+        raise ErasekitError(f"{where}: the transformer reads text states of width {cfg.joint_attention_dim} but the T5 "
+                            f"encoder gives {t5.config.d_model}: a transformer or text encoder from another model")
+    if family.name == "sd3":
+        pooled = sum(int(e.config.projection_dim) for e in (pipe.text_encoder, pipe.text_encoder_2))
+    else:
+        pooled = int(pipe.text_encoder.config.hidden_size)
+    if pooled != int(cfg.pooled_projection_dim):
+        raise ErasekitError(f"{where}: the transformer reads pooled text embeddings of width {cfg.pooled_projection_dim} "
+                            f"but the CLIP encoder(s) give {pooled}: a transformer or text encoder from another model")
+    latent = int(pipe.vae.config.latent_channels)
+    if family.latent_channels(pipe) != latent:
+        raise ErasekitError(f"{where}: the transformer takes {cfg.in_channels} input channels but the VAE's latents have "
+                            f"{latent}: a transformer or VAE from another model")
 
 
 def _load_folder(folder: Path, allow_pickle: bool = False):
@@ -227,7 +271,8 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
             raise ErasekitError(f"{folder} has pickled weights only ({files}); erasekit loads safetensors only, as "
                                 f"unpickling can run code: convert them to safetensors, or {ALLOW_PICKLE_HINT}")
     kind = pipeline_kind(index, str(folder))
-    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if kind == "sdxl" else ()):
+    weights_needed, tokenizers_needed = KIND_COMPONENTS[kind]
+    for name in weights_needed:
         entry = index.get(name)
         if not isinstance(entry, list) or entry[0] is None:
             raise ErasekitError(f"{folder} has no {name} component (model_index.json)")
@@ -245,7 +290,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
                 raise ErasekitError(f"corrupt weight file {path}: {_first_line(exc)}") from exc
             if path.stat().st_size < _declared_size(path):
                 raise ErasekitError(f"corrupt weight file {path}: truncated")
-    for name in ("tokenizer",) + (("tokenizer_2",) if kind == "sdxl" else ()):
+    for name in tokenizers_needed:
         entry = index.get(name)
         sub = folder / name
         if not isinstance(entry, list) or entry[0] is None or not sub.is_dir() or not any(sub.iterdir()):

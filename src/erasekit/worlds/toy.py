@@ -14,6 +14,8 @@ def is_toy_pipeline(pipe) -> bool:
     """True for the embedded world's architecture (trained, random or edited)."""
     from erasekit.toy import architecture as arch
 
+    if getattr(pipe, "unet", None) is None:  # SD3 / FLUX transformers
+        return False
     unet_cfg = pipe.unet.config
     return (
         type(pipe.text_encoder).__name__ == "BertModel"

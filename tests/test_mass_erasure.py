@@ -136,7 +136,7 @@ def test_cli_mace_rank_zero_with_a_list_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("method", ["speed", "mace", "uce", "rece"])
 def test_the_world_preserves_the_other_labels_for_every_closed_form_method(method):
-    from erasekit.bench.run import _preserve
+    from erasekit.bench.words import preserved_words as _preserve
     from erasekit.worlds import TOY_WORLD
 
     kept = TOY_WORLD.method_preserve(method, ["star", "heart"])
@@ -244,3 +244,42 @@ def test_unknown_concept_in_a_group_is_refused_on_the_embedded_world(tmp_path):
         run_bench(_config(concepts=[{"name": "g", "erase": ["star", "dragon"]}]), tmp_path / "b", progress=False,
                   log=lambda m: None)
     assert not (tmp_path / "b" / "results.jsonl").exists()
+
+
+# --- scripts/eval_mass_erasure.py -------------------------------------------------------------------------------------
+
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_mass_erasure.py"
+    spec = importlib.util.spec_from_file_location("eval_mass_erasure", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_script_tasks_are_bench_configs_of_one_group():
+    from erasekit.bench.spec import parse_config
+
+    script = _script()
+    for task, (erased, retained) in script.TASKS.items():
+        cfg = parse_config(script.task_config(task, ["uce", "speed"], 5, 0))
+        assert cfg.concepts[0].erase == erased and cfg.concepts[0].retain == retained
+
+
+def test_the_script_mass_mode_on_a_tiny_pipeline(tmp_path):
+    """--mass: five random words erased at once by each method (the GPU run's code, on the tiny SD-1 pipeline)."""
+    script = _script()
+    out = tmp_path / "mass.json"
+    report = script.main(["--mass", "5", "--tiny", "--keep", "3", "--methods", "uce", "mace", "--lora-concepts", "1",
+                          "--lora-steps", "1", "--lora-images", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["setup"]["concepts"] == 5 and len(set(script.random_words(100, 0))) == 100
+    methods = report["methods"]
+    assert set(methods) == {"uce", "mace-cfr", "mace-lora"}  # (rece and speed: the same loop, slower on a CPU)
+    for name in ("uce", "mace-cfr"):
+        m = methods[name]
+        assert m["concepts"] == 5 and m["tensors"] > 0 and m["wall_s"] > 0
+        assert m["change_on_erased"] > m["change_on_preserved"], (name, m)  # the edit is about the erased words
+    assert methods["mace-lora"]["concepts"] == 1 and methods["mace-lora"]["estimated_5_concepts_s"] > 0

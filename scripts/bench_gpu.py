@@ -3,6 +3,9 @@
     python scripts/bench_gpu.py --model sd14 --out benchmarks/gpu_h100_sd14.json     # SD-1.4-shaped, 512x512
     python scripts/bench_gpu.py --model sdxl --out benchmarks/gpu_h100_sdxl.json     # SDXL-shaped, 1024x1024
     python scripts/bench_gpu.py --quick                                              # tiny shapes (CPU check)
+    python scripts/bench_gpu.py --model flux-dev-shape --out benchmarks/gpu_h200_flux_dev_shape.json  # FLUX.1-dev
+    python scripts/bench_gpu.py --model sd35m-shape --out benchmarks/gpu_h200_sd35m_shape.json        # SD3.5-medium
+                                                         # (both 1024x1024 bf16: scripts/bench_gpu_flow.py)
 
 Random weights with the real models' shapes (`erasekit.models.tiny`): speed does not depend on the weights.
 Measured, each after a warm-up (and, for the compiled path, after its one compilation, reported separately):
@@ -97,7 +100,7 @@ def unet_tflops(pipe, fn_unet, rows, height, width, flops, iters):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["sd14", "sdxl"], default="sd14")
+    ap.add_argument("--model", choices=["sd14", "sdxl", "flux-dev-shape", "sd35m-shape"], default="sd14")
     ap.add_argument("--quick", action="store_true", help="tiny pipelines, few steps (checks the script on a CPU)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -115,6 +118,14 @@ def main(argv=None):
                     help="after the fast run: profile one fast batch (GPU kernel time against wall time, top kernels)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: plain,eager,fast,flops,inversion,ti")
     args = ap.parse_args(argv)
+    if args.model in ("flux-dev-shape", "sd35m-shape"):  # flow-matching transformers: their own measurements
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_gpu_flow import main as flow_main
+
+        args.guidance_given = "--guidance" in (argv if argv is not None else sys.argv)
+        if not torch.cuda.is_available() or args.quick:
+            torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        return flow_main(args, Report, timed)
     skip = set(filter(None, args.skip.split(",")))
     from erasekit.diffusion.speed import SpeedOptions
 

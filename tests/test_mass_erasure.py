@@ -132,6 +132,16 @@ def test_cli_mace_rank_zero_with_a_list_is_one_error_line(tmp_path):
     _one_line_error(result, "rank=0: a LoRA rank must be >= 1")
 
 
+@pytest.mark.parametrize("args", [
+    ["attack", "--scenario", "text", "--concept", "star", "--concept", "heart"],
+    ["generate", "a star", "--concept", "star", "--concept", "heart", "--defence", "irece"],
+])
+def test_commands_that_take_one_concept_refuse_several(tmp_path, args):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    _one_line_error(result, f"{args[0]} takes one --concept, 2 were given")  # (click would keep the last silently)
+    assert not (tmp_path / "o").exists()
+
+
 # --- the world's preservation set -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["speed", "mace", "uce", "rece"])

@@ -13,7 +13,7 @@ from erasekit.cli import common
 
 def attack(
     scenario: str = typer.Option(..., "--scenario", "-s", help="A scenario (see `erasekit ls`): text, embedding-bb, embedding-wb, latent-bb, latent-wb."),
-    concept: str = typer.Option(..., "--concept", "-c", help="The concept to bring back (toy: a shape, colour or texture)."),
+    concept: List[str] = typer.Option(..., "--concept", "-c", help="The concept to bring back (toy: a shape, colour or texture); one."),
     out: Path = typer.Option(..., "--out", "-o", parser=common.out_folder, metavar="DIR", help="Output folder: images, scores.jsonl, summary.json."),
     model: str = typer.Option("toy", "--model", "-m", help=common.MODEL_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="A saved erasure edit (folder) to attack; default: the original model."),
@@ -36,6 +36,9 @@ def attack(
     from erasekit.attacks.scenarios import ScenarioConfig, attack_of, run_scenario, split_settings
     from erasekit.checks import integer
 
+    from erasekit.erasers.concept_list import one_concept
+
+    concept = one_concept(concept, "attack")
     seed_given = seed is not None
     seed = 0 if seed is None else seed
     cfg = ScenarioConfig(scenario=scenario, concept=concept.strip(), n=n, seed=seed, steps=steps, guidance=guidance,

@@ -25,7 +25,7 @@ def generate(
     fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="Apply a saved erasure edit (folder) before generating."),
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack; see `erasekit ls`)."),
-    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="The concept for defences that need one (irece, ...), as `attack` and the bench give them."),
+    concept: Optional[List[str]] = typer.Option(None, "--concept", "-c", help="The concept for defences that need one (irece, ...), as `attack` and the bench give them; one."),
     device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=common.DTYPE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=common.PICKLE_HELP),
@@ -34,6 +34,9 @@ def generate(
     from erasekit.checks import finite, integer
     from erasekit.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
 
+    from erasekit.erasers.concept_list import one_concept
+
+    concept = one_concept(concept, "generate")
     prompts = list(prompts or [])
     if not prompts:
         raise ErasekitError("give at least one prompt")

@@ -84,6 +84,16 @@ def check_method_takes(method_cls, concepts: Sequence[str], where: str = "--conc
                             f"erase several at once with {several}")
 
 
+def one_concept(values: Sequence[str] | None, command: str) -> str | None:
+    """The one ``--concept`` of a command that takes one (``attack``: the concept attacked; ``generate``: its
+    defences'); several are refused, never the last silently kept (click's way with a repeated option)."""
+    values = list(values or [])
+    if len(values) > 1:
+        raise ErasekitError(f"{command} takes one --concept, {len(values)} were given; attack a mass erasure's "
+                            "concepts one at a time (the bench does this for an entry that erases several)")
+    return values[0] if values else None
+
+
 def _registered():
     from erasekit.registry import ERASERS
 

@@ -63,7 +63,7 @@ def test_erase_then_generate_with_the_edit(sd1_folder, tiny_sd1, tmp_path):
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--method", "nope", "--concept", "star"], "unknown erasure method 'nope'; available: esd-u, esd-x, mace, rece, speed, uce"),
+        (["--method", "nope", "--concept", "star"], "unknown erasure method 'nope'; available: advunlearn, esd-u, esd-x, mace, rece, speed, uce"),
         (["--method", "uce", "--concept", ""], "encodes to nothing"),
         (["--method", "uce", "--concept", "<|endoftext|>"], "encodes to nothing"),
         (["--method", "uce", "--concept", "star", "--set", "lamda=1"], "unknown setting 'lamda'"),
@@ -98,6 +98,6 @@ def test_ls_describes_the_methods():
     result = runner.invoke(app, ["ls"])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0] == "erasers (--method): esd-u, esd-x, mace, rece, speed, uce"
+    assert lines[0] == "erasers (--method): advunlearn, esd-u, esd-x, mace, rece, speed, uce"
     described = {line.split()[0] for line in lines if line.startswith("  ")}
-    assert {"uce", "rece", "esd-x", "esd-u", "speed", "mace"} <= described
+    assert {"uce", "rece", "esd-x", "esd-u", "speed", "mace", "advunlearn"} <= described

@@ -200,7 +200,7 @@ def test_bert_special_tokens_encode_to_nothing(toy_random):
 
 
 def test_bad_settings_and_methods(tiny_sd1):
-    with pytest.raises(ErasekitError, match="unknown erasure method 'nope'; available: esd-u, esd-x, mace, rece, speed, uce"):
+    with pytest.raises(ErasekitError, match="unknown erasure method 'nope'; available: advunlearn, esd-u, esd-x, mace, rece, speed, uce"):
         erase(tiny_sd1, "nope", "star")
     with pytest.raises(ErasekitError, match="unknown setting 'lamda'.*known: lam"):
         erase(tiny_sd1, "uce", "star", settings={"lamda": "0.1"})

@@ -79,7 +79,7 @@ def test_detect_accepts_every_listed_detector(name, tmp_path):
 
 def test_unknown_names_are_refused_with_the_choices(tmp_path):
     for args, fragment in [(["erase", "--method", "nope", "--concept", "star", "--out", str(tmp_path)],
-                            "unknown erasure method 'nope'; available: esd-u"),
+                            "unknown erasure method 'nope'; available: advunlearn, esd-u"),
                            (["attack", "--scenario", "nope", "--concept", "star", "--out", str(tmp_path)],
                             "unknown scenario 'nope'; available: text, embedding-bb"),
                            (["generate", "a", "--defence", "nope"], "unknown defence 'nope'; available: dual_reconstruction, irece, negative_prompt"),

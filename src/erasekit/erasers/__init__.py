@@ -1,4 +1,4 @@
-"""Weight edits (UCE, RECE, ESD-x, ESD-u), each one registered file (`erasekit.registry.ERASERS`).
+"""Weight edits (UCE, RECE, ESD-x, ESD-u, SPEED, MACE, AdvUnlearn), each one registered file (`erasekit.registry.ERASERS`).
 
     from erasekit.erasers import erase, load_edit
     edit = erase(pipe, "uce", "star")          # computed; pipe unchanged
@@ -14,6 +14,7 @@ from erasekit.erasers.method import Method, Result, erase
 # Importing a method module registers it.
 from erasekit.erasers import esd, rece, uce  # noqa: E402,F401  isort:skip
 from erasekit.erasers import mace, speed  # noqa: E402,F401  isort:skip
+from erasekit.erasers import advunlearn  # noqa: E402,F401  isort:skip
 
 __all__ = ["erase", "load_edit", "bake", "WeightEdit", "Method", "Result", "ConceptSpec", "resolve_spec",
            "default_guide"]

@@ -134,7 +134,9 @@ class DDIMInversionAttack(Attack):
 
     def inputs(self, ctx: AttackContext, learn_on: str) -> AttackInputs:
         from erasekit.attacks.images import concept_images
-        from erasekit.store import content_key
+        from erasekit.cache import cached, with_record
+        from erasekit.safe_load import load_safetensors
+        from erasekit.store import write_safetensors_atomic
 
         s = self.settings
         learner = ctx.learner(learn_on)
@@ -147,19 +149,22 @@ class DDIMInversionAttack(Attack):
         steps = int(s.steps or ctx.steps or learner.world.sampler_defaults()[0])
         key = dict(images=images.digest, learner=learner.cache_id, steps=steps, guidance=s.guidance, prompt=s.prompt,
                    refine=s.refine)
-        path = ctx.cache_dir / f"inverted-{content_key(key)}.safetensors" if ctx.cache_dir is not None else None
-        if path is not None and path.is_file() and path.with_suffix(".json").is_file():
-            from erasekit.safe_load import load_safetensors
 
-            latents = load_safetensors(path, "cached inverted latents")["latents"]
-            budget = dict(json.loads(path.with_suffix(".json").read_text()), reused_from_cache=str(path))
-        else:
-            latents, budget = invert_images(learner, images.images, s.prompt, steps, s.guidance, s.refine,
-                                            batch_size=ctx.batch_size, progress=ctx.progress)
-            if path is not None:
-                from erasekit.store import write_safetensors_atomic
+        def invert():
+            return invert_images(learner, images.images, s.prompt, steps, s.guidance, s.refine,
+                                 batch_size=ctx.batch_size, progress=ctx.progress)
 
-                write_safetensors_atomic(path, {"latents": latents.contiguous()}, dict(budget, **key))
+        def save(path, value):  # the latents, then their budget (with the key) beside them
+            write_safetensors_atomic(path, {"latents": value[0].contiguous()}, dict(value[1], **key))
+
+        def load(path):
+            return (load_safetensors(path, "cached inverted latents")["latents"],
+                    json.loads(path.with_suffix(".json").read_text()))
+
+        (latents, budget), reused = cached(ctx.cache_dir, "inverted", (key,), invert, suffix=".safetensors",
+                                           save=save, load=load, complete=with_record)
+        if reused:
+            budget = dict(budget, reused_from_cache=reused)
         prompt = "" if s.prompt_mode == "empty" else ctx.target.world.concept_prompt(ctx.concept)
         items = []
         for i, name in enumerate(images.names):

@@ -2,8 +2,8 @@
 
 From a folder: every image file, sorted by name, converted to RGB and resized to the pipeline's size when it is
 not (a note says so); a file with an image suffix that does not open, or a folder holding no image at all, is
-refused with a clear error. Other files (notes, JSON) are skipped. For the embedded world, images of a concept
-are rendered instead: the concept fixed, every other attribute random.
+refused with a clear error. Other files (notes, JSON) are skipped. Without a folder the target's world supplies
+them (`World.concept_images`; the embedded world renders them: the concept fixed, every other attribute random).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from erasekit.errors import ErasekitError
+from erasekit.worlds.toy import render_concept_images  # noqa: F401  (the embedded world's renders; imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -109,34 +110,6 @@ def _center_crop_resize(im, width: int, height: int):
             top = (h - new_h) // 2
             im = im.crop((0, top, w, top + new_h))
     return im.resize((width, height), Image.Resampling.BICUBIC if im.size[0] < width else Image.Resampling.LANCZOS)
-
-
-def render_concept_images(concept: str, n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
-    """``n`` rendered images of a world concept (shape, colour or texture) and their ground truth.
-
-    The concept is fixed; the other attributes are drawn per image (a shape is always present). Image i uses
-    render seed ``seed + i``.
-    """
-    from erasekit.toy.render import render_seed
-    from erasekit.toy.world import COLORS, SHAPES, TEXTURES, Scene, concept_kind
-
-    try:
-        kind = concept_kind(concept)
-    except ValueError as exc:
-        raise ErasekitError(str(exc)) from exc
-    if n < 1:
-        raise ErasekitError(f"need at least one concept image, got n={n}")
-    images, truth = np.empty((n, size, size, 3), np.uint8), []
-    for i in range(n):
-        rng = np.random.default_rng([seed + i, 7])
-        scene = Scene(
-            shape=concept if kind == "shape" else SHAPES[rng.integers(len(SHAPES))],
-            color=concept if kind == "color" else COLORS[rng.integers(len(COLORS))],
-            texture=concept if kind == "texture" else TEXTURES[rng.integers(len(TEXTURES))],
-        )
-        images[i], s = render_seed(seed + i, size, scene=scene)
-        truth.append(s.as_dict())
-    return images, truth
 
 
 def images_digest(images: np.ndarray, n_chars: int = 16) -> str:

@@ -25,7 +25,6 @@ Defaults for the embedded world's CPU budget: k = 5, 40 iterations, lr 0.01 (sof
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -34,74 +33,12 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
-from erasekit.attacks.unlearndiffatk import (
-    check_prefix_settings,
-    _frozen, before_attack, cache_path, candidate_vocabulary, original_latents, tokens_text,
+from erasekit.attacks.common import (
+    StatesTable, before_attack, candidate_vocabulary, check_prefix_settings, frozen, original_latents, tokens_text,
     world_prompts)
-from erasekit.diffusion.conditioning import Conditioning
+from erasekit.cache import cached, read_json, write_json
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings
-
-
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32)
-
-
-class StatesTable:
-    """Ready-made text states per prompt label: the `GenerationInputs.learned` interface (``encode``, ``digest``).
-    On SDXL each label also has its pooled text embedding (``pooled``), and ``encode`` gives a `Conditioning`."""
-
-    def __init__(self, states: dict[str, torch.Tensor] | None = None, pooled: dict[str, torch.Tensor] | None = None):
-        self.states = {k: _cpu(v) for k, v in (states or {}).items()}
-        self.pooled = {k: _cpu(v) for k, v in (pooled or {}).items()}
-
-    def add(self, labels, cond: Conditioning) -> "StatesTable":
-        """Item j of ``cond`` under ``labels[j]`` (its states, and SDXL's pooled embedding when there)."""
-        pooled = cond.added.get("text_embeds")
-        for j, label in enumerate(labels):
-            self.states[label] = _cpu(cond.states[j])
-            if pooled is not None:
-                self.pooled[label] = _cpu(pooled[j])
-        return self
-
-    def encode(self, pipe, prompts, device=None):
-        from erasekit.diffusion.family import family_of
-
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        encoder = family_of(pipe).encoders(pipe)[-1][2]  # the one whose dtype `family.encode` gives
-        device, dtype = device or encoder.device, encoder.dtype
-        out = torch.stack([self.states[p] for p in prompts]).to(device, dtype)
-        if not self.pooled:
-            return out
-        return Conditioning(out, {"text_embeds": torch.stack([self.pooled[p] for p in prompts]).to(device, dtype)})
-
-    def digest(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for table, tag in ((self.states, ""), (self.pooled, "pooled:")):
-            for k in sorted(table):
-                h.update((tag + k).encode())
-                h.update(table[k].contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        return h.hexdigest()[:16]
-
-    def save(self, path) -> None:
-        from erasekit.store import write_safetensors_atomic
-
-        labels = sorted(self.states)
-        tensors = {"states": torch.stack([self.states[k] for k in labels]).contiguous()}
-        if self.pooled:
-            tensors["pooled"] = torch.stack([self.pooled[k] for k in labels]).contiguous()
-        write_safetensors_atomic(path, tensors, {"labels": labels})
-
-    @classmethod
-    def load(cls, path) -> "StatesTable":
-        from erasekit.safe_load import load_safetensors
-
-        tensors = load_safetensors(path, "cached soft-prompt states")
-        labels = json.loads(path.with_suffix(".json").read_text())["labels"]
-        pooled = tensors.get("pooled")
-        return cls(dict(zip(labels, tensors["states"])), dict(zip(labels, pooled)) if pooled is not None else None)
 
 
 @dataclass
@@ -154,7 +91,7 @@ def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, gen
         v = torch.cat(vectors, -1)
         return torch.cdist(v.reshape(-1, v.shape[-1]), joint).argmin(-1).reshape(v.shape[:-1])
 
-    with ctx.target.active(), _frozen(pipe):
+    with ctx.target.active(), frozen(pipe):
         for (t, _), x, target in zip(draws, xts, targets):
             if mode == "hard":
                 ids = nearest([p.detach() for p in ps])
@@ -182,8 +119,6 @@ class P4D(Attack):
     scenarios = {"p4d-soft": {"mode": "soft"}, "p4d-hard": {"mode": "hard"}}
 
     def inputs(self, ctx: AttackContext, mode: str) -> AttackInputs:
-        from erasekit.metrics import measure_cost
-
         s = self.settings
         t0 = time.perf_counter()
         world = ctx.target.world
@@ -192,70 +127,81 @@ class P4D(Attack):
         seeds = [ctx.seed + i for i in range(ctx.n)]
         key = dict(target=ctx.target.cache_id, prompts=prompts, seeds=seeds, steps=steps, scale=scale, mode=mode,
                    settings=s.to_dict(), detector=(ctx.detector.info() if ctx.detector is not None else None))
-        path = cache_path(ctx, f"p4d-{mode}", key)
-        soft_path = path.parent / f"{path.stem}-states.safetensors" if path is not None else None
         labels = [f"{p} <p4d-soft #{i}>" for i, p in enumerate(prompts)] if mode == "soft" else None
-        if path is not None and path.is_file() and (mode == "hard" or soft_path.is_file()):
-            saved = json.loads(path.read_text())
-            final, budget = saved["prompts"], dict(saved["budget"], reused_from_cache=str(path))
-            learned = StatesTable.load(soft_path) if mode == "soft" else None
-        else:
-            from erasekit.diffusion.family import family_of
 
-            pipe = ctx.target.pipe
-            with measure_cost() as cost:
-                success = before_attack(ctx, prompts, seeds, steps, scale)
-                todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
-                final = list(prompts)
-                first, last = [], []
-                t_opt = time.perf_counter()
-                soft = StatesTable()
-                if todo:
-                    z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps, scale,
-                                          ctx.batch_size)
-                    vocab = candidate_vocabulary(pipe.tokenizer)
-                    gen = torch.Generator("cpu").manual_seed(int(s.seed))
-                    for start in range(0, len(todo), s.batch_size):
-                        chunk = todo[start : start + s.batch_size]
-                        out, losses = optimise_p4d(ctx, [prompts[i] for i in chunk], z0[start : start + len(chunk)], s,
-                                                   mode, gen, vocab)
-                        first.append(losses[0])
-                        last.append(losses[-1])
-                        if mode == "hard":
-                            for j, i in enumerate(chunk):
-                                final[i] = f"{tokens_text(pipe.tokenizer, out[j])} {prompts[i]}"
-                        else:
-                            with torch.no_grad(), ctx.target.active():
-                                soft.add([labels[i] for i in chunk],
-                                         family_of(pipe).encode_with_prefix(pipe, [prompts[i] for i in chunk], out))
-                opt_s = time.perf_counter() - t_opt
-                learned = None
-                if mode == "soft":
-                    rest = [i for i in range(ctx.n) if labels[i] not in soft.states]
-                    if rest:
-                        with torch.no_grad():
-                            plain = family_of(pipe).encode(pipe, [prompts[i] for i in rest])
-                        soft.add([labels[i] for i in rest], plain)
-                    learned = soft
-            n_before = int(sum(success))
-            budget = {"mode": mode, "k": s.k, "iterations": s.iterations, "images_attacked": len(todo),
-                      "images_used": len(todo),
-                      "successes_before": n_before, "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
-                      "optimisation_steps": s.iterations * len(todo),
-                      "unet_evaluations": 2 * s.iterations * len(todo) + steps * len(todo) * (2 if scale > 1 else 1),
-                      "seconds_per_attacked_prompt": round(opt_s / max(len(todo), 1), 4),
-                      "loss_first": round(float(np.mean(first)), 6) if first else None,
-                      "loss_last": round(float(np.mean(last)), 6) if last else None,
-                      "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3)}
-            if path is not None:
-                from erasekit.atomic import atomic_write_text
+        def states_file(path):  # soft mode: the states beside the record
+            return path.parent / f"{path.stem}-states.safetensors"
 
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if learned is not None:
-                    learned.save(soft_path)
-                atomic_write_text(path, json.dumps({"prompts": final, "budget": budget}, default=str) + "\n")
+        def save(path, value):
+            if value["learned"] is not None:
+                value["learned"].save(states_file(path))
+            write_json(path, {"prompts": value["prompts"], "budget": value["budget"]})  # last: marks the entry
+
+        def load(path):
+            return dict(read_json(path), learned=StatesTable.load(states_file(path)) if mode == "soft" else None)
+
+        saved, reused = cached(ctx.cache_dir, f"p4d-{mode}", (key,),
+                               lambda: self._attack(ctx, mode, prompts, seeds, labels, steps, scale, t0),
+                               save=save, load=load,
+                               complete=lambda path: path.is_file() and (mode == "hard" or states_file(path).is_file()))
+        final, learned = saved["prompts"], saved["learned"]
+        budget = dict(saved["budget"], **({"reused_from_cache": reused} if reused else {}))
         items = [{"attack": f"p4d-{mode}", "source_prompt": p} for p in prompts]
         if mode == "soft":
             return AttackInputs(prompts=labels, seeds=seeds, items=items, learned=learned, attack=f"p4d-{mode}",
                                 budget=budget)
         return AttackInputs(prompts=final, seeds=seeds, items=items, attack=f"p4d-{mode}", budget=budget)
+
+    def _attack(self, ctx: AttackContext, mode: str, prompts, seeds, labels, steps: int, scale: float,
+                t0: float) -> dict:
+        """The attack itself (what the cache stores): the final prompts, the budget and (soft) the states."""
+        from erasekit.diffusion.family import family_of
+        from erasekit.metrics import measure_cost
+
+        s = self.settings
+        pipe = ctx.target.pipe
+        with measure_cost() as cost:
+            success = before_attack(ctx, prompts, seeds, steps, scale)
+            todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
+            final = list(prompts)
+            first, last = [], []
+            t_opt = time.perf_counter()
+            soft = StatesTable()
+            if todo:
+                z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps, scale,
+                                      ctx.batch_size)
+                vocab = candidate_vocabulary(pipe.tokenizer)
+                gen = torch.Generator("cpu").manual_seed(int(s.seed))
+                for start in range(0, len(todo), s.batch_size):
+                    chunk = todo[start : start + s.batch_size]
+                    out, losses = optimise_p4d(ctx, [prompts[i] for i in chunk], z0[start : start + len(chunk)], s,
+                                               mode, gen, vocab)
+                    first.append(losses[0])
+                    last.append(losses[-1])
+                    if mode == "hard":
+                        for j, i in enumerate(chunk):
+                            final[i] = f"{tokens_text(pipe.tokenizer, out[j])} {prompts[i]}"
+                    else:
+                        with torch.no_grad(), ctx.target.active():
+                            soft.add([labels[i] for i in chunk],
+                                     family_of(pipe).encode_with_prefix(pipe, [prompts[i] for i in chunk], out))
+            opt_s = time.perf_counter() - t_opt
+            learned = None
+            if mode == "soft":
+                rest = [i for i in range(ctx.n) if labels[i] not in soft.states]
+                if rest:
+                    with torch.no_grad():
+                        plain = family_of(pipe).encode(pipe, [prompts[i] for i in rest])
+                    soft.add([labels[i] for i in rest], plain)
+                learned = soft
+        n_before = int(sum(success))
+        budget = {"mode": mode, "k": s.k, "iterations": s.iterations, "images_attacked": len(todo),
+                  "images_used": len(todo),
+                  "successes_before": n_before, "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
+                  "optimisation_steps": s.iterations * len(todo),
+                  "unet_evaluations": 2 * s.iterations * len(todo) + steps * len(todo) * (2 if scale > 1 else 1),
+                  "seconds_per_attacked_prompt": round(opt_s / max(len(todo), 1), 4),
+                  "loss_first": round(float(np.mean(first)), 6) if first else None,
+                  "loss_last": round(float(np.mean(last)), 6) if last else None,
+                  "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3)}
+        return {"prompts": final, "budget": budget, "learned": learned}

@@ -3,8 +3,8 @@ a discrete prompt found to match the result.
 
 Concept vector: v = mean over paired prompts of E(with the concept) - E(without), E the text encoder's output
 states (T, D), from the ORIGINAL model (the attack is model-agnostic: it never queries the erased model). Pairs:
-the world's ``concept_pairs`` when it has one; the embedded world: each caption template with the concept and with
-each other label of its attribute (same colour, texture / shape); otherwise the world's concept prompts with and
+the world's (`World.concept_pairs`): the embedded world's are each caption template with the concept and with each
+other label of its attribute (same colour, texture / shape); by default, the world's concept prompts with and
 without the concept's words.
 
 On SDXL the states are the family's (both encoders' concatenated token states); the vector shifts only them, and
@@ -14,7 +14,7 @@ eta times a pooled difference, added to the time embedding, would push it far ou
 
 - ``ring-a-bell`` (continuous): the text states E(p) + eta * v for the world's concept prompts p, generated as they
   are (white-box: an embedding, not a prompt). eta: 3 for nudity-like concepts (the paper's nudity value; the
-  embedded world's shapes), 0.9 for styles (its textures), unless set.
+  embedded world's shapes), 0.9 for styles (`World.is_style`: its textures), unless set.
 - ``ring-a-bell-discrete``: a genetic search over vocabulary tokens (the paper's: population, elite selection,
   crossover, mutation) for a prompt of ``length`` tokens whose states E(q) are closest (mean squared error) to
   E(p) + eta * v; the concept's own words are left out of the vocabulary (``exclude_concept_words``). One search per
@@ -42,7 +42,6 @@ Reference protocol (chiayi-hsu/Ring-A-Bell, ``Get_Concept_Vector.ipynb`` and ``I
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -51,8 +50,8 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
-from erasekit.attacks.p4d import StatesTable
-from erasekit.attacks.unlearndiffatk import cache_path, candidate_vocabulary, tokens_text
+from erasekit.attacks.common import StatesTable, candidate_vocabulary, tokens_text
+from erasekit.cache import cached, with_record
 from erasekit.errors import ErasekitError
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings, choice
@@ -155,43 +154,17 @@ def reference_defaults(concept: str) -> tuple[float, int, str] | None:
 
 
 def concept_pairs(world, concept: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(with, without) prompt pairs for ``concept``."""
-    own = getattr(world, "concept_pairs", None)
-    if own is not None:
-        return list(own(concept, n, seed))[:n]
-    rng = np.random.default_rng(seed)
-    if getattr(world, "name", "") == "toy":
-        from erasekit.toy import world as vocab
-
-        kind = vocab.concept_kind(concept)
-        labels = {"shape": vocab.SHAPES, "color": vocab.COLORS, "texture": vocab.TEXTURES}[kind]
-        others = [x for x in labels if x != concept]
-        out = []
-        for i in range(n):
-            template = vocab.FULL_TEMPLATES[i % len(vocab.FULL_TEMPLATES)]
-            fill = {"s": vocab.SHAPES[rng.integers(len(vocab.SHAPES))], "c": vocab.COLORS[rng.integers(len(vocab.COLORS))],
-                    "t": vocab.TEXTURES[rng.integers(len(vocab.TEXTURES))]}
-            if kind != "shape" and fill["s"] == concept:
-                fill["s"] = vocab.SHAPES[0]
-            if kind != "texture" and fill["t"] == concept:
-                fill["t"] = vocab.TEXTURES[0]
-            other = others[i % len(others)]
-            out.append((template.format(**{**fill, kind[0]: concept}), template.format(**{**fill, kind[0]: other})))
-        return out
-    prompts = world.concept_prompts(concept)
-    pairs = [(p, " ".join(p.replace(concept, " ").split())) for p in prompts if concept in p]
-    if not pairs:
-        raise ErasekitError(f"ring_a_bell: no prompt pairs for {concept!r} in this world")
-    return [pairs[i % len(pairs)] for i in range(n)]
+    """(with, without) prompt pairs for ``concept``: the world's (`World.concept_pairs`)."""
+    return list(world.concept_pairs(concept, n, seed))[:n]
 
 
 def default_eta(world, concept: str) -> float:
+    """The concept's reference eta (`REFERENCE_DEFAULTS`), else the paper's 0.9 for a style (`World.is_style`),
+    3 for everything else."""
     ref = reference_defaults(concept)
-    if ref is not None and getattr(world, "name", "") != "toy":
+    if ref is not None:
         return ref[0]
-    if getattr(world, "name", "") == "toy":
-        return 0.9 if world.kind(concept) == "texture" else 3.0
-    return 0.9 if "style" in concept.lower() else 3.0
+    return 0.9 if world.is_style(concept) else 3.0
 
 
 def _states(pipe, prompts) -> torch.Tensor:
@@ -309,61 +282,22 @@ class RingABell(Attack):
                 plain = family_of(pipe).encode(pipe, base)
             shifted = plain.states.float() + eta * v
             vector_s = time.perf_counter() - t0
-            reused = None
             if mode == "continuous":
                 key = dict(original=ctx.original.cache_id, base=base, eta=eta, settings=s.to_dict(), mode=mode)
-                path = cache_path(ctx, "ring-a-bell-continuous", key)
-                states_path = path.parent / f"{path.stem}.safetensors" if path is not None else None
-                if states_path is not None and states_path.is_file() and path.is_file():
-                    learned, reused = StatesTable.load(states_path), str(path)
-                else:
-                    # SDXL: the base prompt's pooled embedding with the shifted token states (see above).
-                    learned = StatesTable().add([f"{p} <ring-a-bell eta={eta:g}>" for p in base],
-                                                Conditioning(shifted, plain.added))
-                    if path is not None:
-                        learned.save(states_path)
+                # SDXL: the base prompt's pooled embedding with the shifted token states (see above).
+                learned, reused = cached(
+                    ctx.cache_dir, "ring-a-bell-continuous", (key,),
+                    lambda: StatesTable().add([f"{p} <ring-a-bell eta={eta:g}>" for p in base],
+                                              Conditioning(shifted, plain.added)),
+                    suffix=".safetensors", load=StatesTable.load, save=lambda path, table: table.save(path),
+                    complete=with_record)
                 final = [f"{p} <ring-a-bell eta={eta:g}>" for p in prompts]
                 search = {}
             else:
                 learned = None
                 key = dict(original=ctx.original.cache_id, base=base, eta=eta, settings=s.to_dict())
-                path = cache_path(ctx, "ring-a-bell", key)
-                if path is not None and path.is_file():
-                    search = json.loads(path.read_text())
-                    reused = str(path)
-                else:
-                    from erasekit.toy import world as toy_vocab
-
-                    words = {concept}
-                    if getattr(world, "name", "") == "toy":
-                        for table in (toy_vocab.SHAPE_WORDS, toy_vocab.COLOR_WORDS, toy_vocab.TEXTURE_WORDS):
-                            for w in table.get(concept, ()):
-                                words.update(w.split())
-                    words.update(w for p in world.concept_prompts(concept) for w in p.split() if concept in w)
-                    t_search = time.perf_counter()
-                    if s.search == "official":
-                        ref = reference_defaults(concept)
-                        length = s.length or (ref[1] if ref else 16)
-                        found = [official_search(pipe, shifted[j], length, int(s.seed) + j, *s.budget())
-                                 for j in range(len(base))]
-                        search = {"protocol": "official", "length": length,
-                                  "prompts": {p: q for p, (q, _, _) in zip(base, found)},
-                                  "squared_error": {p: round(m, 6) for p, (_, m, _) in zip(base, found)},
-                                  "text_encoder_passes": sum(n for _, _, n in found), "excluded_words": []}
-                    else:
-                        vocab = candidate_vocabulary(pipe.tokenizer, sorted(words) if s.exclude_concept_words else ())
-                        gen = torch.Generator("cpu").manual_seed(int(s.seed))
-                        found = [genetic_search(pipe, shifted[j], vocab, s, gen) for j in range(len(base))]
-                        search = {"protocol": "fast", "length": s.length or 12,
-                                  "prompts": {p: q for p, (q, _) in zip(base, found)},
-                                  "mse": {p: round(m, 6) for p, (_, m) in zip(base, found)},
-                                  "excluded_words": sorted(words) if s.exclude_concept_words else []}
-                    search["seconds_per_prompt"] = round((time.perf_counter() - t_search) / len(base), 4)
-                    if path is not None:
-                        from erasekit.atomic import atomic_write_text
-
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        atomic_write_text(path, json.dumps(search) + "\n")
+                search, reused = cached(ctx.cache_dir, "ring-a-bell", (key,),
+                                        lambda: self._search(ctx, world, concept, base, shifted))
                 final = [search["prompts"][p] for p in prompts]
         budget = {"mode": mode, "eta": eta, "pairs": len(pairs), "distinct_prompts": len(base), "images_used": 0,
                   "pairs_source": "world" if s.pair_count() is not None else str(s.pairs),
@@ -377,3 +311,33 @@ class RingABell(Attack):
         items = [{"attack": f"ring-a-bell-{mode}", "source_prompt": p} for p in prompts]
         return AttackInputs(prompts=final, seeds=seeds, items=items, learned=learned, attack=f"ring-a-bell-{mode}",
                             budget=budget)
+
+    def _search(self, ctx: AttackContext, world, concept: str, base: list[str], shifted: torch.Tensor) -> dict:
+        """The discrete search per distinct prompt (what the cache stores): found prompts and their errors."""
+        s = self.settings
+        pipe = ctx.target.pipe
+        # The concept's own words: its name, the world's other names for it, prompt words holding it.
+        words = {concept}
+        for name in world.concept_words(concept)[1:]:
+            words.update(name.split())
+        words.update(w for p in world.concept_prompts(concept) for w in p.split() if concept in w)
+        t_search = time.perf_counter()
+        if s.search == "official":
+            ref = reference_defaults(concept)
+            length = s.length or (ref[1] if ref else 16)
+            found = [official_search(pipe, shifted[j], length, int(s.seed) + j, *s.budget())
+                     for j in range(len(base))]
+            search = {"protocol": "official", "length": length,
+                      "prompts": {p: q for p, (q, _, _) in zip(base, found)},
+                      "squared_error": {p: round(m, 6) for p, (_, m, _) in zip(base, found)},
+                      "text_encoder_passes": sum(n for _, _, n in found), "excluded_words": []}
+        else:
+            vocab = candidate_vocabulary(pipe.tokenizer, sorted(words) if s.exclude_concept_words else ())
+            gen = torch.Generator("cpu").manual_seed(int(s.seed))
+            found = [genetic_search(pipe, shifted[j], vocab, s, gen) for j in range(len(base))]
+            search = {"protocol": "fast", "length": s.length or 12,
+                      "prompts": {p: q for p, (q, _) in zip(base, found)},
+                      "mse": {p: round(m, 6) for p, (_, m) in zip(base, found)},
+                      "excluded_words": sorted(words) if s.exclude_concept_words else []}
+        search["seconds_per_prompt"] = round((time.perf_counter() - t_search) / len(base), 4)
+        return search

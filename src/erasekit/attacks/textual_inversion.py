@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.attacks.common import frozen
 from erasekit.diffusion.guidance import UNetDenoiser
 from erasekit.diffusion.vae import encode_distribution, image_size
 from erasekit.errors import ErasekitError
@@ -312,19 +313,6 @@ def _swap_new_rows(text_encoder, vocab_size: int, vectors: torch.Tensor):
             h.remove()
 
 
-@contextmanager
-def _frozen(*modules):
-    """No parameter of ``modules`` requires grad inside (restored after): only the new vectors are trained."""
-    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
 def _initial_vectors(pipe, word: str, k: int, tokenizer=None, text_encoder=None) -> torch.Tensor:
     tokenizer = tokenizer if tokenizer is not None else pipe.tokenizer
     text_encoder = text_encoder if text_encoder is not None else pipe.text_encoder
@@ -369,7 +357,7 @@ def learn_textual_inversion(pipe, images: np.ndarray, config: TextualInversionCo
     prompts_all = [t.format(placeholder) for t in config.templates]
     losses = []
 
-    with measure_cost() as cost, _frozen(pipe.unet, pipe.vae, *[enc for _, _, enc in encoders]), \
+    with measure_cost() as cost, frozen(pipe.unet, pipe.vae, *[enc for _, _, enc in encoders]), \
             contextlib.ExitStack() as swaps:
         mean, std = encode_distribution(pipe, images)
         all_vectors = []
@@ -459,7 +447,7 @@ class TextualInversionAttack(Attack):
         import dataclasses
 
         from erasekit.attacks.images import concept_images
-        from erasekit.store import content_key
+        from erasekit.cache import cached
 
         config = self.settings
         if config.token == TextualInversionConfig.token:  # the default token: named after the concept
@@ -468,14 +456,17 @@ class TextualInversionAttack(Attack):
         images = concept_images(learner, ctx.concept, None if ctx.images_folder else config.images, ctx.images_folder,
                                 RENDER_SEED, ctx.notes)
         source = {"images_digest": images.digest, "learner": learner.cache_id}
-        folder = ctx.cache_dir / f"ti-{content_key(source, config.as_dict())}" if ctx.cache_dir is not None else None
-        if folder is not None and (folder / CONFIG_FILE).is_file() and (folder / LEARNED_EMBEDS_FILE).is_file():
-            learned = LearnedEmbedding.load(folder)
-            learned.budget = dict(learned.budget, reused_from_cache=str(folder))
-        else:
+
+        def learn():
             with learner.active():
                 learned = learn_textual_inversion(learner.pipe, images.images, config, progress=ctx.progress)
             learned.config.update(source)
-            if folder is not None:
-                learned.save(folder)
+            return learned
+
+        # A folder in diffusers' layout; the vectors (written last) mark it done.
+        learned, reused = cached(ctx.cache_dir, "ti", (source, config.as_dict()), learn, suffix="",
+                                 load=LearnedEmbedding.load, save=lambda folder, emb: emb.save(folder),
+                                 complete=lambda f: (f / CONFIG_FILE).is_file() and (f / LEARNED_EMBEDS_FILE).is_file())
+        if reused:
+            learned.budget = dict(learned.budget, reused_from_cache=reused)
         return textual_inversion_inputs(learned, ctx.n, seed=ctx.seed, learned_on=learn_on)

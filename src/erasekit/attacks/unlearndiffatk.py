@@ -27,13 +27,11 @@ unused or sub-word pieces), so the discrete prompt a user types is the one optim
 
 Prefix tokens are encoded by the model family (`SDFamily.encode_with_prefix`): on SDXL one relaxed one-hot drives
 both text encoders (their CLIP vocabularies are the same BPE), each through its own embedding table.
-The helpers here (vocabulary, simplex projection, denoising targets) serve P4D too.
+The vocabulary, prefix, target and states helpers it shares with P4D and Ring-A-Bell are in `erasekit.attacks.common`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 
@@ -41,42 +39,18 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
+from erasekit.cache import cached
+from erasekit.attacks.common import (
+    before_attack, candidate_vocabulary, check_prefix_settings, detect, draw, frozen, original_latents, tokens_text,
+    world_prompts)
 from erasekit.errors import ErasekitError
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings, choice
 
-_VOCAB_CACHE: dict = {}
+_frozen = frozen  # the name it had here before `erasekit.attacks.common` (#19)
 
 
-# -- shared machinery -----------------------------------------------------------------------------------------
-def candidate_vocabulary(tokenizer, exclude_words=()) -> torch.Tensor:
-    """Ids of whole-word tokens that decode to letters and tokenise back to exactly themselves."""
-    key = (id(tokenizer), len(tokenizer), tuple(sorted(exclude_words)))
-    if key in _VOCAB_CACHE:
-        return _VOCAB_CACHE[key]
-    special = set(tokenizer.all_special_ids)
-    ids, texts = [], []
-    for i in range(len(tokenizer)):
-        if i in special:
-            continue
-        text = tokenizer.decode([i]).strip()
-        if text.isalpha() and text.isascii() and len(text) > 1:
-            ids.append(i)
-            texts.append(text)
-    back = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
-    banned = {w.lower() for w in exclude_words}
-    keep = [i for i, t, b in zip(ids, texts, back) if b == [i] and t.lower() not in banned]
-    if not keep:
-        raise ErasekitError("no whole-word tokens in this tokenizer's vocabulary to build adversarial prompts from")
-    out = torch.tensor(keep, dtype=torch.long)
-    _VOCAB_CACHE[key] = out
-    return out
-
-
-def tokens_text(tokenizer, ids) -> str:
-    return " ".join(tokenizer.decode([int(i)]).strip() for i in ids)
-
-
+# -- UnlearnDiffAtk's own machinery -----------------------------------------------------------------------------
 def project_simplex(w: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of each row of ``w`` (..., V) onto the probability simplex (Duchi et al. 2008)."""
     v = w.reshape(-1, w.shape[-1])
@@ -96,90 +70,7 @@ def denoising_target(scheduler, z0, noise, t):
     return noise
 
 
-def by_guidance(scales, run):
-    """``run(indices, scale)`` once per distinct scale of ``scales`` (a float: one for all); results in order."""
-    n = len(scales) if isinstance(scales, (list, tuple)) else None
-    if n is None:
-        return run(None, float(scales))
-    out = [None] * n
-    for g in dict.fromkeys(scales):
-        idx = [i for i, x in enumerate(scales) if x == g]
-        for i, r in zip(idx, run(idx, float(g))):
-            out[i] = r
-    return out
-
-
-def original_latents(ctx: AttackContext, prompts, seeds, steps: int, scale, batch_size: int) -> torch.Tensor:
-    """Final latents (scaled, before decoding) the ORIGINAL model draws from (prompt, seed); ``scale``: one
-    guidance scale or one per image."""
-    from erasekit.probes.sampling import sample
-
-    original = ctx.original
-
-    def run(idx, g):
-        ps, ss = (prompts, seeds) if idx is None else ([prompts[i] for i in idx], [seeds[i] for i in idx])
-        out = []
-        for i in range(0, len(ps), batch_size):
-            out.append(sample(original, ps[i : i + batch_size], ss[i : i + batch_size], steps=steps, scale=g,
-                              decode=False).float().cpu())
-        return torch.cat(out) if idx is None else list(torch.cat(out))
-
-    got = by_guidance(scale, run)
-    return got if torch.is_tensor(got) else torch.stack(got)
-
-
-def detect(ctx: AttackContext, images: np.ndarray) -> list[dict]:
-    detector = ctx.detector
-    if detector is None:
-        from erasekit.detectors import create_detector
-
-        detector = ctx.detector = create_detector(ctx.target.world.default_detector(ctx.concept), concept=ctx.concept)
-    return detector.score(images)
-
-
-def world_prompts(ctx: AttackContext, given: str, n: int) -> list[str]:
-    world = ctx.target.world
-    base = [p.strip() for p in given.split(";") if p.strip()] or world.concept_prompts(world.check_concept(ctx.concept))
-    return [base[i % len(base)] for i in range(n)]
-
-
-def cache_path(ctx: AttackContext, what: str, key: dict):
-    if ctx.cache_dir is None:
-        return None
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return ctx.cache_dir / f"{what}-{digest}.json"
-
-
-def draw(ctx: AttackContext, prompts, seeds, steps: int, scale) -> np.ndarray:
-    """The target's images of (prompt, seed); ``scale``: one guidance scale or one per image."""
-    from erasekit.generation import generate
-
-    def run(idx, g):
-        ps, ss = (prompts, seeds) if idx is None else ([prompts[i] for i in idx], [seeds[i] for i in idx])
-        images = generate(ctx.target, ps, ss, steps=steps, guidance=g, batch_size=ctx.batch_size, progress=False)
-        return images if idx is None else list(images)
-
-    got = by_guidance(scale, run)
-    return got if isinstance(got, np.ndarray) else np.stack(got)
-
-
-def before_attack(ctx: AttackContext, prompts, seeds, steps: int, scale) -> list[bool]:
-    """Per image: does the target (edits and defences) already draw the concept from (prompt, seed)?"""
-    return [r["present"] for r in detect(ctx, draw(ctx, prompts, seeds, steps, scale))]
-
-
 # -- UnlearnDiffAtk ------------------------------------------------------------------------------------------
-def check_prefix_settings(attack: str, s) -> None:
-    """The checks every prefix-optimising attack shares: k, iterations, batch_size >= 1; lr > 0 when set."""
-    from erasekit.checks import finite, integer
-
-    for name in ("k", "iterations", "batch_size"):
-        if integer(f"{attack}: {name}", getattr(s, name)) < 1:
-            raise ErasekitError(f"{attack}: {name} must be at least 1, got {getattr(s, name)}")
-    if s.lr is not None:
-        finite(f"{attack}: lr", s.lr, low=0.0, low_open=True)
-
-
 PROTOCOLS = ("official", "fast")
 
 
@@ -356,8 +247,6 @@ class UnlearnDiffAtk(Attack):
     scenarios = {"unlearndiffatk": {}}
 
     def inputs(self, ctx: AttackContext) -> AttackInputs:
-        from erasekit.metrics import measure_cost
-
         s = self.settings
         t0 = time.perf_counter()
         world = ctx.target.world
@@ -374,85 +263,9 @@ class UnlearnDiffAtk(Attack):
             seeds = [ctx.seed + i for i in range(ctx.n)]
         key = dict(target=ctx.target.cache_id, prompts=prompts, seeds=seeds, steps=steps, scale=scale,
                    settings=s.to_dict(), detector=(ctx.detector.info() if ctx.detector is not None else None))
-        path = cache_path(ctx, "unlearndiffatk", key)
-        if path is not None and path.is_file():
-            saved = json.loads(path.read_text())
-            final, budget = saved["prompts"], dict(saved["budget"], reused_from_cache=str(path))
-        else:
-            with measure_cost() as cost:
-                success = before_attack(ctx, prompts, seeds, steps, scale)
-                todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
-                final = list(prompts)
-                losses_first, losses_last, records = [], [], []
-                if todo:
-                    t_target = time.perf_counter()
-                    z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps,
-                                          [scale[i] for i in todo] if isinstance(scale, list) else scale,
-                                          ctx.batch_size)
-                    target_s = time.perf_counter() - t_target
-                    pipe = ctx.target.pipe
-                    vocab = candidate_vocabulary(pipe.tokenizer)
-                    gen = torch.Generator("cpu").manual_seed(int(s.seed))
-                    t_opt = time.perf_counter()
-                    with ctx.target.active(), _frozen(pipe):
-                        for start in range(0, len(todo), s.batch_size):
-                            chunk = todo[start : start + s.batch_size]
-                            chunk_z0 = z0[start : start + len(chunk)]
-                            if s.protocol == "official":
-                                texts, recs = official_attack(
-                                    ctx, pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk], chunk_z0, s,
-                                    vocab, steps, [scale[i] for i in chunk] if isinstance(scale, list) else scale)
-                                records += recs
-                                for j, i in enumerate(chunk):
-                                    final[i] = texts[j]
-                                continue
-                            _, ids, losses = optimise_relaxed_prefix(
-                                pipe, [prompts[i] for i in chunk], chunk_z0, s, gen, vocab)
-                            losses_first.append(losses[0])
-                            losses_last.append(losses[-1])
-                            for j, i in enumerate(chunk):
-                                final[i] = f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}"
-                    opt_s = time.perf_counter() - t_opt
-                else:
-                    target_s = opt_s = 0.0
-            n_before = int(sum(success))
-            per_image = steps * (2 if max(scale if isinstance(scale, list) else [scale]) > 1 else 1)  # per image
-            if s.protocol == "official":
-                updates = sum(r["updates"] for r in records)
-                checks = sum(r["timesteps_tried"] for r in records)
-                losses_first = [r["loss_first"] for r in records if r["loss_first"] is not None]
-                losses_last = [r["loss_last"] for r in records if r["loss_last"] is not None]
-                protocol = {
-                    "timesteps": fixed_timesteps(int(ctx.target.pipe.scheduler.config.num_train_timesteps),
-                                                 s.timesteps),
-                    "iterations_per_timestep": s.iterations, "checks": checks,
-                    "successes_in_loop": sum(r["first_success_timestep"] is not None for r in records),
-                    "timesteps_tried": [r["timesteps_tried"] for r in records],
-                    "first_success_timestep": [r["first_success_timestep"] for r in records],
-                    "first_success_update": [r["first_success_update"] for r in records],
-                }
-            else:
-                updates, checks, protocol = s.iterations * len(todo), 0, {}
-            budget = {
-                "protocol": s.protocol, **protocol,
-                "k": s.k, "iterations": s.iterations, "lr": s.lr, "weight_decay": s.weight_decay,
-                "images_used": len(todo),  # target images the original model drew
-                "images_attacked": len(todo), "successes_before": n_before,
-                "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
-                "optimisation_steps": updates,
-                # one forward and backward pass per update; target images, the before-check and in-loop checks
-                "unet_evaluations": updates + per_image * (len(todo) + ctx.n + checks),
-                "target_images_s": round(target_s, 3), "optimisation_s": round(opt_s, 3),
-                "seconds_per_attacked_prompt": round((target_s + opt_s) / max(len(todo), 1), 4),
-                "loss_first": round(float(np.mean(losses_first)), 6) if losses_first else None,
-                "loss_last": round(float(np.mean(losses_last)), 6) if losses_last else None,
-                "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3),
-            }
-            if path is not None:
-                from erasekit.atomic import atomic_write_text
-
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps({"prompts": final, "budget": budget}, default=str) + "\n")
+        saved, reused = cached(ctx.cache_dir, "unlearndiffatk", (key,),
+                               lambda: self._attack(ctx, prompts, seeds, steps, scale, t0))
+        final, budget = saved["prompts"], dict(saved["budget"], **({"reused_from_cache": reused} if reused else {}))
         items = [{"attack": "unlearndiffatk", "source_prompt": p, "attacked": f != p} for p, f in zip(prompts, final)]
         if rows is not None:
             for item, extra in zip(items, rows.items):
@@ -460,19 +273,78 @@ class UnlearnDiffAtk(Attack):
         return AttackInputs(prompts=final, seeds=seeds, items=items, attack=self.name, budget=budget,
                             guidance=list(scale) if isinstance(scale, list) else None)
 
+    def _attack(self, ctx: AttackContext, prompts, seeds, steps: int, scale, t0: float) -> dict:
+        """The attack itself (what the cache stores): the final prompts and the budget."""
+        from erasekit.metrics import measure_cost
 
-class _frozen:
-    """No parameter of the pipeline requires grad inside (restored after)."""
-
-    def __init__(self, pipe):
-        parts = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
-        self.modules = [m for m in parts if m is not None]
-
-    def __enter__(self):
-        self.saved = [(p, p.requires_grad) for m in self.modules for p in m.parameters()]
-        for p, _ in self.saved:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, flag in self.saved:
-            p.requires_grad_(flag)
+        s = self.settings
+        with measure_cost() as cost:
+            success = before_attack(ctx, prompts, seeds, steps, scale)
+            todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
+            final = list(prompts)
+            losses_first, losses_last, records = [], [], []
+            if todo:
+                t_target = time.perf_counter()
+                z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps,
+                                      [scale[i] for i in todo] if isinstance(scale, list) else scale,
+                                      ctx.batch_size)
+                target_s = time.perf_counter() - t_target
+                pipe = ctx.target.pipe
+                vocab = candidate_vocabulary(pipe.tokenizer)
+                gen = torch.Generator("cpu").manual_seed(int(s.seed))
+                t_opt = time.perf_counter()
+                with ctx.target.active(), frozen(pipe):
+                    for start in range(0, len(todo), s.batch_size):
+                        chunk = todo[start : start + s.batch_size]
+                        chunk_z0 = z0[start : start + len(chunk)]
+                        if s.protocol == "official":
+                            texts, recs = official_attack(
+                                ctx, pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk], chunk_z0, s,
+                                vocab, steps, [scale[i] for i in chunk] if isinstance(scale, list) else scale)
+                            records += recs
+                            for j, i in enumerate(chunk):
+                                final[i] = texts[j]
+                            continue
+                        _, ids, losses = optimise_relaxed_prefix(
+                            pipe, [prompts[i] for i in chunk], chunk_z0, s, gen, vocab)
+                        losses_first.append(losses[0])
+                        losses_last.append(losses[-1])
+                        for j, i in enumerate(chunk):
+                            final[i] = f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}"
+                opt_s = time.perf_counter() - t_opt
+            else:
+                target_s = opt_s = 0.0
+        n_before = int(sum(success))
+        per_image = steps * (2 if max(scale if isinstance(scale, list) else [scale]) > 1 else 1)  # per image
+        if s.protocol == "official":
+            updates = sum(r["updates"] for r in records)
+            checks = sum(r["timesteps_tried"] for r in records)
+            losses_first = [r["loss_first"] for r in records if r["loss_first"] is not None]
+            losses_last = [r["loss_last"] for r in records if r["loss_last"] is not None]
+            protocol = {
+                "timesteps": fixed_timesteps(int(ctx.target.pipe.scheduler.config.num_train_timesteps),
+                                             s.timesteps),
+                "iterations_per_timestep": s.iterations, "checks": checks,
+                "successes_in_loop": sum(r["first_success_timestep"] is not None for r in records),
+                "timesteps_tried": [r["timesteps_tried"] for r in records],
+                "first_success_timestep": [r["first_success_timestep"] for r in records],
+                "first_success_update": [r["first_success_update"] for r in records],
+            }
+        else:
+            updates, checks, protocol = s.iterations * len(todo), 0, {}
+        budget = {
+            "protocol": s.protocol, **protocol,
+            "k": s.k, "iterations": s.iterations, "lr": s.lr, "weight_decay": s.weight_decay,
+            "images_used": len(todo),  # target images the original model drew
+            "images_attacked": len(todo), "successes_before": n_before,
+            "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
+            "optimisation_steps": updates,
+            # one forward and backward pass per update; target images, the before-check and in-loop checks
+            "unet_evaluations": updates + per_image * (len(todo) + ctx.n + checks),
+            "target_images_s": round(target_s, 3), "optimisation_s": round(opt_s, 3),
+            "seconds_per_attacked_prompt": round((target_s + opt_s) / max(len(todo), 1), 4),
+            "loss_first": round(float(np.mean(losses_first)), 6) if losses_first else None,
+            "loss_last": round(float(np.mean(losses_last)), 6) if losses_last else None,
+            "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3),
+        }
+        return {"prompts": final, "budget": budget}

@@ -70,11 +70,12 @@ def attack(
     common.resolve_dtype(dtype, "cpu")
     saved_edit = common.read_edit(edit)
     defences = common.read_defences(defence, cfg.concept)  # irece & co. take the attacked concept
-    if model == "toy":  # its world is known without loading it: unknown concepts fail now
-        from erasekit.worlds import TOY_WORLD
+    from erasekit.worlds import world_named
 
-        TOY_WORLD.check_concept(cfg.concept)
-        common.check_defence_concepts(defences, TOY_WORLD)
+    known = world_named(model)
+    if known is not None:  # its world is known without loading it: unknown concepts fail now
+        known.check_concept(cfg.concept)
+        common.check_defence_concepts(defences, known)
     if detector is not None:
         from erasekit.registry import DETECTORS
 
@@ -85,11 +86,7 @@ def attack(
     with hold_folder(out):
         target = common.load_target(model, edit=saved_edit, defences=defences, device=device, dtype=dtype,
                                     allow_pickle=allow_pickle)
-        from erasekit.detectors import create_detector
-
-        det = create_detector(detector or target.world.default_detector(cfg.concept), concept=cfg.concept)
-        if getattr(det, "name", "") == "toy":
-            det.model  # noqa: B018  (load the weights now: fail before generating)
+        det = target.world.detector(cfg.concept, detector)  # its weights loaded now: fail before generating
         summary = run_scenario(cfg, target, det, out, images_folder=images, prompts_csv=prompts)
     low, high = summary["ci"]
     invalid = summary.get("invalid") or 0

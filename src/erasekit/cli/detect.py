@@ -51,22 +51,15 @@ def detect(
     cls, _ = DETECTORS.split(detector)  # an unknown name fails before any file is read
     pil_images = [_read_image(p) for p in images]
     common.setup_torch()
-    if cls.name == "toy" and concept is None:
-        # Every label's probability, per attribute: what the toy detector sees.
-        from PIL import Image
+    if concept is None:  # a world's own detector without a concept: every label's probability (toy's heads)
+        from erasekit.worlds import WORLDS
 
-        from erasekit.toy.architecture import IMAGE_SIZE
-        from erasekit.toy.detector import LABELS, load_toy_detector
-
-        arrays = np.stack([np.asarray(im if im.size == (IMAGE_SIZE, IMAGE_SIZE) else
-                                      im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)) for im in pil_images])
-        probs = load_toy_detector().predict(arrays, batch_size=batch_size)
-        for i, path in enumerate(images):
-            row = {"path": str(path), **_validity(pil_images[i])}
-            for attribute, labels in LABELS.items():
-                row[attribute] = {label: round(float(p), 4) for label, p in zip(labels, probs[attribute][i].tolist())}
-            print(json.dumps(row))
-        return
+        for world in WORLDS:
+            scores = world.label_scores(cls.name, pil_images, batch_size)
+            if scores is not None:
+                for path, im, row in zip(images, pil_images, scores):
+                    print(json.dumps({"path": str(path), **_validity(im), **row}))
+                return
     from erasekit.detectors import create_detector
 
     det = create_detector(detector, concept=concept)

@@ -62,23 +62,10 @@ def remembered(ctx: AttackContext, probe: str, key: dict, budget: dict) -> dict:
     """The budget of the first run with these inputs (``cache_dir``), marked ``reused_from_cache`` on later runs;
     a probe prepares nothing costly before generation, so only its record is kept (its images are reused from the
     image store)."""
-    import hashlib
-    import json
+    from erasekit.cache import cached
 
-    if ctx.cache_dir is None:
-        return budget
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = ctx.cache_dir / f"probe-{probe}-{digest}.json"
-    if path.is_file():
-        try:
-            return dict(json.loads(path.read_text()), reused_from_cache=str(path))
-        except ValueError:
-            pass
-    from erasekit.atomic import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(budget, default=str) + "\n")
-    return budget
+    saved, reused = cached(ctx.cache_dir, f"probe-{probe}", (key,), lambda: budget)
+    return dict(saved, reused_from_cache=reused) if reused else saved
 
 
 class Timer:

@@ -29,6 +29,7 @@ from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, remem
 from erasekit.probes.sampling import ProbeGeneration, probe_key, sample
 from erasekit.registry import PROBES
 from erasekit.settings import Settings, choice
+from erasekit.store import content_key
 
 
 @dataclass
@@ -84,17 +85,11 @@ class ClassifierGuidance(Probe):
     def inputs(self, ctx: AttackContext) -> AttackInputs:
         timer = Timer()
         s = self.settings
-        detector = ctx.detector
-        if detector is None:
-            from erasekit.detectors import create_detector
-
-            detector = create_detector(ctx.target.world.default_detector(ctx.concept), concept=ctx.concept)
+        detector = ctx.detector if ctx.detector is not None else ctx.target.world.detector(ctx.concept)
         log_prob = log_prob_fn(detector)
         steps = steps_of(ctx)
         prompts = cycle(concept_prompt_list(ctx, s.prompt_mode), ctx.n)
         seeds = [ctx.seed + i for i in range(ctx.n)]
-        from erasekit.store import content_key
-
         key = probe_key(probe="classifier_guidance", scale=s.scale, until=s.until, eta=s.eta,
                         detector=content_key(detector.info()))
 

@@ -22,6 +22,7 @@ from erasekit.probes.base import Probe, Timer, concept_prompt_list, cycle, parse
 from erasekit.probes.sampling import ProbeGeneration, probe_key, sample
 from erasekit.registry import PROBES
 from erasekit.settings import Settings, choice
+from erasekit.store import content_key
 
 PAPER_ETAS = "1.0,1.17,1.34,1.51,1.68,1.85"
 PAPER_SCALES = "1.00,1.02,1.03,1.04"
@@ -90,16 +91,10 @@ class NoiseProbe(Probe):
     def inputs(self, ctx: AttackContext) -> AttackInputs:
         timer = Timer()
         grid = self.settings.grid()
-        detector = ctx.detector
-        if detector is None:
-            from erasekit.detectors import create_detector
-
-            detector = create_detector(ctx.target.world.default_detector(ctx.concept), concept=ctx.concept)
+        detector = ctx.detector if ctx.detector is not None else ctx.target.world.detector(ctx.concept)
         steps = steps_of(ctx)
         prompts = cycle(concept_prompt_list(ctx, self.settings.prompt_mode), ctx.n)
         seeds = [ctx.seed + i for i in range(ctx.n)]
-        from erasekit.store import content_key
-
         key = probe_key(probe="noise", grid=grid, detector=content_key(detector.info()))
         chosen: dict[int, int] = {}
 

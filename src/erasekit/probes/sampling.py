@@ -14,14 +14,13 @@ over item indices with one key string per item (what it adds that changes pixels
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from erasekit.diffusion.sampler import Sampler, seed_generators
+from erasekit.store import content_key
 
 
 def sample(target, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, scale: float, hooks=(),
@@ -57,7 +56,8 @@ def sample(target, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
 
 
 def probe_key(**fields) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What a probe adds to each image's key (`ProbeGeneration.keys`)."""
+    return content_key(fields)
 
 
 class ProbeGeneration:

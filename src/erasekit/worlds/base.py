@@ -62,6 +62,36 @@ class World:
         """Concepts of the same kind as ``concept`` that an erasure should leave intact (none known: [])."""
         return []
 
+    def concept_pairs(self, concept: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+        """``n`` (with, without) prompt pairs for ``concept`` (Ring-A-Bell's concept vector): the world's concept
+        prompts that hold its name, with and without it."""
+        prompts = self.concept_prompts(concept)
+        pairs = [(p, " ".join(p.replace(concept, " ").split())) for p in prompts if concept in p]
+        if not pairs:
+            raise ErasekitError(f"ring_a_bell: no prompt pairs for {concept!r} in this world")
+        return [pairs[i % len(pairs)] for i in range(n)]
+
+    def is_style(self, concept: str) -> bool:
+        """Whether ``concept`` is a style (Ring-A-Bell's eta 0.9) rather than an object or nudity (3.0)."""
+        return "style" in concept.lower()
+
+    def detector(self, concept: str, spec: str | None = None, **settings):
+        """The detector for ``concept``: ``spec`` (a registered name[:preset]) or this world's default, its weights
+        loaded now, so that a run fails before it generates anything."""
+        from erasekit.detectors import create_detector
+
+        return create_detector(spec or self.default_detector(concept), concept=concept, **settings)
+
+    def label_scores(self, detector: str, images, batch_size: int) -> list[dict] | None:
+        """Per image, every label's probability under this world's own ``detector`` when no concept is asked
+        ({attribute: {label: p}}); None when ``detector`` is not such a detector of this world."""
+        return None
+
+    def frechet_features(self):
+        """A torch module mapping float images (N, 3, H, W) in [0, 1] to the features of this world's own detector
+        (``num_features`` of them), for the Fréchet distance of its preservation table; None when it has none."""
+        return None
+
     def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
         """(uint8 images, names, ground truth or None) of ``concept``, for attacks that learn from images."""
         raise ErasekitError("this attack learns from concept images: give a folder of them (--images FOLDER)")

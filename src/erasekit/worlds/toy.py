@@ -202,10 +202,103 @@ class ToyWorld(World):
                 continue
         return list(dict.fromkeys(kept))
 
-    def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
-        from erasekit.attacks.images import render_concept_images
+    def concept_pairs(self, concept: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+        """Each caption template with the concept and with another label of its attribute, the other attributes
+        drawn from ``seed`` (never the concept itself)."""
+        from erasekit.toy import world
 
+        rng = np.random.default_rng(seed)
+        kind = self.kind(concept)
+        labels = {"shape": world.SHAPES, "color": world.COLORS, "texture": world.TEXTURES}[kind]
+        others = [x for x in labels if x != concept]
+        out = []
+        for i in range(n):
+            template = world.FULL_TEMPLATES[i % len(world.FULL_TEMPLATES)]
+            fill = {"s": world.SHAPES[rng.integers(len(world.SHAPES))], "c": world.COLORS[rng.integers(len(world.COLORS))],
+                    "t": world.TEXTURES[rng.integers(len(world.TEXTURES))]}
+            if kind != "shape" and fill["s"] == concept:
+                fill["s"] = world.SHAPES[0]
+            if kind != "texture" and fill["t"] == concept:
+                fill["t"] = world.TEXTURES[0]
+            other = others[i % len(others)]
+            out.append((template.format(**{**fill, kind[0]: concept}), template.format(**{**fill, kind[0]: other})))
+        return out
+
+    def is_style(self, concept: str) -> bool:
+        """Textures are this world's styles."""
+        return self.kind(concept) == "texture"
+
+    def detector(self, concept: str, spec: str | None = None, **settings):
+        det = super().detector(concept, spec, **settings)
+        if getattr(det, "name", "") == "toy":
+            det.model  # noqa: B018  (its shipped weights, loaded lazily: load them now)
+        return det
+
+    def label_scores(self, detector: str, images, batch_size: int) -> list[dict] | None:
+        """The toy detector's every head (shape, colour, texture), images resized to the world's size (box)."""
+        if detector != "toy":
+            return None
+        from PIL import Image
+
+        from erasekit.toy.architecture import IMAGE_SIZE
+        from erasekit.toy.detector import LABELS, load_toy_detector
+
+        arrays = np.stack([np.asarray(im if im.size == (IMAGE_SIZE, IMAGE_SIZE) else
+                                      im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)) for im in images])
+        probs = load_toy_detector().predict(arrays, batch_size=batch_size)
+        return [{attribute: {label: round(float(p), 4) for label, p in zip(labels, probs[attribute][i].tolist())}
+                 for attribute, labels in LABELS.items()} for i in range(len(arrays))]
+
+    def frechet_features(self):
+        """The toy detector up to its pooled features (4 x 24), images area-averaged to the world's size."""
+        import torch
+
+        from erasekit.toy.architecture import IMAGE_SIZE
+        from erasekit.toy.detector import load_toy_detector
+
+        class DetectorFeatures(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = load_toy_detector().features
+                self.num_features = 4 * 24
+
+            def forward(self, x):  # float (N, 3, H, W) in [0, 1]
+                if x.shape[-1] != IMAGE_SIZE or x.shape[-2] != IMAGE_SIZE:
+                    x = torch.nn.functional.adaptive_avg_pool2d(x, IMAGE_SIZE)
+                return self.net(x * 2 - 1)
+
+        return DetectorFeatures().eval()
+
+    def concept_images(self, concept: str, n: int, size: tuple[int, int], seed: int):
         if size[0] != size[1]:
             raise ErasekitError("rendered concept images are square; give --images for this model")
         images, truth = render_concept_images(self.check_concept(concept), n, size[0], seed=seed)
         return images, [f"render-{seed + i}" for i in range(len(images))], truth
+
+
+def render_concept_images(concept: str, n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """``n`` rendered images of a world concept (shape, colour or texture) and their ground truth.
+
+    The concept is fixed; the other attributes are drawn per image (a shape is always present). Image i uses
+    render seed ``seed + i``.
+    """
+    from erasekit.toy.render import render_seed
+    from erasekit.toy.world import COLORS, SHAPES, TEXTURES, Scene, concept_kind
+
+    try:
+        kind = concept_kind(concept)
+    except ValueError as exc:
+        raise ErasekitError(str(exc)) from exc
+    if n < 1:
+        raise ErasekitError(f"need at least one concept image, got n={n}")
+    images, truth = np.empty((n, size, size, 3), np.uint8), []
+    for i in range(n):
+        rng = np.random.default_rng([seed + i, 7])
+        scene = Scene(
+            shape=concept if kind == "shape" else SHAPES[rng.integers(len(SHAPES))],
+            color=concept if kind == "color" else COLORS[rng.integers(len(COLORS))],
+            texture=concept if kind == "texture" else TEXTURES[rng.integers(len(TEXTURES))],
+        )
+        images[i], s = render_seed(seed + i, size, scene=scene)
+        truth.append(s.as_dict())
+    return images, truth

@@ -208,8 +208,24 @@ def test_every_table_preset_is_shipped_and_parses():
         raw, where = load_raw(name)
         cfg = parse_config(raw, where)
         assert cfg.description
-        header = open(where, encoding="utf-8").read().split("\n", 1)[0]
-        assert header == f"# erasekit bench --preset {name}" + header.split(name, 1)[1]  # the command comes first
+        text = open(where, encoding="utf-8").read()
+        assert text.startswith(f"# erasekit bench --preset {name} ")  # the command first, then what and how much
+        header = "".join(line for line in text.splitlines() if line.startswith("#"))
+        assert "Reproduces: benchmarks/README.md" in header and "Cost" in header
+
+
+def test_results_page_names_shipped_presets_and_scripts():
+    """benchmarks/README.md: every preset it names is shipped, every table preset is named, every script exists."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"--preset ([a-z0-9-]+)", page))
+    assert named and named <= set(preset_names())
+    assert set(TABLE_PRESETS) <= named
+    for script in set(re.findall(r"python scripts/([a-z_0-9]+\.py)", page)):
+        assert (root / "scripts" / script).is_file(), script
 
 
 # -- thin wrappers: the same config, so the same config key and the same results folder --------------------------

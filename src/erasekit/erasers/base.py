@@ -77,7 +77,9 @@ class WeightEdit:
 
         fp = fingerprint(pipe)
         if fp != self.base_fingerprint:
-            dtype = str(pipe.unet.dtype)
+            from erasekit.diffusion.family import family_of
+
+            dtype = str(family_of(pipe).denoiser(pipe).dtype)
             hint = (f"; the edit was made on {self.base_dtype} weights and this pipeline is {dtype}: load it in "
                     f"{self.base_dtype.replace('torch.', '')}" if dtype != self.base_dtype else
                     "; apply it to the model it was made for")

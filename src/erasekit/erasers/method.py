@@ -91,7 +91,13 @@ def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = 
         settings=resolved.to_dict(),
         spec=spec.as_dict(),
         base_fingerprint=base_fp,
-        base_dtype=str(pipe.unet.dtype),
+        base_dtype=str(_denoiser_dtype(pipe)),
         timings=timings,
         extra=result.extra,
     )
+
+
+def _denoiser_dtype(pipe):
+    from erasekit.diffusion.family import family_of
+
+    return family_of(pipe).denoiser(pipe).dtype

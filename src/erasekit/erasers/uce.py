@@ -189,9 +189,17 @@ class UCE(Method):
 
     def compute(self, pipe, spec: ConceptSpec, s: UCESettings, progress: bool = True) -> Result:
         s, spec = s.with_preset(spec)
-        names, layers = kv_layers(pipe)
         pairs = guide_pairs(spec, s.mode, s.expand, s.templates)
         preserve = preserved_texts(spec, s.preserve_in_contexts, s.expand, s.templates)
+        from erasekit.diffusion.family import family_of
+
+        if family_of(pipe).flow:  # SD3 / FLUX: each joint block's K/V on the inputs it sees (erasers/uce_flow.py)
+            from erasekit.erasers.uce_flow import flow_uce
+
+            start = time.perf_counter()
+            tensors, rows = flow_uce(pipe, spec, s, pairs, preserve)
+            return Result(tensors, time.perf_counter() - start, {"rows": rows})
+        names, layers = kv_layers(pipe)
         states = text_states(pipe, [t for pair in pairs for t in pair] + preserve)
         start = time.perf_counter()
         problem = RidgeProblem([layer.weight for layer in layers], s.lam)

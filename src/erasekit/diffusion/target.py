@@ -1,6 +1,6 @@
 """A `Target`: the pipeline under test, with the weight edits and defences that apply to it while it samples.
 
-    original = Target(pipe, model="toy")
+    original = Target(pipe, model="toy", world=TOY_WORLD)   # its world: erasekit.worlds (world_of(pipe))
     erased = original.with_edits(load_edit("out/uce-star")).with_defences(irece)
     with erased.active():        # weight edits copied in; always reverted on exit, also on errors
         ...                      # generate / invert / learn through `erased`
@@ -13,8 +13,6 @@ Which edits are in the weights is tracked on the pipeline itself, so a `Target` 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -26,21 +24,19 @@ _APPLIED = "_erasekit_applied_edits"  # attribute on the pipeline: the edits who
 class _Shared:
     """State shared by a target and every target derived from it."""
 
-    def __init__(self, fingerprint: str | None):
+    def __init__(self, fingerprint: str | None, world=None):
         self.fingerprint = fingerprint
+        self.world = world
 
 
 class Target:
-    def __init__(self, pipe, *, model: str = "", edits: Sequence = (), defences: Sequence = (),
+    def __init__(self, pipe, *, model: str = "", world=None, edits: Sequence = (), defences: Sequence = (),
                  base_fingerprint: str | None = None, _shared: _Shared | None = None):
-        from erasekit.worlds import world_of
-
         self.pipe = pipe
         self.model = model
         self.edits = tuple(edits)
         self.defences = tuple(defences)
-        self._shared = _shared or _Shared(base_fingerprint)
-        self.world = world_of(pipe)
+        self._shared = _shared or _Shared(base_fingerprint, world)
 
     # -- derived targets ------------------------------------------------------------------------------
     def _derive(self, edits, defences) -> "Target":
@@ -60,6 +56,16 @@ class Target:
         return self._derive(self.edits, ())
 
     # -- identity --------------------------------------------------------------------------------------
+    @property
+    def world(self):
+        """What a concept means for this model (`erasekit.worlds`): the one it was made with. A target made without
+        one (a bare pipeline handed to the library API) asks `erasekit.worlds.world_of` once, on first use."""
+        if self._shared.world is None:
+            from erasekit.worlds import world_of
+
+            self._shared.world = world_of(self.pipe)
+        return self._shared.world
+
     @property
     def family(self):
         from erasekit.diffusion.family import family_of
@@ -88,8 +94,9 @@ class Target:
     @property
     def cache_id(self) -> str:
         """Identifies what this target generates: base weights, edits and defences."""
-        payload = json.dumps([self.base_fingerprint, self.edit_ids(), self.defence_records()], sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        from erasekit.store import content_key
+
+        return content_key(self.base_fingerprint, self.edit_ids(), self.defence_records())
 
     def describe(self) -> dict:
         return {"model": self.model, "fingerprint": self.base_fingerprint, "edits": self.edit_ids() or None,
@@ -144,5 +151,5 @@ class Target:
             yield self
 
 
-def as_target(pipe_or_target, model: str = "") -> Target:
-    return pipe_or_target if isinstance(pipe_or_target, Target) else Target(pipe_or_target, model=model)
+def as_target(pipe_or_target, model: str = "", world=None) -> Target:
+    return pipe_or_target if isinstance(pipe_or_target, Target) else Target(pipe_or_target, model=model, world=world)

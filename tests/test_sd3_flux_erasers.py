@@ -63,3 +63,44 @@ def test_uce_solves_each_site_in_closed_form_on_the_inputs_it_sees(flow_pipe):
         assert torch.allclose(got, want.float().double(), atol=1e-5), name
         # ... and it moves the concept's K/V outputs towards the guide's
         assert (c @ got.T - g @ w0.T).norm() < (c @ w0.T - g @ w0.T).norm()
+
+
+ESD_QUICK = {"iterations": 6, "ddim_steps": 3, "trajectories": 2, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-u"])
+def test_esd_trains_the_flow_transformer_towards_negative_guidance_on_the_velocity(flow_pipe, method):
+    from erasekit.diffusion.target import Target
+    from erasekit.erasers import erase
+
+    edit = erase(flow_pipe, method, "star", settings=ESD_QUICK, progress=False)
+    names = sorted(edit.tensors)
+    assert all(n.startswith("transformer.") for n in names)
+    text_kv = [n for n in names if ".add_k_proj." in n or ".add_v_proj." in n]
+    if method == "esd-x":  # the joint attention's text side only: the sites UCE edits
+        sites = family_of(flow_pipe).attention_sites(flow_pipe)
+        assert names == sorted(f"{p}.{w}" for s in sites for p, _ in s.kv() for w in ("bias", "weight"))
+    else:
+        assert not text_kv and edit.extra["trained_tensors"] > 10
+    assert edit.extra["loss_last"] < edit.extra["loss_first"]  # it fits the target
+    assert not np.array_equal(_images(Target(flow_pipe).with_edits(edit)), _images(flow_pipe))
+
+
+def test_esd_flow_target_is_negative_guidance_on_the_recorded_velocities(flow_pipe):
+    """The training states are the frozen model's own Euler trajectory: every recorded (x_t, t) with its two
+    branches' velocities; the next state is x_t + (s_next - s) (u + g (c - u)), so the ESD target
+    u - eta (c - u) is built from exactly the velocities the sampler stepped with."""
+    from erasekit.erasers.esd import ESDSettings, sample_training_states
+
+    family = family_of(flow_pipe)
+    s = ESDSettings(ddim_steps=3, trajectories=1, sample_guidance=3.0)
+    with torch.no_grad():
+        cond, uncond = family.encode(flow_pipe, ["a star"]), family.unconditional(flow_pipe, None)
+        x, t, e0, ep, _ = sample_training_states(flow_pipe, cond, uncond, s, False)
+    assert t.dtype == torch.float32 and len(x) == 3
+    from erasekit.diffusion.sampler import Sampler
+
+    sigmas = Sampler(flow_pipe, 3).scheduler.sigmas
+    for i in range(2):
+        v = e0[i] + 3.0 * (ep[i] - e0[i])
+        assert torch.allclose(x[i + 1], x[i] + (sigmas[i + 1] - sigmas[i]) * v, atol=1e-5)

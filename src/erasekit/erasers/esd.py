@@ -40,6 +40,12 @@ from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates, 
 from erasekit.errors import ErasekitError
 
 ESD_U_EXCLUDED = ("attn2", "time_embedding", "conv_norm_out", "conv_out")
+# SD3 / FLUX transformers (flow matching: the target is negative guidance on the velocity, the same formula):
+# ESD-x trains the joint attention's text side, the K/V projections of the text stream (the attention sites that
+# UCE edits); ESD-u everything else but the text-side attention, the embedders and the output layers.
+FLOW_TEXT_KV = ("add_k_proj", "add_v_proj")
+FLOW_U_EXCLUDED = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_", "time_text_embed",
+                   "context_embedder", "norm_out", "proj_out")
 
 
 @dataclass
@@ -67,11 +73,20 @@ class ESDSettings(Settings):
         parse_templates(self.templates)
 
 
+def _is_transformer(model) -> bool:
+    return hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks")
+
+
 def esd_x_parameters(unet) -> list[str]:
+    if _is_transformer(unet):  # the joint blocks' text-side K/V (weights and biases)
+        return [n for n, _ in unet.named_parameters()
+                if n.startswith("transformer_blocks.") and any(f".{k}." in n for k in FLOW_TEXT_KV)]
     return [n for n, _ in unet.named_parameters() if ".attn2." in f".{n}"]
 
 
 def esd_u_parameters(unet, params: str = "paper") -> list[str]:
+    if _is_transformer(unet):
+        return [n for n, _ in unet.named_parameters() if not any(x in n for x in FLOW_U_EXCLUDED)]
     if params == "esd_sd":
         return esd_sd_u_parameters(unet)
     return [n for n, _ in unet.named_parameters() if not any(x in n for x in ESD_U_EXCLUDED)]
@@ -95,7 +110,9 @@ class _RecordStates:
 
     def after(self, state) -> None:
         n = len(state.latents)
-        self.rows.append((state.latents.cpu(), torch.full((n,), int(state.t)), state.branches["uncond"].cpu(),
+        # DDIM's integer timesteps; flow matching's are fractional (sigma * 1000) and stay float32.
+        t = torch.full((n,), float(state.t)) if state.t.is_floating_point() else torch.full((n,), int(state.t))
+        self.rows.append((state.latents.cpu(), t, state.branches["uncond"].cpu(),
                           state.branches["cond"].cpu(), self.which))
         self.bar.update(n)
 
@@ -108,14 +125,15 @@ def sample_training_states(pipe, cond, uncond, s: ESDSettings, progress: bool):
 
     from erasekit.diffusion import Conditioning
     from erasekit.diffusion.guidance import ClassifierFreeGuidance, UNetDenoiser
+    from erasekit.diffusion.family import family_of
     from erasekit.diffusion.sampler import Sampler
 
-    unet = pipe.unet
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
+    family = family_of(pipe)
+    unet = family.denoiser(pipe)
+    shape = family.latent_shape(pipe, *family.image_size(pipe))
     gen = torch.Generator("cpu").manual_seed(s.seed)
     sampler = Sampler(pipe, s.ddim_steps)
-    model = UNetDenoiser(unet)
+    model = UNetDenoiser(unet, family)
     chunk = max(1, min(s.trajectories, 16 if unet.device.type == "cpu" else 8))
     bar = tqdm(total=s.trajectories * len(sampler.timesteps), desc="ESD: sampling concept states", unit="step",
                disable=not progress, leave=False)
@@ -150,12 +168,15 @@ class ESD(Method):
     def compute(self, pipe, spec: ConceptSpec, s: ESDSettings, progress: bool = True) -> Result:
         from tqdm.auto import tqdm
 
-        unet = pipe.unet
+        from erasekit.diffusion.family import family_of
+
+        unet = family_of(pipe).denoiser(pipe)
+        component = "transformer" if family_of(pipe).flow else "unet"
         if unet.dtype != torch.float32:
             raise ErasekitError(f"ESD fine-tunes in float32; load the pipeline in float32, not {unet.dtype}")
         names = self.parameters(unet, s)
         if not names:
-            raise ErasekitError(f"{self.name}: the UNet has no parameters of this variant to train")
+            raise ErasekitError(f"{self.name}: the {component} has no parameters of this variant to train")
         contexts = concept_contexts(s.expand, s.templates)
         preserving = bool(spec.preserve) and s.preserve_weight > 0
         from erasekit.diffusion.conditioning import Conditioning
@@ -213,7 +234,7 @@ class ESD(Method):
                     states = Conditioning.cat([states, uncond.to(dtype=states.states.dtype).expand(s.batch_size)])
                     targets = torch.cat([targets, e0[upick]])
                 with autocast:
-                    pred = unet(xs, ts, **states.unet_kwargs()).sample
+                    pred = family.denoise(unet, xs, ts, states)
                 err = (pred.float() - targets.float()).pow(2).flatten(1).mean(1)
                 loss_erase = err[: s.batch_size].mean()
                 loss = loss_erase
@@ -228,7 +249,7 @@ class ESD(Method):
                 if progress and len(losses) % 20 == 0:
                     bar.set_postfix(loss=f"{float(torch.stack(losses[-20:]).mean()):.4f}")
             solve_s = time.perf_counter() - start
-            tensors = {f"unet.{n}": p.detach().clone() for n, p in zip(names, train)}
+            tensors = {f"{component}.{n}": p.detach().clone() for n, p in zip(names, train)}
         finally:
             with torch.no_grad():
                 for p, o in zip(train, originals):

@@ -111,7 +111,7 @@ class _DualStreams:
         if state is not None and state.index >= self.threshold:
             if self.z_safe is None or state.index == self.threshold:
                 self.z_safe = state.latents  # the split: the safety stream starts from the shared latent
-            xs = self.sampler.scheduler.scale_model_input(self.z_safe, t)
+            xs = self.sampler.family.model_input(self.sampler.scheduler, self.z_safe, t)
             from erasekit.diffusion.sampler import StepState
 
             self.safe_out = self.safe(xs, t, StepState(state.index, state.n_steps, t, self.z_safe))
@@ -121,7 +121,9 @@ class _DualStreams:
     def after(self, state) -> None:
         if state.index < self.threshold or self.safe_out is None:
             return
-        z_safe_next = self.sampler.scheduler.step(self.safe_out, state.t, self.z_safe, return_dict=True).prev_sample
+        # the family's scheduler step (DDIM; SD3 / FLUX: the flow-matching Euler step by index)
+        _, z_safe_next = self.sampler.family.step(self.sampler.scheduler, state.index, self.safe_out, state.t,
+                                                  self.z_safe)
         self.safe_out = None
         last = state.index == state.n_steps - 1
         if self.combine == "each_step" or last:
@@ -168,7 +170,7 @@ class DualReconstruction(Defence):
             # work for the same images), so the batch is left plain.
             return guidance
         pipe = ctx.target.pipe
-        safe_cond = ctx.target.family.encode(pipe, safety, device=pipe.unet.device)
+        safe_cond = ctx.target.family.encode(pipe, safety, device=ctx.target.family.denoiser(pipe).device)
         safe = _with_cond(guidance, safe_cond)
         streams = _DualStreams(guidance, safe, ctx.sampler, s.lam, s.threshold, s.combine)
         self._pending[id(ctx)] = streams

@@ -31,8 +31,8 @@ class NegativePrompt(Defence):
 
         if not isinstance(guidance, ClassifierFreeGuidance):
             return guidance  # no guidance (scale <= 1): a negative prompt has nothing to act on, as in diffusers
-        pipe = ctx.target.pipe
+        pipe, family = ctx.target.pipe, ctx.target.family
         wrapped = guidance.select(slice(None))
         wrapped.branches = dict(guidance.branches,
-                                uncond=ctx.target.family.encode(pipe, [self.settings.text], device=pipe.unet.device))
+                                uncond=family.encode(pipe, [self.settings.text], device=family.denoiser(pipe).device))
         return wrapped

@@ -155,5 +155,6 @@ class SLD(Defence):
         if scale is None or "uncond" not in branches or "cond" not in branches or not numbers["sld_scale"] > 1.0:
             return guidance  # no classifier-free guidance (scale <= 1) or sld_scale <= 1: diffusers disables SLD
         pipe = ctx.target.pipe
-        safety = ctx.target.family.encode(pipe, [self.settings.concept], device=pipe.unet.device)
-        return SafeLatentGuidance(guidance, safety, numbers, pipe.unet, ctx.target.family)
+        model = ctx.target.family.denoiser(pipe)
+        safety = ctx.target.family.encode(pipe, [self.settings.concept], device=model.device)
+        return SafeLatentGuidance(guidance, safety, numbers, model, ctx.target.family)

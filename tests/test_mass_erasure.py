@@ -293,3 +293,21 @@ def test_the_script_mass_mode_on_a_tiny_pipeline(tmp_path):
         assert m["concepts"] == 5 and m["tensors"] > 0 and m["wall_s"] > 0
         assert m["change_on_erased"] > m["change_on_preserved"], (name, m)  # the edit is about the erased words
     assert methods["mace-lora"]["concepts"] == 1 and methods["mace-lora"]["estimated_5_concepts_s"] > 0
+
+
+def test_ridge_statistics_of_mapping_rows_without_their_targets():
+    """Mass erasure's many mapping rows (MACE's refinement): Σ v cᵀ as W0 Σ s cᵀ equals the explicit targets' sum."""
+    from erasekit.erasers.ridge import RidgeProblem
+
+    g = torch.Generator().manual_seed(0)
+    w0 = [torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)]
+    problem = RidgeProblem(w0, lam=0.5)
+    c1, s1, c2 = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (7, 7, 2))
+    v2 = [torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)]
+    problem.add_mapping(c1, s1, scale=2.0)
+    problem.add(c2, v2, scale=0.5)
+    gram, crosses = problem.statistics()
+    torch.testing.assert_close(gram, 2.0 * c1.T @ c1 + 0.5 * c2.T @ c2)
+    for w, v, x in zip(w0, v2, crosses):
+        torch.testing.assert_close(x, 2.0 * (s1 @ w.T).T @ c1 + 0.5 * v.T @ c2)
+    assert [tuple(x.shape) for x in crosses] == [(5, 4), (3, 4)]

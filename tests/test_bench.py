@@ -145,7 +145,8 @@ def test_cells_and_job_keys():
 
 
 def test_edit_and_config_keys():
-    from erasekit.bench.run import config_key, edit_key
+    from erasekit.bench.layout import config_key
+    from erasekit.bench.stages import edit_key
 
     k = edit_key("uce", ["star"], [], {"lam": 0.5}, "fp")
     assert k == edit_key("uce", ["star"], [], {"lam": 0.5}, "fp")
@@ -160,7 +161,7 @@ def test_edit_and_config_keys():
     fast = parse_config(apply_sets(TINY, {"fast": "true"}))
     assert fast.fast is True and config_key(fast) != config_key(cfg)
     assert "fast" not in cfg.identity() and config_key(parse_config(dict(TINY, fast=False))) == config_key(cfg)
-    from erasekit.bench.run import image_target_id
+    from erasekit.bench.stages import image_target_id
 
     class T:
         cache_id = "abc"

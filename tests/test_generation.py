@@ -123,3 +123,47 @@ def test_images_are_rounded_on_the_device_exactly_as_diffusers_rounds_them(dtype
     x = torch.cat([halves.expand(1, 3, 4, -1), (torch.rand(1, 3, 4, 511, generator=gen) * 2.4 - 1.2)]).to(dtype)
     want = to_uint8((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy())
     assert np.array_equal(_to_uint8(x), want)
+
+
+# -- one run path (#19): the bench's jobs, `erasekit generate` and `erasekit attack` share key, store and resume ----
+def test_processes_split_a_store_and_resume_as_one(tiny_sd1, tmp_path):
+    """Two shares (the bench's processes) generate disjoint items into one store, each appending to its own index;
+    together they are exactly what one process makes, and a rerun of the whole generates nothing."""
+    from PIL import Image
+
+    target = Target(tiny_sd1, model="tiny")
+    inputs = GenerationInputs(["a star"] * 3 + ["a dog"] * 2, [0, 1, 2, 0, 1])
+    kw = dict(steps=2, batch_size=1, progress=False, keyed_names=True, grid=False)
+    mine, made0 = generate_to_dir(target, inputs, tmp_path / "s", share=(0, 2), **kw)
+    theirs, made1 = generate_to_dir(target, inputs, tmp_path / "s", share=(1, 2), **kw)
+    assert (made0, made1) == (3, 2) and [r["seed"] for r in mine] == [0, 2, 1] and len(theirs) == 2
+    assert (tmp_path / "s" / INDEX_FILE).is_file() and (tmp_path / "s" / "images.p1.jsonl").is_file()
+    whole, made = generate_to_dir(target, inputs, tmp_path / "s", **kw)
+    alone, _ = generate_to_dir(target, inputs, tmp_path / "one", **kw)
+    assert made == 0 and len(read_index(tmp_path / "s")) == 5
+    assert [r["key"] for r in whole] == [r["key"] for r in alone]
+    for r in whole:
+        assert r["path"] == f"{r['key'][:2]}/{r['key']}.png"
+        a, b = (np.asarray(Image.open(d / r["path"])) for d in (tmp_path / "s", tmp_path / "one"))
+        assert np.array_equal(a, b)
+
+
+def test_a_bench_job_and_the_store_name_an_image_alike(tiny_sd1):
+    """The bench's `Job.key` is the store's key of the record `generate_to_dir` writes for that image; other
+    settings (fast mode, another seed or guidance) are other images."""
+    from erasekit.bench.cells import Cell
+    from erasekit.bench.plan import Job, sampling_fields
+    from erasekit.generation import image_records, target_fields
+    from erasekit.image_store import record_key
+
+    target = Target(tiny_sd1, model="tiny")
+    inputs = GenerationInputs(["a star", "a dog"], [3, 4], guidance=[None, 2.0])
+    records = image_records(target, inputs, steps=5, guidance=7.5)
+    fields = target_fields(target)
+    cell = Cell("star", "original", "text")
+    jobs = [Job(cell, 0, "a star", 3, 5, 7.5, None, None, fields["target"], sampling=sampling_fields(fields)),
+            Job(cell, 1, "a dog", 4, 5, 2.0, None, None, fields["target"], sampling=sampling_fields(fields))]
+    assert [j.key for j in jobs] == [record_key(r) for r in records]
+    fast = image_records(target, inputs, steps=5, guidance=7.5, fast=True)
+    assert fast[0]["fast"] is True and record_key(fast[0]) != jobs[0].key
+    assert record_key(dict(records[0], seed=5)) != jobs[0].key != record_key(dict(records[0], guidance=7.0))

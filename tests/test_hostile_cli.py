@@ -30,7 +30,7 @@ def one_line_error(result, fragment: str = ""):
 # -- 1. one set of defaults: the preservation set the world's tuned settings assume --------------------------------
 @needs_weights
 def test_cli_erase_preserves_what_the_bench_preserves(tmp_path):
-    from erasekit.bench.run import _preserve
+    from erasekit.bench.words import preserved_words as _preserve
     from erasekit.worlds import TOY_WORLD
 
     method = "rece"

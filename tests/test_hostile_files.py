@@ -187,7 +187,7 @@ def test_bench_report_link_refused_before_any_work(tmp_path):
     (out / "report" / "grids" / "cell.png").symlink_to(victim)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
-    from erasekit.bench.run import write_config
+    from erasekit.bench.layout import write_config
     from erasekit.bench.spec import parse_config
 
     write_config(out, parse_config(TINY))  # a run of this config to resume
@@ -306,7 +306,7 @@ def _results_folder(tmp_path) -> Path:
     """A bench results folder of the TINY config: star/original/text with one good and one black image."""
     from PIL import Image
 
-    from erasekit.bench.run import image_path, write_config
+    from erasekit.bench.layout import image_path, write_config
     from erasekit.bench.spec import parse_config
 
     out = tmp_path / "res"
@@ -347,7 +347,8 @@ def test_bench_scoring_flags_a_black_image(tmp_path):
     from PIL import Image
 
     from erasekit.bench.plan import Cell, Job
-    from erasekit.bench.run import _score, image_path
+    from erasekit.bench.layout import image_path
+    from erasekit.bench.stages import score_jobs as _score
     from erasekit.bench.spec import parse_config
     from erasekit.detectors import create_detector
     from erasekit.jsonl import append_jsonl, read_jsonl

@@ -20,7 +20,7 @@ def fake_results(out: Path, concept: str = "star", methods=("original", "uce"), 
     """A results folder's summary and rows without a model: random PNGs, made-up scores."""
     from erasekit.bench.plan import PRESERVATION
     from erasekit.bench.results import cost_table, crr_table
-    from erasekit.bench.run import image_path
+    from erasekit.bench.layout import image_path
     from erasekit.bench.spec import BenchConfig, ConceptConfig, MethodConfig, to_dict
 
     rng = np.random.default_rng(0)

@@ -6,8 +6,10 @@ batch size or on the device. (Pixels can: on CPU, batched kernels may differ in 
 sizes, and after rounding to uint8 an image then differs from its single-image self by at most 1 level at a few
 pixels, which the tests allow; GPU and CPU kernels differ more.)
 
-`generate` returns images; `generate_to_dir` is the one resumable loop that writes them into a folder (used by
-``erasekit generate``, by every attack and by the benchmark), keyed by everything that determines an image.
+`generate` returns images; `generate_to_dir` is the one resumable loop that writes them into a store
+(`erasekit.image_store`): ``erasekit generate``, every attack scenario (`erasekit.attacks.scenarios.run_scenario`)
+and every bench cell generate through it. An image's record (`image_records`) holds everything that determines it;
+its key (`erasekit.image_store.record_key`) hashes those fields, the target through `target_key`.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import torch
 from erasekit.diffusion.sampler import seed_generators
 from erasekit.diffusion.vae import image_size
 
-__all__ = ["GenerationInputs", "generate", "generate_to_dir", "default_settings", "initial_latents", "image_size",
-           "seed_generators", "tensor_digest"]
+__all__ = ["GenerationInputs", "generate", "generate_to_dir", "image_records", "target_fields", "target_key",
+           "default_settings", "initial_latents", "image_size", "seed_generators", "tensor_digest"]
 
 
 def default_settings(pipe) -> tuple[int, float]:
     """(DDIM steps, guidance scale) when the caller gives none: the model's world's."""
-    from erasekit.worlds import world_of
+    from erasekit.diffusion.target import as_target
 
-    return world_of(getattr(pipe, "pipe", pipe)).sampler_defaults()
+    return as_target(pipe).world.sampler_defaults()
 
 
 def initial_latents(pipe, seeds: Sequence[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
@@ -235,53 +237,89 @@ def generate(
     return out
 
 
+def target_key(target, fast: bool = False) -> str:
+    """What an image's key knows of the model: the target's cache id (base fingerprint, edit digests, defence
+    records), marked when generated in fast mode (compiled kernels round differently: such images never stand in
+    for eager ones)."""
+    return target.cache_id + ("+fast" if fast else "")
+
+
+def target_fields(target, fast: bool = False) -> dict:
+    """The fields every image of ``target`` records: what the model is (readable: model, fingerprint, edits,
+    defences; keyed: ``target``) and how it samples (scheduler, image size)."""
+    who = target.describe()
+    height, width = image_size(target.pipe)
+    fields = dict(model=who["model"], fingerprint=who["fingerprint"],
+                  edit="+".join(who["edits"]) if who["edits"] else None, defences=who["defences"],
+                  target=target_key(target, fast), scheduler=target.family.sampling_scheduler_name, height=height,
+                  width=width)
+    if fast:
+        fields["fast"] = True
+    return fields
+
+
+def image_records(target, inputs: GenerationInputs, *, steps: int | None = None, guidance: float | None = None,
+                  negative_prompt: str | None = None, eta: float = 0.0, record: dict | None = None,
+                  fast: bool = False) -> list[dict]:
+    """One record per item of ``inputs``: what `generate_to_dir` writes to the index beside each image (its key
+    hashes the fields in `erasekit.image_store.KEY_FIELDS`). ``guidance`` fills the items without their own."""
+    default_steps, default_guidance = target.world.sampler_defaults()
+    base = dict(record or {}, steps=int(steps or default_steps), eta=float(eta), negative_prompt=negative_prompt,
+                **target_fields(target, fast))
+    fill = float(default_guidance if guidance is None else guidance)
+    input_ids = inputs.input_ids()
+    out = []
+    for i in range(len(inputs)):
+        g = inputs.guidance[i] if inputs.guidance is not None else None
+        out.append(dict(inputs.items[i], **base, guidance=fill if g is None else float(g), prompt=inputs.prompts[i],
+                        seed=inputs.seeds[i], inputs=input_ids[i]))
+    return out
+
+
 def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | None = None,
                     guidance: float | None = None, batch_size: int | str = 32, negative_prompt: str | None = None,
-                    eta: float = 0.0, record: dict | None = None, progress: bool = True,
-                    fast: bool = False) -> tuple[list[dict], int]:
-    """Generate image i of ``inputs`` into ``out_dir`` unless it is already there (see `erasekit.image_store`).
+                    eta: float = 0.0, record: dict | None = None, progress: bool = True, fast: bool = False,
+                    keyed_names: bool = False, grid: bool = True, share: tuple[int, int] = (0, 1)
+                    ) -> tuple[list[dict], int]:
+    """Generate image i of ``inputs`` into the store ``out_dir`` unless it is already there (`erasekit.image_store`).
 
     ``guidance`` fills the items without their own. ``record``: fields written into every image's record (the
     attack's name). ``fast``/``batch_size="auto"`` as in `generate`; fast images are recorded (and keyed) as such.
-    Returns the records in request order and how many images were generated.
+    ``keyed_names``: PNGs named by key (`image_store.keyed_filename`, the benchmark's store), not readably.
+    ``grid``: write ``grid.png`` of the records. ``share=(rank, n)``: this process takes items rank, rank + n, ...
+    (a split fixed by the inputs alone, so processes that resume never miss or repeat an item) and appends to its
+    own index (`image_store.index_name`).
+    Returns the records (of this process's share) in request order and how many images were generated.
     """
     from tqdm.auto import tqdm
 
     from erasekit.diffusion.target import as_target
-    from erasekit.image_store import read_index, record_key, save_images, write_grid
+    from erasekit.image_store import index_name, keyed_filename, read_index, record_key, save_images, write_grid
     from erasekit.models.prompts import truncated_prompts, warn_truncated
     from erasekit.validity import image_problems
 
     target = as_target(target)
-    default_steps, default_guidance = target.world.sampler_defaults()
-    height, width = image_size(target.pipe)
-    who = target.describe()
-    base = dict(
-        record or {}, steps=int(steps or default_steps), eta=float(eta), scheduler=target.family.sampling_scheduler_name, height=height,
-        width=width, negative_prompt=negative_prompt, model=who["model"], fingerprint=who["fingerprint"],
-        edit="+".join(who["edits"]) if who["edits"] else None, defences=who["defences"],
-    )
-    if fast:
-        base["fast"] = True
-    fill = float(default_guidance if guidance is None else guidance)
+    wanted = image_records(target, inputs, steps=steps, guidance=guidance, negative_prompt=negative_prompt, eta=eta,
+                           record=record, fast=fast)
+    rank, n_shares = share
+    mine = range(rank, len(inputs), n_shares)
+    fill = float(target.world.sampler_defaults()[1] if guidance is None else guidance)
     batch_size = resolve_batch_size(target, batch_size, fill)
-    input_ids = inputs.input_ids()
-    distinct = list(dict.fromkeys(inputs.prompts))
+    distinct = list(dict.fromkeys(inputs.prompts[i] for i in mine))
     cut = dict(zip(distinct, truncated_prompts(target.pipe, distinct))) if inputs.learned is None else {}
-    warn_truncated(inputs.prompts, [cut.get(p, False) for p in inputs.prompts], target.pipe.tokenizer.model_max_length)
-    wanted = []
-    for i in range(len(inputs)):
-        g = inputs.guidance[i] if inputs.guidance is not None else None
-        rec = dict(inputs.items[i], **base, guidance=fill if g is None else float(g), prompt=inputs.prompts[i],
-                   seed=inputs.seeds[i], inputs=input_ids[i])
+    mine_prompts = [inputs.prompts[i] for i in mine]
+    warn_truncated(mine_prompts, [cut.get(p, False) for p in mine_prompts], target.pipe.tokenizer.model_max_length)
+    for i in mine:
         if cut.get(inputs.prompts[i]):
-            rec["truncated"] = True  # the text encoder saw only the prompt's first tokens
-        wanted.append(rec)
+            wanted[i]["truncated"] = True  # the text encoder saw only the prompt's first tokens
+        if keyed_names:
+            wanted[i]["path"] = keyed_filename(record_key(wanted[i]))
     done = read_index(out_dir)
-    todo = [i for i, rec in enumerate(wanted) if record_key(rec) not in done]
+    todo = [i for i in mine if record_key(wanted[i]) not in done]
     by_guidance: dict[float, list[int]] = defaultdict(list)
     for i in todo:
         by_guidance[wanted[i]["guidance"]].append(i)
+    steps = int(steps or target.world.sampler_defaults()[0])
     bar = tqdm(total=len(todo), unit="img", desc="generating", disable=not progress or not todo, leave=False)
     # Generated and saved batch by batch, so that a killed run keeps every finished batch.
     with target.active(), bar:  # the bar is cleared on errors too (a full disk: the error line stands alone)
@@ -297,18 +335,18 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
                     prompts = None
                 problems: list = []
                 if inputs.generate is not None:
-                    images = inputs.generate(target, idx, steps=base["steps"], guidance=scale, batch_size=batch_size)
+                    images = inputs.generate(target, idx, steps=steps, guidance=scale, batch_size=batch_size)
                     problems = image_problems(images)
                 else:
-                    images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=base["steps"],
+                    images = generate(target, prompts, [inputs.seeds[i] for i in idx], steps=steps,
                                       guidance=scale, batch_size=batch_size, negative_prompt=negative_prompt, eta=eta,
                                       progress=False, fast=fast, problems=problems, **kwargs)
                 # A degenerate image is recorded as such (#18): it must never count as "concept absent".
                 batch = [dict(wanted[i], valid=False, invalid=p) if p else wanted[i] for i, p in zip(idx, problems)]
-                for rec in save_images(images, out_dir, batch, grid=False):
+                for rec in save_images(images, out_dir, batch, grid=False, index=index_name(rank)):
                     done[rec["key"]] = rec
                 bar.update(len(idx))
-    records = [done[record_key(rec)] for rec in wanted]
-    if records:
+    records = [done[record_key(wanted[i])] for i in mine]
+    if records and grid:
         write_grid(out_dir, records)
     return records, len(todo)

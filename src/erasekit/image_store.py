@@ -15,6 +15,13 @@ Orphans are never deleted (issue #18): a PNG the index does not list may be the 
 file copied in), and a run deletes nothing it did not write. Stale temporary files of dead processes are
 cleared when a run takes the folder's lock (`erasekit.folder_check`). A row's ``path`` must name a file inside
 the folder (`erasekit.paths.inside`); rows that point elsewhere are skipped with a warning.
+
+This is the one store of generated images: ``erasekit generate``, ``erasekit attack`` and the benchmark write through
+it (`erasekit.generation.generate_to_dir`), with one key (`record_key`) and one resume rule (a record listed in the
+index whose PNG exists). A folder a person browses names its PNGs readably (`image_filename`); the benchmark's
+store, where cells share images and thousands accumulate, names them by key in sub-folders (`keyed_filename`).
+Processes that write one store at once each append to their own index (``images.p<rank>.jsonl``); `read_index`
+reads them all.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ from erasekit.jsonl import append_jsonl, scan_jsonl
 
 INDEX_FILE = "images.jsonl"
 GRID_FILE = "grid.png"
-# Everything that determines an image's pixels; the model enters through its fingerprint, an attack's initial
-# latents or learned embedding through the content hash in "inputs".
+INDEX_SHARD_RE = re.compile(r"^images\.p[0-9]+\.jsonl$")  # the index of process <rank> > 0 of a multi-process run
+# Everything that determines an image's pixels. The model enters through "target" (`generation.target_key`: base
+# fingerprint, edit digests and defence records, marked "+fast" for compiled kernels), an attack's initial latents
+# or learned embedding through the content hash in "inputs".
 KEY_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "eta", "scheduler", "height", "width",
-              "fingerprint", "edit", "defences", "inputs")
+              "target", "inputs")
 MIN_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels
 GRID_MAX_COLUMNS = 16
 LABEL_HEIGHT = 14
@@ -47,10 +56,7 @@ STORE_NAME_RE = re.compile(r"^[a-z0-9-]+_seed-?[0-9]+_[0-9a-f]{8}\.png$")
 
 def record_key(record: dict) -> str:
     """A short hash of the fields that determine an image (missing fields count as None)."""
-    fields = {k: record.get(k) for k in KEY_FIELDS}
-    if record.get("fast"):  # compiled kernels round differently: such images never stand in for eager ones
-        fields["fast"] = True
-    payload = json.dumps(fields, sort_keys=True)
+    payload = json.dumps({k: record.get(k) for k in KEY_FIELDS}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -65,6 +71,16 @@ def image_filename(record: dict) -> str:
     return f"{'embeds' if prompt is None else slug(str(prompt))}_seed{record['seed']}_{record_key(record)[:8]}.png"
 
 
+def keyed_filename(key: str) -> str:
+    """``<key[:2]>/<key>.png``: the benchmark's layout (one file per key, shared by every cell that needs it)."""
+    return f"{key[:2]}/{key}.png"
+
+
+def index_name(rank: int = 0) -> str:
+    """The index file a process appends to: ``images.jsonl``, or ``images.p<rank>.jsonl`` for process rank > 0."""
+    return INDEX_FILE if rank == 0 else f"images.p{rank}.jsonl"
+
+
 def read_index(out_dir: str | Path) -> dict[str, dict]:
     """Records of ``out_dir/images.jsonl`` whose PNG exists, by key (a later line wins).
 
@@ -75,17 +91,10 @@ def read_index(out_dir: str | Path) -> dict[str, dict]:
     from erasekit.paths import inside
 
     out = Path(out_dir)
-    index = out / INDEX_FILE
-    if index.is_symlink():
-        raise ErasekitError(f"{index} is a symbolic link: erasekit does not write through links in an output "
-                            f"folder; remove it")
-    scan = scan_jsonl(index)
     log = logging.getLogger("erasekit")
-    for number, reason in scan.bad_lines:
-        log.warning("%s, line %d: %s; skipped", index, number, reason)
     found: dict[str, dict] = {}
     outside = 0
-    for rec in scan.records:
+    for index, rec in _index_records(out, log):
         path = rec.get("path")
         if not isinstance(path, str) or not path:
             continue
@@ -96,8 +105,23 @@ def read_index(out_dir: str | Path) -> dict[str, dict]:
             key = rec.get("key")
             found[key if isinstance(key, str) else record_key(rec)] = rec
     if outside:
-        log.warning("%s: %d row(s) whose path leads out of %s; skipped", index, outside, out)
+        log.warning("%s: %d row(s) whose path leads out of %s; skipped", out / INDEX_FILE, outside, out)
     return found
+
+
+def _index_records(out: Path, log):
+    """(index file, record) of ``out``'s index and, after it, the shards of other processes (in rank order)."""
+    shards = sorted((p for p in out.iterdir() if INDEX_SHARD_RE.match(p.name)),
+                    key=lambda p: int(p.name.split(".")[1][1:])) if out.is_dir() else []
+    for index in [out / INDEX_FILE, *shards]:
+        if index.is_symlink():
+            raise ErasekitError(f"{index} is a symbolic link: erasekit does not write through links in an output "
+                                f"folder; remove it")
+        scan = scan_jsonl(index)
+        for number, reason in scan.bad_lines:
+            log.warning("%s, line %d: %s; skipped", index, number, reason)
+        for rec in scan.records:
+            yield index, rec
 
 
 def orphan_images(out_dir: str | Path, listed: set[str] | None = None) -> list[Path]:
@@ -116,9 +140,11 @@ def _write_png_atomic(image: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
-def save_images(images: np.ndarray, out_dir: str | Path, records: Sequence[dict], *, grid: bool = True) -> list[dict]:
-    """Write uint8 (N, H, W, 3) ``images`` as PNGs, append their ``records`` to ``images.jsonl`` (filling in
-    ``key`` and ``path``, relative to ``out_dir``) and, with ``grid``, write ``grid.png`` of these images."""
+def save_images(images: np.ndarray, out_dir: str | Path, records: Sequence[dict], *, grid: bool = True,
+                index: str = INDEX_FILE) -> list[dict]:
+    """Write uint8 (N, H, W, 3) ``images`` as PNGs, append their ``records`` to the ``index`` (filling in ``key``
+    and, unless a record names it, ``path``, relative to ``out_dir``) and, with ``grid``, write ``grid.png`` of
+    these images."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(images) != len(records):
@@ -129,9 +155,12 @@ def save_images(images: np.ndarray, out_dir: str | Path, records: Sequence[dict]
     for image, rec in zip(images, records):
         rec = dict(rec, key=record_key(rec))
         rec.setdefault("path", image_filename(rec))
-        _write_png_atomic(np.asarray(image, np.uint8), out / rec["path"])
+        path = out / rec["path"]
+        if path.parent != out:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        _write_png_atomic(np.asarray(image, np.uint8), path)
         saved.append(rec)
-    append_jsonl(out / INDEX_FILE, saved)
+    append_jsonl(out / index, saved)
     if grid and saved:
         write_grid(out, saved)
     return saved

@@ -31,14 +31,15 @@ class Group:
 
     def words_and_preserve(self, mcfg, world) -> tuple[list[str], list[str]]:
         """What a method of the config erases and keeps for the whole group."""
-        from erasekit.bench.run import _preserve, _words
+        from erasekit.bench.words import edit_words, preserved_words
 
-        words = list(dict.fromkeys(w for m in self.members for w in _words(mcfg.words, world, m)))
+        words = list(dict.fromkeys(w for m in self.members for w in edit_words(mcfg.words, world, m)))
         if isinstance(mcfg.preserve, list):
             return words, list(mcfg.preserve)
         if mcfg.preserve == "world":
             return words, world.method_preserve(mcfg.edit_name(), list(self.members))
-        kept = [] if mcfg.preserve == "none" else [x for m in self.members for x in _preserve("others", world, m)]
+        kept = [] if mcfg.preserve == "none" else [x for m in self.members
+                                                   for x in preserved_words("others", world, m)]
         return words, [x for x in dict.fromkeys(kept) if x not in self.members]
 
 
@@ -134,15 +135,14 @@ def retention_prompts(world, retain) -> list:
     return out
 
 
-def harmonic_table(cfg, rows: list[dict]) -> dict:
-    """group -> method -> scenario -> {erased_rate, retained_rate, H_o, members, n}; {} when no entry is a group."""
-    from erasekit.bench.results import crr_table, preservation_table
+def harmonic_table(cfg, crr: dict, pres: dict) -> dict:
+    """group -> method -> scenario -> {erased_rate, retained_rate, H_o, members, n}; {} when no entry is a group.
+    ``crr``, ``pres``: the summary's CRR and preservation tables (`erasekit.bench.results`)."""
     from erasekit.metrics.harmonic import harmonic_erasure
 
     groups = [c for c in cfg.concepts if is_group(c)]
     if not groups:
         return {}
-    crr, pres = crr_table(rows), preservation_table(rows, None, fd=False)
     table: dict = {}
     for g in groups:
         for m in cfg.methods:

@@ -76,19 +76,6 @@ def prompt_rows(cfg) -> list[dict] | None:
     return load_prompt_csv(cfg.quality.prompts)
 
 
-def csv_jobs(cell, rows: list[dict], n: int, seed: int, steps: int, guidance: float, target_id: str) -> list:
-    """``n`` preservation jobs from the CSV's rows in order (cycling), each with its row's seed (else ``seed + i``)."""
-    from erasekit.bench.plan import Job
-
-    jobs = []
-    for i in range(n):
-        r = rows[i % len(rows)]
-        extra = {"image_id": r["image_id"]} if r.get("image_id") else {}
-        jobs.append(Job(cell, i, r["prompt"], r["seed"] if r["seed"] is not None else seed + i, steps, guidance, None,
-                        None, target_id, extra))
-    return jobs
-
-
 def _load(out: Path, rows: list[dict]) -> np.ndarray:
     from PIL import Image
 
@@ -102,7 +89,7 @@ def _load(out: Path, rows: list[dict]) -> np.ndarray:
 def compute_quality(cfg, world_name: str, rows: list[dict], out: Path) -> dict:
     """The quality table for ``rows`` (results.jsonl rows of this plan), written to ``out/quality.json``."""
     from erasekit.atomic import atomic_write_text
-    from erasekit.bench.plan import PRESERVATION, REFERENCE
+    from erasekit.bench.cells import PRESERVATION, REFERENCE
 
     q = cfg.quality
     device = q.device if q.device != "auto" else cfg.device  # by default the device that generated the images

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from erasekit.bench.plan import PRESERVATION, REFERENCE
+from erasekit.bench.cells import PRESERVATION, REFERENCE
 from erasekit.bench.spec import BenchConfig, to_dict
 
 STAGES = ("edits", "attacks", "generation", "scoring", "quality", "report")
@@ -180,6 +180,7 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
     from erasekit.provenance import provenance
 
     methods = [m.name for m in cfg.methods]
+    crr = crr_table(rows)
     return {
         "config_key": key,
         "config": to_dict(cfg),
@@ -191,9 +192,10 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
         "images": len(rows),
         "invalid_images": sum(r.get("valid", True) is False for r in rows),  # degenerate: in no rate (#18)
         # The detector-feature FD belongs to the embedded world; elsewhere the quality section's judges (#21).
-        "tables": {"crr": crr_table(rows), "preservation": preservation_table(rows, out, fd=world_features(out, cfg)),
+        "tables": {"crr": crr, "preservation": preservation_table(rows, out, fd=world_features(out, cfg)),
                    "quality": read_quality(out), "costs": cost_table(cost_rows),
-                   "harmonic": harmonic_table(cfg, rows)},  # H_o of each group that erases several at once (#24)
+                   # H_o of each group that erases several concepts at once (#24)
+                   "harmonic": harmonic_table(cfg, crr, preservation_table(rows, None, fd=False))},
         "cells": cell_info,
         "edits": {f"{c}/{m}": v for (c, m), v in edit_info.items()} if edit_info and isinstance(
             next(iter(edit_info)), tuple) else edit_info,
@@ -231,7 +233,7 @@ def check_row(r: dict, out: Path, where: str) -> None:
 
 def rebuild(out) -> dict:
     """Rebuild summary.json and the report of a results folder from its files (``erasekit report DIR``)."""
-    from erasekit.bench.run import CONFIG_FILE, COSTS_FILE, RESULTS_FILE, SUMMARY_FILE
+    from erasekit.bench.layout import CONFIG_FILE, COSTS_FILE, RESULTS_FILE, SUMMARY_FILE
     from erasekit.bench.spec import parse_config
     from erasekit.errors import ErasekitError
     from erasekit.jsonl import read_jsonl

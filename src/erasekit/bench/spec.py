@@ -266,7 +266,7 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     from erasekit.attacks.scenarios import scenario_names, split_settings
     from erasekit.checks import finite, integer
     from erasekit.limits import MAX_BATCH, MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
-    from erasekit.registry import DEFENCES, DETECTORS, ERASERS
+    from erasekit.registry import ATTACKS, DEFENCES, DETECTORS, ERASERS, PROBES
 
     if not cfg.model.strip():
         raise ErasekitError("config: model is empty (toy, a diffusers folder or a hub id)")
@@ -320,8 +320,6 @@ def validate(cfg: BenchConfig) -> BenchConfig:
                 raise ErasekitError(f"{where}: {key} must list non-empty texts")
         for j, d in enumerate(m.defences):
             cls = DEFENCES.get(d.name)
-            from erasekit.bench.run import defence_settings
-
             for concept in names:
                 cls.from_overrides(defence_settings(cls, d.settings, concept))  # parses and validates
     if not cfg.scenarios:
@@ -359,15 +357,21 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     if cfg.detector.threshold is not None:
         finite("config: detector.threshold", cfg.detector.threshold, low=0)
     flat = {f"{a}.{k}": v for a, values in cfg.attacks.items() for k, v in (values or {}).items()}
-    from erasekit.registry import ATTACKS, PROBES
-
     for name, values in split_settings(flat).items():  # unknown attacks / keys / types
         (ATTACKS.get(name) if name in ATTACKS else PROBES.get(name)).from_overrides(values)  # ranges, used or not
-    from erasekit.cli.common import DTYPE_NAMES
+    from erasekit.runtime import DTYPE_NAMES
 
     if cfg.dtype not in DTYPE_NAMES:
         raise ErasekitError(f"config: dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.dtype!r}")
     return cfg
+
+
+def defence_settings(cls, settings: dict, concept: str) -> dict:
+    """A defence's settings for one concept: "{concept}" in a text replaced, "concept" filled in when it has one."""
+    out = {k: v.replace("{concept}", concept) if isinstance(v, str) else v for k, v in settings.items()}
+    if "concept" in cls.Settings.keys() and "concept" not in out:
+        out["concept"] = concept
+    return out
 
 
 def _plain_text(where: str, text: str) -> None:

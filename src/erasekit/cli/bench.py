@@ -24,7 +24,8 @@ def bench(
     cfg = load_config(preset, common.parse_sets(set_))  # every value checked before a model is loaded
     if out is None:
         out = Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    from erasekit.bench.run import check_out, run_bench
+    from erasekit.bench.layout import check_out
+    from erasekit.bench.run import run_bench
 
     common.check_path_names("--out", out)
     check_out(out, cfg)

@@ -18,7 +18,7 @@ def environment():
 
 
 def render_html(summary: dict, plots: dict[str, str], grids: dict[str, str], rows: list[dict] = ()) -> str:
-    from erasekit.bench.plan import PRESERVATION
+    from erasekit.bench.cells import PRESERVATION
 
     prompts: dict[str, list[str]] = {}
     for r in rows:

@@ -86,7 +86,7 @@ def write_plots(out: Path, summary: dict) -> dict[str, str]:
 
 def write_grids(out: Path, summary: dict, rows: list[dict], per_cell: int = 16) -> dict[str, str]:
     """One grid PNG per cell (its first ``per_cell`` images): ``report/grids/<cell folder>.png``, by cell id."""
-    from erasekit.bench.plan import Cell
+    from erasekit.bench.cells import Cell
     from erasekit.image_store import write_grid
 
     by_cell: dict[tuple, list[dict]] = {}

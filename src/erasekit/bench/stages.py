@@ -1,0 +1,287 @@
+"""The bench's stages, each a function the runner (`erasekit.bench.run`) calls in order:
+
+    edits        `make_targets`: each (concept, method) weight edit, cached under ``cache/edits/`` by method +
+                 words + preserve + resolved settings + base fingerprint, and its target (edit + defences)
+    attacks      `plan_jobs`: each cell's image jobs, with the attack inputs (learned tokens, inverted latents:
+                 cached by content under ``cache/``) that attack cells generate from
+    generation   `generate_cells`: every cell through `erasekit.generation.generate_to_dir` into the image store
+                 ``images/`` (one key, one layout, one resume rule with ``erasekit generate`` and ``erasekit attack``)
+    scoring      `score_jobs`: the detector on every image without a row in ``results.jsonl``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erasekit.bench.layout import IMAGES_DIR, image_path
+from erasekit.bench.plan import REFERENCE, Cell, Job, attack_jobs, csv_jobs, preservation_jobs, sampling_fields
+from erasekit.bench.words import edit_words, preserved_words
+from erasekit.store import content_key
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0, dynamic_ncols=True)
+
+
+def image_target_id(target, cfg) -> str:
+    """What a job's image key knows of the model (`erasekit.generation.target_key`, marked in fast mode)."""
+    from erasekit.generation import target_key
+
+    return target_key(target, cfg.fast)
+
+
+# -- detectors -----------------------------------------------------------------------------------------------
+def make_detector(cfg, world, concept: str):
+    from erasekit.detectors import create_detector, parse_spec
+
+    spec = cfg.detector.spec() or world.default_detector(concept)
+    settings = dict(cfg.detector.settings)
+    if getattr(parse_spec(spec)[0], "spec_settings", False) and cfg.device != "auto":
+        settings.setdefault("device", cfg.device)  # a judge scores on the device that generates
+    return create_detector(spec, concept=concept, threshold=cfg.detector.threshold, **settings)
+
+
+def label_detector(cfg, world, label: str | None):
+    """A detector for a preservation prompt's label, when the detector takes a concept; else None."""
+    from erasekit.registry import DETECTORS
+
+    if not label:
+        return None
+    spec = cfg.detector.spec() or world.default_detector(label)
+    cls, preset = DETECTORS.split(spec)
+    if not getattr(cls, "needs_concept", False) or preset is not None:
+        return None
+    return make_detector(cfg, world, label)
+
+
+# -- edits ------------------------------------------------------------------------------------------------------
+def edit_key(method: str, words, preserve, resolved: dict, base_fingerprint: str) -> str:
+    return content_key("edit", method, list(words), list(preserve), resolved, base_fingerprint)
+
+
+def get_edit(target, method: str, words, preserve, settings: dict, cache: Path, progress: bool):
+    """(edit, computed?, folder) from ``cache/edits`` or computed and saved there."""
+    from erasekit.erasers import erase, load_edit
+    from erasekit.registry import ERASERS
+
+    resolved = ERASERS.get(method).resolve_settings(target.pipe, settings, words).to_dict()
+    key = edit_key(method, words, preserve, resolved, target.base_fingerprint)
+    folder = cache / "edits" / f"{method}-{key}"
+    if (folder / "edit.json").is_file():
+        return load_edit(folder), False, folder
+    with target.original().active():
+        edit = erase(target.pipe, method, words, preserve=preserve, settings=settings, progress=progress)
+    edit.save(folder)
+    return edit, True, folder
+
+
+def method_defences(mcfg, concept: str) -> list:
+    from erasekit.bench.spec import defence_settings
+    from erasekit.registry import DEFENCES
+
+    out = []
+    for d in mcfg.defences:
+        cls = DEFENCES.get(d.name)
+        out.append(cls.from_overrides(defence_settings(cls, d.settings, concept)))
+    return out
+
+
+def make_targets(cfg, target0, world, concepts, groups, out: Path, cache: Path, progress: bool):
+    """(targets by (concept, method label), edit records by the same, edits computed this run). ``groups``: the
+    members of entries that erase several concepts at once (`erasekit.bench.groups`), by member name."""
+    targets: dict[tuple[str, str], Any] = {}
+    edit_info: dict[tuple[str, str], dict] = {}
+    pairs = [(c, m) for c in concepts for m in cfg.methods]
+    bar = progress_bar(len(pairs), "edits", progress, unit="edit")
+    computed = 0
+    for concept, m in pairs:
+        edit = None
+        if m.edit_name() != "original":
+            words = edit_words(m.words, world, concept)
+            preserve = preserved_words(m.preserve, world, concept, m.edit_name())
+            if concept in groups:  # the group's one edit (the same key for every member: computed once)
+                words, preserve = groups[concept].words_and_preserve(m, world)
+            edit, fresh, folder = get_edit(target0, m.edit_name(), words, preserve, m.settings, cache, progress)
+            computed += fresh
+            edit_info[(concept, m.name)] = {
+                "method": edit.method, "digest": edit.digest(), "words": words, "preserve": preserve,
+                "settings": edit.settings, "timings": edit.timings, "computed_this_run": fresh,
+                "folder": str(folder.relative_to(out))}
+        targets[(concept, m.name)] = target0.original().with_edits(edit).with_defences(*method_defences(m, concept))
+        bar.update(1)
+    bar.close()
+    return targets, edit_info, computed
+
+
+# -- attack inputs and jobs ---------------------------------------------------------------------------------------
+def attack_settings(cfg) -> dict[str, dict]:
+    from erasekit.attacks.scenarios import split_settings
+
+    return split_settings({f"{a}.{k}": v for a, values in cfg.attacks.items() for k, v in (values or {}).items()})
+
+
+def cell_target(cell: Cell, targets, target0):
+    return target0.original() if cell.kind == REFERENCE else targets[(cell.concept, cell.method)]
+
+
+def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detectors, settings_by_attack, steps: int,
+              guidance: float, cache: Path, progress: bool):
+    """(jobs in plan order, attack inputs by cell, what each cell records in the summary)."""
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.scenarios import attack_of
+    from erasekit.bench.quality import prompt_rows
+    from erasekit.generation import target_fields
+    from erasekit.metrics import measure_cost
+
+    quality_rows = prompt_rows(cfg)
+    jobs: list[Job] = []
+    sources: dict[Cell, Any] = {}  # cell -> AttackInputs (latents / learned vectors for generation)
+    cell_info: dict[str, dict] = {}
+    bar = progress_bar(sum(c.kind == "attack" for c in plan), "attacks", progress, unit="cell")
+    for cell in plan:
+        ccfg = concepts[cell.concept]
+        target = cell_target(cell, targets, target0)
+        fields = target_fields(target, cfg.fast)
+        who = (fields["target"], sampling_fields(fields))
+        if cell.kind != "attack":
+            pp = ([(p.label, p.prompt) for p in ccfg.preserve_prompts] if ccfg.preserve_prompts is not None
+                  else world.preservation_prompts(cell.concept))
+            if quality_rows is not None:  # quality.prompts: a COCO-captions CSV, each row with its seed
+                jobs += csv_jobs(cell, quality_rows, cfg.preservation.images or len(quality_rows), cfg.seed, steps,
+                                 guidance, *who)
+                cell_info[cell.id] = {"target": target.describe(), "prompts": cfg.quality.prompts}
+                continue
+            if not pp:
+                cell_info[cell.id] = {"skipped": "no preservation prompts for this concept"}
+                continue
+            jobs += preservation_jobs(cell, pp, cfg.preservation_images(), cfg.seed, steps, guidance, *who)
+            cell_info[cell.id] = {"target": target.describe()}
+            continue
+        cls, args = attack_of(cell.scenario)
+        overrides = dict(settings_by_attack.get(cls.name, {}))
+        if cls.name == "text" and ccfg.target_prompts and "prompts" not in overrides:
+            overrides["prompts"] = ";".join(ccfg.target_prompts)
+        attack = cls.from_overrides(overrides)
+        csv_ok = ccfg.prompts_csv and cls.name in ("text", "unlearndiffatk")  # the rows' prompts and seeds
+        ctx = AttackContext(target=target, concept=cell.concept, n=cfg.images_per_cell, seed=cfg.seed,
+                            steps=cfg.sampler.steps, batch_size=cfg.attack_batch_size,
+                            images_folder=Path(ccfg.images) if ccfg.images else None,
+                            prompts_csv=Path(ccfg.prompts_csv) if csv_ok else None,
+                            detector=detectors[cell.concept],  # attacks that check success in their loop
+                            cache_dir=cache, progress=progress)
+        with measure_cost() as acost:
+            inputs = attack.inputs(ctx, **args)
+        gen_steps = int(inputs.budget.get("inversion_steps", steps)) if inputs.latents is not None else steps
+        sources[cell] = inputs
+        jobs += attack_jobs(cell, inputs, gen_steps, guidance, *who)
+        cell_info[cell.id] = {"target": target.describe(), "attack": inputs.attack,
+                              "attack_settings": attack.settings.to_dict(),
+                              "budget": {k: v for k, v in inputs.budget.items()},
+                              "this_run": acost.as_dict(), "notes": list(ctx.notes)}
+        bar.update(1)
+    bar.close()
+    return jobs, sources, cell_info
+
+
+# -- generation ---------------------------------------------------------------------------------------------------
+def generate_cells(jobs: list[Job], targets, target0, sources, out: Path, guidance: float, batch_size: int,
+                   fast: bool, share: tuple[int, int] = (0, 1), progress: bool = False) -> int:
+    """Generate every cell's images not yet in the store ``out/images`` (this process's share of each cell, see
+    `generate_to_dir`); returns how many were generated. Cells that share an image key share its file.
+    ``guidance``: the bench's, for attack items without their own (an I2P row's)."""
+    from erasekit.errors import ErasekitError
+    from erasekit.generation import GenerationInputs, generate_to_dir
+
+    by_cell: dict[Cell, list[Job]] = {}
+    for job in jobs:
+        by_cell.setdefault(job.cell, []).append(job)
+    made = 0
+    for cell, group in by_cell.items():
+        inputs = sources.get(cell)
+        if inputs is None:  # preservation / reference / quality prompts: a prompt, a seed and a guidance each
+            inputs = GenerationInputs([j.prompt for j in group], [j.seed for j in group],
+                                      guidance=[j.guidance for j in group])
+        records, generated = generate_to_dir(cell_target(cell, targets, target0), inputs, out / IMAGES_DIR,
+                                             steps=group[0].steps, guidance=guidance,
+                                             batch_size=batch_size, progress=progress, fast=fast, keyed_names=True,
+                                             grid=False, share=share)
+        expected = [j.key for j in group[share[0]::share[1]]]
+        if [r["key"] for r in records] != expected:  # the jobs and the store must agree on every key
+            raise ErasekitError(f"bench cell {cell.id}: image keys of the plan and the store differ")
+        made += generated
+    return made
+
+
+# -- scoring ------------------------------------------------------------------------------------------------------
+def _load_png(out: Path, key: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(out / image_path(key)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def score_jobs(pending: list[Job], detectors, det_ids, cfg, world, out: Path, results_path: Path, progress: bool,
+               append_jsonl, chunk: int = 256) -> None:
+    """Score ``pending`` jobs' images and append one row each to results.jsonl (chunk by chunk)."""
+    from erasekit.scoring import score_fields
+    from erasekit.validity import image_problem
+
+    label_dets: dict[str, Any] = {}
+    bar = progress_bar(len(pending), "scoring", progress)
+    for start in range(0, len(pending), chunk):
+        part = pending[start : start + chunk]
+        images = np.stack([_load_png(out, j.key) for j in part])
+        rows = []
+        by_concept: dict[str, list[int]] = {}
+        for i, j in enumerate(part):
+            by_concept.setdefault(j.cell.concept, []).append(i)
+        scores: list[dict | None] = [None] * len(part)
+        for concept, idx in by_concept.items():
+            for i, s in zip(idx, detectors[concept].score(images[idx])):
+                scores[i] = s
+        label_flags: list[bool | None] = [None] * len(part)
+        by_label: dict[str, list[int]] = {}
+        for i, j in enumerate(part):
+            if j.label:
+                by_label.setdefault(j.label, []).append(i)
+        for label, idx in by_label.items():
+            if label not in label_dets:
+                label_dets[label] = label_detector(cfg, world, label)
+            det = label_dets[label]
+            if det is None:
+                continue
+            for i, s in zip(idx, det.score(images[idx])):
+                label_flags[i] = bool(s["present"])
+        for j, s, lf, image in zip(part, scores, label_flags, images):
+            rows.append({
+                "row": j.row_id, "image": j.key, "path": image_path(j.key), "concept": j.cell.concept,
+                "method": j.cell.method, "scenario": j.cell.scenario, "kind": j.cell.kind, "index": j.index,
+                "prompt": j.prompt, "seed": j.seed, "steps": j.steps, "guidance": j.guidance, "inputs": j.inputs,
+                "target": j.target_id, "label": j.label, "label_present": lf, "labels": s.get("labels"),
+                # A degenerate image (NaN latents decode to one flat colour) is flagged, never "concept absent" (#18).
+                **score_fields(s, detectors[j.cell.concept].info(), det_ids[j.cell.concept], image_problem(image)),
+                **{k: v for k, v in j.extra.items() if k in ("source", "case_number")},
+            })
+        append_jsonl(results_path, rows)
+        bar.update(len(part))
+    bar.close()
+
+
+def pending_jobs(jobs: list[Job], done: dict[str, dict], det_ids) -> list[Job]:
+    """Jobs without a current row: none yet, another detector's, another image's, or one with no validity."""
+    return [j for j in jobs if j.row_id not in done or done[j.row_id].get("detector_id") != det_ids[j.cell.concept]
+            or done[j.row_id].get("image") != j.key or "valid" not in done[j.row_id]]
+
+
+def latest_rows(rows: list[dict], jobs: list[Job]) -> list[dict]:
+    """One row per job of this plan (the last line of each wins), in plan order."""
+    by_id = {}
+    for r in rows:
+        by_id[r.get("row")] = r
+    return [by_id[j.row_id] for j in jobs if j.row_id in by_id]
+

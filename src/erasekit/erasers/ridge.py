@@ -131,13 +131,15 @@ class RidgeProblem:
         (mass erasure: MACE's refinement of 100 concepts has ~46,000 rows, whose targets on SD-1.4's 32 layers
         would take 9 GB in float64 before the cross products)."""
         gram = torch.zeros(self.width, self.width, dtype=F64, device=self.device)
+        mapped = torch.zeros(self.width, self.width, dtype=F64, device=self.device)  # Σ s cᵀ of mapping blocks
         cross = torch.zeros(len(self.stacked), self.width, dtype=F64, device=self.device)  # layers stacked
         for k, c in enumerate(self._inputs):
             gram += c.T @ c
             if self._targets[k] is None:
-                cross += self.stacked @ (self._sources[k].T @ c)
+                mapped += self._sources[k].T @ c
             else:
                 cross += torch.cat(self._targets[k], dim=1).T @ c
+        cross += self.stacked @ mapped  # one product with W0 for every mapping block (not one per block)
         return gram, list(cross.split(self.sizes))
 
     def solve(self, method: str = "auto") -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from erasekit.bench.spec import PreservePrompt, is_group
 from erasekit.errors import ErasekitError
 
 
@@ -43,64 +44,9 @@ class Group:
         return words, [x for x in dict.fromkeys(kept) if x not in self.members]
 
 
-def is_group(c) -> bool:
-    return c.erase is not None or c.concepts_file is not None
-
-
-def validate_groups(cfg) -> None:
-    """Read concepts files into ``erase`` and check every group entry (called by `erasekit.bench.spec.validate`)."""
-    from erasekit.erasers.concept_list import concept_list
-    from erasekit.registry import ERASERS
-
-    seen: dict[str, str] = {c.name.strip(): f"concepts[{i}]" for i, c in enumerate(cfg.concepts) if not is_group(c)}
-    groups = []
-    for i, c in enumerate(cfg.concepts):
-        where = f"config: concepts[{i}] ({c.name})"
-        if not is_group(c):
-            if c.retain is not None:
-                raise ErasekitError(f"{where}: retain belongs to an entry that erases several concepts (erase: [...])")
-            continue
-        for key in ("target_prompts", "images", "prompts_csv"):
-            if getattr(c, key) is not None:
-                raise ErasekitError(f"{where}: {key} belongs to one concept; list it as its own entry, not in a group")
-        members = concept_list(c.erase or [], c.concepts_file, where=f"{where}.erase")
-        c.erase, c.concepts_file = members, None
-        for m in members:
-            if m == c.name.strip():
-                raise ErasekitError(f"{where}: the group's name is one of its concepts; name the group apart")
-            if m in seen:
-                raise ErasekitError(f"{where}: {m!r} is also in {seen[m]}; a concept belongs to one entry")
-            seen[m] = f"concepts[{i}]"
-        if c.retain is not None:
-            if not c.retain or not all(r.strip() for r in c.retain):
-                raise ErasekitError(f"{where}: retain must list non-empty texts (leave it out for the world's)")
-            both = sorted(set(r.strip() for r in c.retain) & set(members))
-            if both:
-                raise ErasekitError(f"{where}: {both[0]!r} is both erased and retained")
-        groups.append(c)
-    if not groups:
-        return
-    for j, m in enumerate(cfg.methods):
-        edit = m.edit_name()
-        if edit in ERASERS.classes() and not getattr(ERASERS.get(edit), "several_concepts", True):
-            g = groups[0]
-            raise ErasekitError(f"config: methods[{j}] ({m.name}): {edit} erases one concept at a time; "
-                                f"{g.name} erases {len(g.erase)} at once (use uce, rece, speed or mace)")
-
-
-def member_names(cfg) -> list[str]:
-    """The plan's concepts: each single entry, and each group's members in its place (no world needed)."""
-    out = []
-    for c in cfg.concepts:
-        out.extend(c.erase if is_group(c) else [c.name])
-    return out
-
-
 def expand(cfg, world) -> tuple[list, dict[str, Group]]:
     """(the concept entries of the plan, member name -> its Group): each group's members as entries whose
     preservation prompts are the retained concepts' (the group's preserve_prompts when it gives them)."""
-    from erasekit.bench.spec import PreservePrompt
-
     entries, groups = [], {}
     for c in cfg.concepts:
         if not is_group(c):
@@ -126,8 +72,6 @@ def expand(cfg, world) -> tuple[list, dict[str, Group]]:
 
 def retention_prompts(world, retain) -> list:
     """(label, prompt) of the retained concepts, interleaved (image i of n asks for concept i mod len(retain))."""
-    from erasekit.bench.spec import PreservePrompt
-
     lists = [[PreservePrompt(p, r) for p in world.concept_prompts(world.check_concept(r))] for r in retain]
     out = []
     for i in range(max(len(x) for x in lists)):

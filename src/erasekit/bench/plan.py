@@ -54,7 +54,7 @@ class Job:
 
 def cells(cfg: BenchConfig) -> list[Cell]:
     """Every cell, in table order: per concept, per method, each scenario then preservation; the reference last."""
-    from erasekit.bench.groups import member_names
+    from erasekit.bench.spec import member_names
 
     out = []
     for concept in member_names(cfg):  # a group's erased concepts each in its place (`erasekit.bench.groups`)

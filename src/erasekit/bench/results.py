@@ -175,7 +175,8 @@ def cost_table(cost_rows: list[dict]) -> dict:
 
 def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cell_info: dict, edit_info: dict,
                   key: str, run_id: str, processes: int, out: Path) -> dict:
-    from erasekit.bench.groups import harmonic_table, member_names
+    from erasekit.bench.groups import harmonic_table
+    from erasekit.bench.spec import member_names
     from erasekit.bench.quality import read_quality, world_features
     from erasekit.provenance import provenance
 

@@ -290,8 +290,6 @@ def validate(cfg: BenchConfig) -> BenchConfig:
                                 "a CSV you downloaded; nothing is downloaded)")
     if len(set(names)) != len(names):
         raise ErasekitError("config: a concept is listed twice")
-    from erasekit.bench.groups import member_names, validate_groups
-
     validate_groups(cfg)  # entries that erase several concepts at once (concepts files read here)
     names = member_names(cfg)
     if not cfg.methods:
@@ -364,6 +362,61 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     if cfg.dtype not in DTYPE_NAMES:
         raise ErasekitError(f"config: dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.dtype!r}")
     return cfg
+
+
+# -- entries that erase several concepts at once (mass erasure, #24; expanded by `erasekit.bench.groups`) ---------
+def is_group(c) -> bool:
+    return c.erase is not None or c.concepts_file is not None
+
+
+def validate_groups(cfg) -> None:
+    """Read concepts files into ``erase`` and check every group entry (called by `validate`; `erasekit.bench.groups`
+    expands them)."""
+    from erasekit.erasers.concept_list import concept_list
+    from erasekit.registry import ERASERS
+
+    seen: dict[str, str] = {c.name.strip(): f"concepts[{i}]" for i, c in enumerate(cfg.concepts) if not is_group(c)}
+    groups = []
+    for i, c in enumerate(cfg.concepts):
+        where = f"config: concepts[{i}] ({c.name})"
+        if not is_group(c):
+            if c.retain is not None:
+                raise ErasekitError(f"{where}: retain belongs to an entry that erases several concepts (erase: [...])")
+            continue
+        for key in ("target_prompts", "images", "prompts_csv"):
+            if getattr(c, key) is not None:
+                raise ErasekitError(f"{where}: {key} belongs to one concept; list it as its own entry, not in a group")
+        members = concept_list(c.erase or [], c.concepts_file, where=f"{where}.erase")
+        c.erase, c.concepts_file = members, None
+        for m in members:
+            if m == c.name.strip():
+                raise ErasekitError(f"{where}: the group's name is one of its concepts; name the group apart")
+            if m in seen:
+                raise ErasekitError(f"{where}: {m!r} is also in {seen[m]}; a concept belongs to one entry")
+            seen[m] = f"concepts[{i}]"
+        if c.retain is not None:
+            if not c.retain or not all(r.strip() for r in c.retain):
+                raise ErasekitError(f"{where}: retain must list non-empty texts (leave it out for the world's)")
+            both = sorted(set(r.strip() for r in c.retain) & set(members))
+            if both:
+                raise ErasekitError(f"{where}: {both[0]!r} is both erased and retained")
+        groups.append(c)
+    if not groups:
+        return
+    for j, m in enumerate(cfg.methods):
+        edit = m.edit_name()
+        if edit in ERASERS.classes() and not getattr(ERASERS.get(edit), "several_concepts", True):
+            g = groups[0]
+            raise ErasekitError(f"config: methods[{j}] ({m.name}): {edit} erases one concept at a time; "
+                                f"{g.name} erases {len(g.erase)} at once (use uce, rece, speed or mace)")
+
+
+def member_names(cfg) -> list[str]:
+    """The plan's concepts: each single entry, and each group's members in its place (no world needed)."""
+    out = []
+    for c in cfg.concepts:
+        out.extend(c.erase if is_group(c) else [c.name])
+    return out
 
 
 def defence_settings(cls, settings: dict, concept: str) -> dict:

@@ -70,13 +70,15 @@ def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | No
     out = []
     starts = range(0, len(latents), batch_size)
     with torch.no_grad(), target.active():
-        family, device = target.family, pipe.unet.device
+        family = target.family
+        model = family.denoiser(pipe)  # the UNet; SD3 / FLUX: the transformer (Euler flow inversion)
+        device = model.device
         cond = family.encode(pipe, [prompt], device=device)
         # Guidance of "" against "" is the conditional prediction: one pass.
         uncond = family.encode(pipe, [""], device=device) if prompt != "" else None
         guidance_fn = guided(UNetDenoiser(unet_for(pipe), family), cond, uncond, float(guidance) if prompt != "" else 1.0)
         for start in tqdm(starts, desc="DDIM inversion", unit="batch", disable=not progress or len(starts) < 2, leave=False):
-            z = latents[start : start + batch_size].float().to(device, pipe.unet.dtype)
+            z = latents[start : start + batch_size].float().to(device, model.dtype)
             out.append(sampler.invert(z, guidance_fn, refine=refine).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 

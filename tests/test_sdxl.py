@@ -176,6 +176,6 @@ def test_load_pipeline_sdxl_folder_and_bad_folders(tiny_sdxl, tmp_path):
     with pytest.raises(ErasekitError, match="refiner") as err:
         load_pipeline(str(folder))
     assert "\n" not in str(err.value)
-    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="FluxPipeline")))
-    with pytest.raises(ErasekitError, match="FluxPipeline is not supported"):
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="KandinskyV22Pipeline")))
+    with pytest.raises(ErasekitError, match="KandinskyV22Pipeline is not supported"):
         load_pipeline(str(folder))

@@ -12,8 +12,9 @@ bf16. Measured, each after a warm-up:
   4.5, 40 steps), the pipeline's own FlowMatchEuler scheduler;
 - erasekit ``generate`` (eager: erasekit's fast mode compiles UNets only), the same prompts, seeds, steps and
   guidance, and the largest pixel difference from diffusers' images for the same seeds (uint8 levels);
-- the cost of a UCE edit (closed form on the joint blocks' text-side K/V) and of ESD-x (a few training steps, the
-  time per step): each recorded as ``failed: <reason>`` where the method does not run on the family yet.
+- the cost of a UCE edit (closed form on the joint blocks' text-side K/V, bf16 weights) and of ESD-x (float32
+  weights, bf16 autocast: one concept trajectory sampled, then 10 iterations; sampling and training reported
+  apart): each recorded as ``failed: <reason>`` where it does not run.
 """
 
 from __future__ import annotations
@@ -98,11 +99,16 @@ def main(args, Report, timed):
     except Exception as exc:  # noqa: BLE001 - a cost table records what does not run
         rep.put("uce", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     try:
-        esd_steps = 2 if args.quick else 10
-        (edit, wall, cpu) = timed(lambda: erase(pipe, "esd-x", "car", settings={"iterations": esd_steps},
-                                                progress=False))
-        rep.put("esd_x", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "iterations": esd_steps,
-                          "s_per_iteration": round(wall / esd_steps, 3)})
+        # ESD fine-tunes float32 weights (bf16 autocast on CUDA): the pipeline is cast up for it. One concept
+        # trajectory at the generation's steps (ESD's cost is sampling them, then one forward+backward per iteration).
+        pipe.to(dtype=torch.float32)
+        esd = {"iterations": 2 if args.quick else 10, "trajectories": 1, "ddim_steps": steps,
+               "sample_guidance": 3.0}
+        (edit, wall, cpu) = timed(lambda: erase(pipe, "esd-x", "car", settings=esd, progress=False))
+        rep.put("esd_x", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "settings": esd, "weights": "float32",
+                          "trained_parameters": edit.extra["trained_parameters"],
+                          "sampling_s": edit.extra["sampling_s"], "training_s": edit.extra["training_s"],
+                          "iterations_per_s": edit.extra["iterations_per_s"]})
     except Exception as exc:  # noqa: BLE001
         rep.put("esd_x", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     if cuda:

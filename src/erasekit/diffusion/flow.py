@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from erasekit.diffusion.family import SDFamily
+from erasekit.diffusion.family_base import SDFamily
 
 
 def _sigma(t, num_train_timesteps: int, like: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from erasekit.diffusion.conditioning import Conditioning
-from erasekit.diffusion.family import SDXL, register_family
 from erasekit.diffusion.flow import FlowMatchingFamily
 from erasekit.diffusion.transfer import to_device
 
@@ -139,4 +138,3 @@ class FluxFamily(FlowMatchingFamily):
 
 
 FLUX = FluxFamily()
-register_family(FLUX, before=SDXL)

@@ -18,7 +18,7 @@ class UNetDenoiser:
     `Conditioning`, through ``family.denoise`` (`erasekit.diffusion.family`), which owns the call's signature."""
 
     def __init__(self, unet, family=None):
-        from erasekit.diffusion.family import SD
+        from erasekit.diffusion.family_base import SD
 
         self.unet = unet
         self.family = family if family is not None else SD

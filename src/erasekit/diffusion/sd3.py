@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from erasekit.diffusion.conditioning import Conditioning
-from erasekit.diffusion.family import SDXL, register_family
 from erasekit.diffusion.flow import FlowMatchingFamily
 from erasekit.diffusion.transfer import to_device
 
@@ -87,4 +86,3 @@ class SD3Family(FlowMatchingFamily):
 
 
 SD3 = SD3Family()
-register_family(SD3, before=SDXL)

@@ -384,3 +384,44 @@ def test_adversarial_preset_gives_the_scripts_rates(toy_pipe, tmp_path):
     settings = {"unlearndiffatk": {"batch_size": 32, "protocol": "fast"}, "p4d": {"batch_size": 32}}
     script = {("uce", sc): _script_cell(target, detector, sc, n, settings, tmp_path / "script") for sc in scenarios}
     assert bench == script
+
+
+def test_probe_verdict_reads_a_probes_bench_folder(toy_pipe, tmp_path):
+    """scripts/probe_verdict.py on a small probes-star run gives eval_probes.py's verdict computation: the rates of
+    the folder's probe cells and the likelihood gap of the same edit (computed here as eval_probes.py did, from
+    erase() with the erasure table's words and preserved set)."""
+    import importlib.util
+    from pathlib import Path
+
+    from erasekit.attacks.images import render_concept_images
+    from erasekit.diffusion import Target
+    from erasekit.erasers import erase
+    from erasekit.probes.verdict import denoising_losses, likelihood_gap, verdict
+    from erasekit.worlds.toy import ToyWorld
+
+    from erasekit.bench.run import run_bench
+
+    folder = tmp_path / "bench"
+    summary = run_bench(_subset("probes-star", ["original", "uce"], ("probe-completion", "probe-classifier-guidance"),
+                                3), folder, progress=False, log=lambda m: None)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "probe_verdict.py"
+    spec = importlib.util.spec_from_file_location("probe_verdict", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    got = script.verdicts(folder, n_likelihood=5)
+
+    assert list(got) == ["star"] and list(got["star"]) == ["uce"]  # the original model has no verdict
+    crr = summary["tables"]["crr"]["star"]["uce"]
+    rec = {"completion k=4": crr["probe-completion"]["crr"],
+           "classifier guidance": crr["probe-classifier-guidance"]["crr"]}
+    assert got["star"]["uce"]["recovery"] == rec
+    words, preserve = _edit_args("star", "uce")
+    base = Target(toy_pipe, model="toy")
+    target = base.with_edits(erase(toy_pipe, "uce", list(words), preserve=list(preserve), progress=False))
+    images, _ = render_concept_images("star", 5, 32, seed=940_000)
+    prompts = [ToyWorld().concept_prompt("star")] * len(images)
+    ctrl, ctrl_prompts = script.control_images("star", 5)
+    gap = likelihood_gap(denoising_losses(target, images, prompts), denoising_losses(base, images, prompts),
+                         denoising_losses(target, ctrl, ctrl_prompts), denoising_losses(base, ctrl, ctrl_prompts))
+    assert got["star"]["uce"]["likelihood"] == gap  # the same edit and images: the same losses
+    assert (got["star"]["uce"]["verdict"], got["star"]["uce"]["reason"]) == verdict(rec, gap)

@@ -2,8 +2,9 @@
 
 Prompts: the world's preservation prompts (the other shapes / textures in full captions), cycled. The scenario's
 detector still scores the erased concept, so its rate here is how often the concept leaks into images of the
-others; each image's record carries the label it asked for (``requested``), from which `scripts/eval_probes.py`
-measures how often the requested concept is drawn (the damage to the others), against the original model.
+others; each image's record carries the label it asked for (``requested``), from which one can measure (as
+benchmarks/eval_probes.md's preservation column does) how often the requested concept is drawn (the damage to the
+others), against the original model.
 """
 
 from __future__ import annotations

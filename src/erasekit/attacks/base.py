@@ -66,6 +66,7 @@ class Attack:
     Settings: ClassVar[type[Settings]] = Settings
     scenarios: ClassVar[dict[str, dict]] = {}  # scenario name -> keyword arguments of `inputs`
     order: ClassVar[int] = 100  # where its scenarios appear in listings and tables
+    needs_unet: ClassVar[bool] = True  # False: runs on transformer families too (`erasekit.diffusion.support`)
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings if settings is not None else self.Settings()

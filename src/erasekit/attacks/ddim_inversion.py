@@ -127,6 +127,7 @@ def ddim_inversion_inputs(latents: torch.Tensor, regenerate_prompt: str, seeds: 
 
 @ATTACKS.register
 class DDIMInversionAttack(Attack):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     name = "ddim_inversion"
     alias = "inversion"
     summary = "VAE-encode concept images, DDIM-invert them to noise, regenerate (empty or concept prompt)"

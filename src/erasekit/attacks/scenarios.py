@@ -157,6 +157,7 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
     applied), generate with it, score with ``detector``; write and return the summary."""
     from erasekit.atomic import atomic_write_text
     from erasekit.diffusion.target import as_target
+    from erasekit.diffusion.support import check_runs_on
     from erasekit.generation import generate_to_dir
     from erasekit.metrics import measure_cost
     from erasekit.metrics.crr import rows_crr
@@ -166,6 +167,7 @@ def run_scenario(cfg: ScenarioConfig, target, detector, out_dir, *, images_folde
     cfg.validate()
     target = as_target(target)
     cls, scenario_args = attack_of(cfg.scenario)
+    check_runs_on(cls, "probe" if cls.name in PROBES.names() else "attack", target.pipe)
     attack = cfg.attack()
     if prompts_csv is not None and cls.name not in ("text", "unlearndiffatk"):
         raise ErasekitError("a prompt CSV (--prompts) belongs to the text scenario (or unlearndiffatk)")

@@ -46,6 +46,7 @@ def text_inputs(prompts: list[str], n: int, seed: int = 0) -> AttackInputs:
 
 @ATTACKS.register
 class TextAttack(Attack):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     name = "text"
     summary = "prompts naming the concept: the world's templates, synonyms and held-out paraphrases, or an I2P CSV"
     Settings = TextSettings

@@ -134,6 +134,7 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
     """(jobs in plan order, attack inputs by cell, what each cell records in the summary)."""
     from erasekit.attacks.base import AttackContext
     from erasekit.attacks.scenarios import attack_of
+    from erasekit.diffusion.support import check_runs_on
     from erasekit.bench.quality import prompt_rows
     from erasekit.generation import target_fields
     from erasekit.metrics import measure_cost
@@ -163,6 +164,7 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
             cell_info[cell.id] = {"target": target.describe()}
             continue
         cls, args = attack_of(cell.scenario)
+        check_runs_on(cls, "attack", target.pipe)
         overrides = dict(settings_by_attack.get(cls.name, {}))
         if cls.name == "text" and ccfg.target_prompts and "prompts" not in overrides:
             overrides["prompts"] = ";".join(ccfg.target_prompts)

@@ -21,6 +21,7 @@ class Defence:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Settings: ClassVar[type[Settings]] = Settings
+    needs_unet: ClassVar[bool] = True  # False: runs on transformer families too (`erasekit.diffusion.support`)
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings if settings is not None else self.Settings()

@@ -137,6 +137,7 @@ class _DualStreams:
 
 @DEFENCES.register
 class DualReconstruction(Defence):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     name = "dual_reconstruction"
     summary = "safety-context dual latent reconstruction: z = (1 - lam) z_user + lam z_safe after shared steps"
     Settings = DualReconstructionSettings

@@ -22,6 +22,7 @@ class NegativePromptSettings(Settings):
 
 @DEFENCES.register
 class NegativePrompt(Defence):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     name = "negative_prompt"
     summary = "the concept as classifier-free guidance's negative prompt"
     Settings = NegativePromptSettings

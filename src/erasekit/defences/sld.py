@@ -139,6 +139,7 @@ class SafeLatentGuidance:
 
 @DEFENCES.register
 class SLD(Defence):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     name = "sld"
     summary = "Safe Latent Diffusion: a safety-concept branch steers guidance away (presets weak/medium/strong/max)"
     Settings = SLDSettings

@@ -46,6 +46,11 @@ class Target:
         return self._derive(self.edits + tuple(e for e in edits if e is not None), self.defences)
 
     def with_defences(self, *defences) -> "Target":
+        from erasekit.diffusion.support import check_runs_on
+
+        for d in defences:
+            if d is not None:
+                check_runs_on(d, "defence", self.pipe)
         return self._derive(self.edits, self.defences + tuple(d for d in defences if d is not None))
 
     def original(self) -> "Target":

@@ -157,6 +157,7 @@ def _cond(c):
 
 
 class ESD(Method):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     Settings = ESDSettings
     variant = ""
     # One concept a run (ESD's protocol); its names (the bench's words: synonyms) still train together.

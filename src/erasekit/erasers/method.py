@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from erasekit.erasers.base import WeightEdit
+from erasekit.diffusion.support import check_runs_on
 from erasekit.erasers.concept import ConceptSpec, resolve_spec
 from erasekit.settings import Settings
 
@@ -29,6 +30,7 @@ class Method(ABC):
     # Whether one edit may erase several concepts (mass erasure: --concept repeated, --concepts-file, the bench's
     # erase: lists); a method that erases one concept at a time refuses a list of several.
     several_concepts: bool = True
+    needs_unet: bool = True  # False: runs on transformer families too (`erasekit.diffusion.support`)
 
     @abstractmethod
     def compute(self, pipe, spec: ConceptSpec, settings, progress: bool = True) -> Result:
@@ -69,6 +71,7 @@ def erase(pipe, method: str, concepts: str | Sequence[str], guide: str | None = 
     from erasekit.registry import ERASERS
 
     cls = ERASERS.get(method)
+    check_runs_on(cls, "eraser", pipe)
     cls.Settings.parse(settings or {})  # fail on unknown keys / types before any work
     base_fp = fingerprint(pipe)
     if preserve is None:

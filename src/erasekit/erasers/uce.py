@@ -183,6 +183,7 @@ def add_uce_terms(problem: RidgeProblem, pipe, states, pairs, preserve, s, throu
 
 @ERASERS.register
 class UCE(Method):
+    needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
     name = "uce"
     summary = "Unified Concept Editing: closed-form edit of cross-attention K/V, concept -> guide (seconds)"
     Settings = UCESettings

@@ -105,7 +105,11 @@ def test_ls_lists_the_registry_kinds():
     assert result.exit_code == 0
     kinds = [line.split(":")[0] for line in result.stdout.splitlines() if not line.startswith(" ")]
     assert kinds == ["erasers (--method)", "defences (--defence)", "scenarios (--scenario)", "probes (--probe)",
-                     "detectors (--detector)"]
+                     "detectors (--detector)", "bench presets (erasekit bench --preset)"]
+    from erasekit.bench.spec import preset_names
+
+    listed = [line.split()[0] for line in result.stdout.split("bench presets")[1].splitlines()[1:]]
+    assert listed == preset_names() and {"quick", "full", "erasure-star"} <= set(listed)
 
 
 def _render_pngs(folder, seeds):

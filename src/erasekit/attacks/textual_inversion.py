@@ -24,7 +24,7 @@ Black-box use: learn on the original model, generate with the erased one. White-
 Defaults (the embedded world, 32x32 images on a 2-core CPU): 400 steps, batch 16, Adam lr 5e-3, one vector
 initialised from the word "object" (Lu et al.'s initialiser), 4 of the 8 templates per step. Measured on the
 trained world (scripts/bench_attacks.py, 2-core CPU): 85 s per token; the token draws stars in 99% of images
-(scripts/eval_attacks.py, 100 images). On the earlier, under-trained weights it reached only the model's own star
+(the attacks-star bench preset, 100 images). On the earlier, under-trained weights it reached only the model's own star
 rate (66%), and three times the budget did not raise it: the ceiling is the model's, not the optimiser's.
 """
 

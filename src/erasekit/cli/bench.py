@@ -13,7 +13,7 @@ from erasekit.cli import common
 
 
 def bench(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A shipped preset (quick, full) or a YAML file; default: quick."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A shipped preset (quick, full, the paper-* protocols, one per results table; erasekit ls lists them) or a YAML file; default: quick."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", parser=common.out_folder, metavar="DIR", help="Results folder; default: a new folder under runs/. Rerunning with the same --out resumes."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Change a config value by its dotted path (repeat): images_per_cell=8, sampler.steps=10, attacks.ti.steps=50, methods.1.settings.epochs=1."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars with time estimates per stage."),

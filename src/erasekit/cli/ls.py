@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def list_registries() -> None:
-    """List the registered erasers, defences, attack scenarios, probes and detectors."""
+    """List the registered erasers, defences, attack scenarios, probes and detectors, and the bench presets."""
     from erasekit.attacks.scenarios import scenarios
     from erasekit.registry import ALL
 
@@ -26,3 +26,16 @@ def list_registries() -> None:
         width = max(map(len, described), default=0)
         for name, line in described.items():
             print(f"  {name:<{width}}  {line}")
+    list_presets()
+
+
+def list_presets() -> None:
+    """The shipped bench presets with their descriptions (what `erasekit bench --preset NAME` runs)."""
+    from erasekit.bench.spec import PRESETS_DIR, preset_names, read_yaml
+
+    names = preset_names()
+    print(f"bench presets (erasekit bench --preset): {', '.join(names)}")
+    width = max(map(len, names), default=0)
+    for name in names:
+        raw = read_yaml((PRESETS_DIR / f"{name}.yaml").read_text(), name)
+        print(f"  {name:<{width}}  {raw.get('description', '')}")

@@ -205,6 +205,8 @@ def test_a_group_expands_into_its_members_cells_and_one_edit_each_method(tmp_pat
     assert h["speed"]["text"]["erased_rate"] < h["original"]["text"]["erased_rate"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Mass erasure" in report and "| shapes3 (3) | speed | text |" in report
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Mass erasure</h2>" in html and '<td class="name">shapes3 (3)</td><td class="name">speed</td>' in html
 
 
 def test_concepts_file_is_read_into_the_config_and_keys_the_results(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erasekit.report.format import crr_cell, crr_colour, invalid_note, num, preservation_rows
+from erasekit.report.format import crr_cell, crr_colour, invalid_note, num, pct, preservation_rows
 from erasekit.report.quality import quality_table
 
 
@@ -37,7 +37,15 @@ def render_html(summary: dict, plots: dict[str, str], grids: dict[str, str], row
     return environment().get_template("report.html.j2").render(
         s=summary, cfg=summary["config"], prov=summary.get("provenance", {}), plots=plots, cell_grids=cell_grids,
         preservation=preservation_rows(summary), costs=summary["tables"]["costs"], invalid_note=invalid_note(summary),
-        quality=quality_table(summary))
+        quality=quality_table(summary), harmonic=harmonic_rows(summary))
+
+
+def harmonic_rows(summary: dict) -> list[dict]:
+    """The mass-erasure table (groups of concepts erased at once), one row per group, method and scenario."""
+    return [{"group": group, "members": len(e["members"]), "method": method, "scenario": scenario,
+             "erased": pct(e["erased_rate"]), "retained": pct(e["retained_rate"]), "h_o": num(e["H_o"], 3)}
+            for group, by_m in (summary["tables"].get("harmonic") or {}).items()
+            for method, by_s in by_m.items() for scenario, e in by_s.items()]
 
 
 def write_html(out: Path, summary: dict, plots: dict[str, str], grids: dict[str, str], rows: list[dict] = ()) -> Path:

@@ -182,9 +182,11 @@ def read_quality(out: Path | None) -> dict | None:
         return None
 
 
-def world_features(out: Path | None, cfg) -> bool:
-    """Whether the preservation table's detector-feature FD applies: on the embedded world only."""
+def world_features(out: Path | None, cfg):
+    """The features of the preservation table's detector-feature FD: the world's own (`World.frechet_features`),
+    for the world the run was made on (recorded in quality.json, else named by the config); None when it has none."""
+    from erasekit.worlds import world_named
+
     saved = read_quality(out)
-    if saved is not None:
-        return saved.get("world") == "toy"
-    return cfg.model == "toy"
+    world = world_named(saved.get("world") if saved is not None else cfg.model)
+    return world.frechet_features() if world is not None else None

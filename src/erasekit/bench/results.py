@@ -43,39 +43,16 @@ def _rows_crr(rows, field: str = "present") -> dict:
     return _crr(flags, invalid)
 
 
-class DetectorFeatures:
-    """The embedded world's detector up to its pooled features (``num_features`` of them), for the Fréchet distance."""
-
-    def __new__(cls):
-        import torch
-
-        from erasekit.toy.detector import load_toy_detector
-
-        class _Features(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = load_toy_detector().features
-                self.num_features = 4 * 24
-
-            def forward(self, x):  # float (N, 3, H, W) in [0, 1]
-                from erasekit.toy.architecture import IMAGE_SIZE
-
-                if x.shape[-1] != IMAGE_SIZE or x.shape[-2] != IMAGE_SIZE:
-                    x = torch.nn.functional.adaptive_avg_pool2d(x, IMAGE_SIZE)
-                return self.net(x * 2 - 1)
-
-        return _Features().eval()
-
-
-def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float | None:
-    """Fréchet distance of two uint8 (N, H, W, 3) image sets on the detector's features (None for < 2 images)."""
+def frechet_distance(real: np.ndarray, fake: np.ndarray, features) -> float | None:
+    """Fréchet distance of two uint8 (N, H, W, 3) image sets on ``features`` (the world's detector features,
+    `World.frechet_features`; None for < 2 images)."""
     if len(real) < 2 or len(fake) < 2:
         return None
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute off: under `accelerate launch` only the main process computes it (no collective to join).
-    fid = FrechetInceptionDistance(feature=DetectorFeatures(), normalize=True, input_img_size=(3, *real.shape[1:3]),
+    fid = FrechetInceptionDistance(feature=features, normalize=True, input_img_size=(3, *real.shape[1:3]),
                                    sync_on_compute=False)
     with torch.inference_mode():
         for arr, is_real in ((real, True), (fake, False)):
@@ -103,7 +80,9 @@ def crr_table(rows: list[dict]) -> dict:
     return {c: {m: {s: _rows_crr(f) for s, f in by_s.items()} for m, by_s in by_m.items()} for c, by_m in cells.items()}
 
 
-def preservation_table(rows: list[dict], out: Path | None, fd: bool = True) -> dict:
+def preservation_table(rows: list[dict], out: Path | None, features=None) -> dict:
+    """Prompt following of the other concepts per method; with ``features`` (the world's detector features) also
+    the Fréchet distance to the original model's images."""
     by: dict = defaultdict(lambda: defaultdict(list))
     ref: dict = defaultdict(list)
     for r in rows:
@@ -117,7 +96,7 @@ def preservation_table(rows: list[dict], out: Path | None, fd: bool = True) -> d
         ref_follow = [r["label_present"] for r in ref_rows if r.get("label_present") is not None
                       and r.get("valid", True)]
         base = sum(ref_follow) / len(ref_follow) if ref_follow else None
-        ref_images = _images(out, ref_rows) if fd and out is not None and ref_rows else None
+        ref_images = _images(out, ref_rows) if features is not None and out is not None and ref_rows else None
         table[concept] = {}
         for method, mrows in by_m.items():
             mrows = sorted(mrows, key=lambda r: r["index"])
@@ -133,7 +112,7 @@ def preservation_table(rows: list[dict], out: Path | None, fd: bool = True) -> d
                 "invalid": invalid,
             }
             if ref_images is not None and len(mrows):
-                entry["fd"] = frechet_distance(ref_images, _images(out, mrows))
+                entry["fd"] = frechet_distance(ref_images, _images(out, mrows), features)
             table[concept][method] = entry
     return table
 
@@ -193,10 +172,10 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
         "images": len(rows),
         "invalid_images": sum(r.get("valid", True) is False for r in rows),  # degenerate: in no rate (#18)
         # The detector-feature FD belongs to the embedded world; elsewhere the quality section's judges (#21).
-        "tables": {"crr": crr, "preservation": preservation_table(rows, out, fd=world_features(out, cfg)),
+        "tables": {"crr": crr, "preservation": preservation_table(rows, out, features=world_features(out, cfg)),
                    "quality": read_quality(out), "costs": cost_table(cost_rows),
                    # H_o of each group that erases several concepts at once (#24)
-                   "harmonic": harmonic_table(cfg, crr, preservation_table(rows, None, fd=False))},
+                   "harmonic": harmonic_table(cfg, crr, preservation_table(rows, None))},
         "cells": cell_info,
         "edits": {f"{c}/{m}": v for (c, m), v in edit_info.items()} if edit_info and isinstance(
             next(iter(edit_info)), tuple) else edit_info,

@@ -40,8 +40,10 @@ def _load(cfg: BenchConfig, device: str):
     from erasekit.runtime import resolve_dtype, setup_torch
 
     setup_torch()
+    from erasekit.worlds import world_of
+
     pipe = load_pipeline(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    return Target(pipe, model=cfg.model, base_fingerprint=fingerprint(pipe))
+    return Target(pipe, model=cfg.model, world=world_of(pipe), base_fingerprint=fingerprint(pipe))
 
 
 @contextmanager

@@ -143,7 +143,9 @@ def load_target(model: str, *, edit=None, defences: Sequence = (), device: str =
     base_fp = fingerprint(pipe)
     if load_dtype != target_dtype:
         pipe.to(dtype=target_dtype)
-    target = Target(pipe, model=model, base_fingerprint=base_fp)
+    from erasekit.worlds import world_of
+
+    target = Target(pipe, model=model, world=world_of(pipe), base_fingerprint=base_fp)
     check_defence_concepts(defences, target.world)  # before any image is made
     if edit is not None:
         target = target.with_edits(edit)

@@ -62,10 +62,11 @@ def generate(
     common.resolve_dtype(dtype, "cpu")
     saved_edit = common.read_edit(edit)
     defences = common.read_defences(defence, concept)
-    if model == "toy":  # its world is known without loading it: unknown concepts fail now
-        from erasekit.worlds import TOY_WORLD
+    from erasekit.worlds import world_named
 
-        common.check_defence_concepts(defences, TOY_WORLD)
+    known = world_named(model)
+    if known is not None:  # its world is known without loading it: unknown concepts fail now
+        common.check_defence_concepts(defences, known)
     from erasekit.folder_lock import hold_folder
 
     with hold_folder(out):

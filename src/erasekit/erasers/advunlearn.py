@@ -321,46 +321,11 @@ class PrefixAttack:
         return prefixes, ids, losses
 
 
-def toy_defaults(concepts) -> dict:
-    """The embedded world's tuned defaults (its world's sampler; a 22M-parameter MiniLM encoder on a CPU wants a
-    larger step and far fewer iterations than SD's CLIP: scripts/eval_baselines.py, benchmarks/eval_baselines.md).
-    Kept here rather than in `ToyWorld.method_defaults` only so this eraser stays one file; the world's own
-    defaults for "advunlearn", if any, still apply on top."""
-    from erasekit.toy import world
-    from erasekit.toy.architecture import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-    kind = "shape"
-    for c in concepts:
-        try:
-            kind = world.concept_kind(c.strip())
-            break
-        except ValueError:
-            continue
-    extra = TOY_TEXTURE if kind == "texture" else {}
-    return dict(TOY_DEFAULTS, **extra, ddim_steps=DEFAULT_STEPS, start_guidance=DEFAULT_GUIDANCE)
-
-
-# Tuning samples (40 images each, the world's preservation captions as retain set): star lr 1e-4: 10% left, other
-# shapes 100% kept (2e-4: 10%, 85% kept); checkered lr 1e-4: 30% (100% kept), lr 3e-4 with eta 2: 22.5% (97.5%),
-# the same in the world's texture caption contexts: 7.5% but only 42.5% of the other textures kept.
-TOY_DEFAULTS = {"iterations": 100, "warmup": 20, "attack_steps": 10, "lr": 1e-4}
-TOY_TEXTURE = {"lr": 3e-4, "negative_guidance": 2.0}
-
-
 @ERASERS.register
 class AdvUnlearn(Method):
     name = "advunlearn"
     summary = "AdvUnlearn: adversarial training of the text encoder (prefix-token attack, ESD loss, retain term)"
     Settings = AdvUnlearnSettings
-
-    @classmethod
-    def resolve_settings(cls, pipe, overrides=None, concepts=()):
-        from erasekit.worlds import world_of
-
-        concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts)
-        world = world_of(pipe)
-        base = cls.Settings().replace(toy_defaults(concepts)) if world.name == "toy" else cls.Settings()
-        return base.replace(world.method_defaults(cls.name, concepts)).replace(overrides or {})
 
     def compute(self, pipe, spec: ConceptSpec, s: AdvUnlearnSettings, progress: bool = True) -> Result:
         from tqdm.auto import tqdm

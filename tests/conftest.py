@@ -23,6 +23,14 @@ def tiny_sd1():
 
 
 @pytest.fixture(scope="session")
+def sd1_folder(tiny_sd1, tmp_path_factory):
+    """The tiny SD-1 pipeline saved as a diffusers folder (for the CLI's --model)."""
+    folder = tmp_path_factory.mktemp("sd1-folder") / "tiny-sd1"
+    tiny_sd1.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_sd2():
     """SD-2.x-shaped (text width 1024, linear projections, "!" padding), random weights; do not modify."""
     from erasekit.models.tiny import tiny_sd_pipeline

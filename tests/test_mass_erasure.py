@@ -15,13 +15,6 @@ from erasekit.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def sd1_folder(tiny_sd1, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mass-cli") / "tiny-sd1"
-    tiny_sd1.save_pretrained(folder)
-    return folder
-
-
 def _one_line_error(result, fragment):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

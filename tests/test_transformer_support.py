@@ -23,20 +23,20 @@ def test_unet_only_components_are_refused_by_name(sd3_folder):
     pipe = load_pipeline(str(sd3_folder))
     with pytest.raises(ErasekitError, match="the eraser 'rece' does not run on StableDiffusion3Pipeline"):
         erase(pipe, "rece", "cat", progress=False)
-    with pytest.raises(ErasekitError, match="the defence 'irece' does not run"):
-        Target(pipe).with_defences(parse_defence("irece:concept=cat"))
+    with pytest.raises(ErasekitError, match="the defence 'safree' does not run"):
+        Target(pipe).with_defences(parse_defence("safree:concept=cat"))
     # what does run is accepted (and named in the refusal)
     Target(pipe).with_defences(parse_defence("negative_prompt:text=cat"))
     from erasekit.diffusion.support import transformer_components
 
     names = transformer_components()
-    assert {"eraser uce", "eraser esd-x", "defence sld", "attack ddim_inversion", "attack text"} <= set(names)
+    assert {"eraser uce", "eraser esd-x", "defence sld", "attack ddim_inversion", "attack text",
+            "probe noise"} <= set(names)
     assert "eraser rece" not in names and "attack textual_inversion" not in names
 
 
 @pytest.mark.parametrize("scenario,kind,name", [("embedding-wb", "attack", "textual_inversion"),
-                                                ("unlearndiffatk", "attack", "unlearndiffatk"),
-                                                ("probe-noise", "probe", "noise")])
+                                                ("unlearndiffatk", "attack", "unlearndiffatk")])
 def test_cli_attack_on_a_transformer_pipeline_is_one_error_line(sd3_folder, tmp_path, scenario, kind, name):
     from erasekit.cli import app
     from erasekit.models.tiny_judges import resnet_folder

@@ -19,10 +19,10 @@ def check_runs_on(component, kind: str, pipe) -> None:
 
 def transformer_components() -> list[str]:
     """Every registered component that runs on a transformer family, as ``kind name``."""
-    from erasekit.registry import ATTACKS, DEFENCES, ERASERS
+    from erasekit.registry import ATTACKS, DEFENCES, ERASERS, PROBES
 
     out = []
-    for kind, registry in (("eraser", ERASERS), ("defence", DEFENCES), ("attack", ATTACKS)):
+    for kind, registry in (("eraser", ERASERS), ("defence", DEFENCES), ("attack", ATTACKS), ("probe", PROBES)):
         out += [f"{kind} {name}" for name, cls in sorted(registry.classes().items())
                 if not getattr(cls, "needs_unet", True)]
     return out

@@ -65,7 +65,10 @@ class ClassifierGuidanceHook:
         vae = self.pipe.vae
         with torch.inference_mode(False), torch.enable_grad():
             x0 = state.x0.detach().clone().float().requires_grad_(True)
-            images = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+            z = x0 / vae.config.scaling_factor
+            if getattr(vae.config, "shift_factor", None) is not None:  # SD3 / FLUX VAEs: z / scale + shift
+                z = z + vae.config.shift_factor
+            images = vae.decode(z.to(vae.dtype)).sample.float()
             lp = self.log_prob((images / 2 + 0.5).clamp(0, 1)).sum()
             (g,) = torch.autograd.grad(lp, x0)
         self.evaluations += 1
@@ -79,6 +82,7 @@ class ClassifierGuidance(Probe):
     name = "classifier_guidance"
     alias = "cg"
     summary = "classifier guidance: gradient of the detector's log p(concept) on decoded x0 added to each update"
+    needs_unet = False  # x0 through the family's sampler and VAE (SD3 / FLUX.1: the VAE's shift too)
     Settings = ClassifierGuidanceSettings
     scenarios = {"probe-classifier-guidance": {}}
 
@@ -98,10 +102,10 @@ class ClassifierGuidance(Probe):
             hooks = [hook]
             if s.eta > 0:
                 from erasekit.diffusion.sampler import Sampler
-                from erasekit.probes.noise import StochasticDDIM
+                from erasekit.probes.noise import stochastic_step
 
-                hooks.append(StochasticDDIM(Sampler(target.pipe, steps_).scheduler, s.eta, 1.0,
-                                               [seeds[i] + 1 for i in idx]))
+                hooks.append(stochastic_step(target.pipe, Sampler(target.pipe, steps_).scheduler, s.eta, 1.0,
+                                             [seeds[i] + 1 for i in idx]))
             return sample(target, [prompts[i] for i in idx], [seeds[i] for i in idx], steps=steps_, scale=scale,
                           hooks=hooks)
 

@@ -49,6 +49,7 @@ def completion_images(target, prompts, seeds, *, steps: int, scale: float, k: in
 class DiffusionCompletion(Probe):
     name = "completion"
     summary = "diffusion completion: the original model denoises to step k, the erased model finishes"
+    needs_unet = False  # part-way runs of the family's sampler
     Settings = CompletionSettings
     scenarios = {"probe-completion": {}}
 

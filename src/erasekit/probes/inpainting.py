@@ -76,10 +76,11 @@ def inpaint(target, sources: np.ndarray, prompts, seeds, *, steps: int, scale: f
     from erasekit.diffusion.vae import decode_latents, encode_images
 
     pipe = target.pipe
-    z0 = encode_images(pipe, sources).to(pipe.unet.device)
-    m = latent_mask(pixel_mask, pipe.vae_scale_factor).to(pipe.unet.device)
+    device = target.family.denoiser(pipe).device
+    z0 = encode_images(pipe, sources).to(device)
+    m = latent_mask(pixel_mask, pipe.vae_scale_factor).to(device)
     gens = seed_generators([int(s) + 1_000_003 for s in seeds])  # the known region's noise, apart from x_T's
-    noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(pipe.unet.device)
+    noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(device)
     z = sample(target, prompts, seeds, steps=steps, scale=scale, hooks=[InpaintBlend(pipe, z0, m, noise)],
                decode=False)
     z = m.to(z) * z + (1 - m.to(z)) * z0.to(z)
@@ -95,6 +96,7 @@ def inpaint(target, sources: np.ndarray, prompts, seeds, *, steps: int, scale: f
 class Inpainting(Probe):
     name = "inpainting"
     summary = "inpainting: the erased model fills a centre mask of a concept image (known region blended each step)"
+    needs_unet = False  # the family's schedule noises the known region (flow: (1 - s) x0 + s eps)
     Settings = InpaintingSettings
     scenarios = {"probe-inpainting": {}}
 

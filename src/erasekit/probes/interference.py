@@ -27,6 +27,7 @@ class InterferenceSettings(Settings):
 class Interference(Probe):
     name = "interference"
     summary = "interference: the erased model prompted with the other concepts (world.preservation_prompts)"
+    needs_unet = False  # prompts only
     Settings = InterferenceSettings
     scenarios = {"probe-interference": {}}
 

@@ -6,6 +6,12 @@ scores highest for the concept. The stochastic DDIM step is written out in an ``
 (the deterministic direction's coefficient is clamped at 0 where sigma_t exceeds it, instead of diffusers' NaN)
 and the injected noise's variance is multiplied by the scale. Grid cell j of image i draws its x_T and its step
 noise from seeds derived from (seed_i, j). The budget records the samples per image.
+
+Flow matching (SD3, FLUX.1: x_s = (1 - s) x0 + s eps) has no DDIM eta of its own; `StochasticFlow` is the same
+generalised DDIM step for a marginal x = alpha x0 + sigma eps (alpha = 1 - s, sigma = s): the injected noise
+c = eta (s'/s) sqrt(s^2 - (alpha/alpha')^2 s'^2) (eta = 1: the posterior of the forward chain, the DDPM step;
+written with alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t) it is DDIM's sigma_t), x_next = alpha' x0 +
+sqrt(max(s'^2 - c^2, 0)) eps + sqrt(scale) c z. At eta = 0 it is the sampler's deterministic Euler step.
 """
 
 from __future__ import annotations
@@ -64,6 +70,36 @@ class StochasticDDIM:
         state.next_latents = nxt.to(state.latents.dtype)
 
 
+class StochasticFlow:
+    """``after`` hook for flow-matching samplers: the generalised DDIM step above, on the flow's sigmas."""
+
+    def __init__(self, scheduler, eta: float, variance_scale: float, seeds):
+        from erasekit.diffusion.flow import FlowSteps
+        from erasekit.diffusion.sampler import seed_generators
+
+        self.steps, self.eta, self.scale = FlowSteps(scheduler), float(eta), float(variance_scale)
+        self.generators = seed_generators(seeds)
+
+    def after(self, state) -> None:
+        s, s_next = (v.float() for v in self.steps.sigmas(state.t))
+        a, a_next = 1 - s, 1 - s_next
+        c = self.eta * (s_next / s) * (s ** 2 - (a / a_next) ** 2 * s_next ** 2).clamp(min=0).sqrt()
+        x0 = state.x0.float()
+        eps = self.steps.eps(state.latents.float(), x0, state.t, torch.float32)
+        direction = (s_next ** 2 - c ** 2).clamp(min=0).sqrt() * eps
+        z = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in self.generators]).to(x0.device)
+        nxt = a_next * x0 + direction + (self.scale ** 0.5) * c * z
+        state.next_latents = nxt.to(state.latents.dtype)
+
+
+def stochastic_step(pipe, scheduler, eta: float, variance_scale: float, seeds):
+    """The family's stochastic step hook: `StochasticDDIM`, or `StochasticFlow` on flow-matching families."""
+    from erasekit.diffusion.family import family_of
+
+    cls = StochasticFlow if family_of(pipe).flow else StochasticDDIM
+    return cls(scheduler, eta, variance_scale, seeds)
+
+
 def cell_seed(seed: int, j: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * j) % (2 ** 63)
 
@@ -76,7 +112,7 @@ def noise_candidates(target, prompts, seeds, *, steps: int, scale: float, grid) 
     for j, (eta, vs) in enumerate(grid):
         cell = [cell_seed(s, j) for s in seeds]
         sched = Sampler(target.pipe, steps).scheduler
-        hook = StochasticDDIM(sched, eta, vs, [c + 1 for c in cell])
+        hook = stochastic_step(target.pipe, sched, eta, vs, [c + 1 for c in cell])
         out.append(sample(target, prompts, cell, steps=steps, scale=scale, hooks=[hook]))
     return out
 
@@ -85,6 +121,7 @@ def noise_candidates(target, prompts, seeds, *, steps: int, scale: float, grid) 
 class NoiseProbe(Probe):
     name = "noise"
     summary = "noise-based: DDIM eta x variance-scale grid, best of N samples per image by the detector"
+    needs_unet = False  # the family's sampler (flow families: `StochasticFlow`)
     Settings = NoiseSettings
     scenarios = {"probe-noise": {}}
 

@@ -1,7 +1,8 @@
 """The likelihood measure and the avoidance-vs-destruction verdict (Lu et al.).
 
-Likelihood: the denoising loss E_eps || eps_theta(x_t, t | c) - eps ||^2 of concept images, per timestep, for the
-erased model and the original, with the same images, noise and timesteps; conditional (the concept's prompt) and
+Likelihood: the denoising loss E_eps || eps_theta(x_t, t | c) - eps ||^2 of concept images, per timestep (the
+family's training target: eps, v, or on SD3 / FLUX.1 the velocity eps - x0 at x_t = (1 - t/1000) x0 + t/1000 eps),
+for the erased model and the original, with the same images, noise and timesteps; conditional (the concept's prompt) and
 unconditional (the empty prompt; SDXL: the zeros its pipeline uses for it). A model that only AVOIDS the concept
 keeps its unconditional likelihood (loss ratio erased / original near 1) while its conditional prediction is
 redirected; a model that DESTROYED it denoises concept images worse even unconditionally. Control images (the
@@ -36,8 +37,8 @@ def denoising_losses(target, images: np.ndarray, prompts: list[str], timesteps=D
     from erasekit.diffusion.vae import encode_images
 
     pipe = target.pipe
-    unet = pipe.unet
     family = family_of(pipe)
+    unet = family.denoiser(pipe)  # SD3 / FLUX.1: the transformer (FLUX.1-dev at its default distilled guidance)
     model = UNetDenoiser(unet, family)
     schedule = family.schedule(pipe)
     size = tuple(images.shape[1:3])  # SDXL's time ids: the images' own size

@@ -21,8 +21,8 @@ def test_unet_only_components_are_refused_by_name(sd3_folder):
     from erasekit.models import load_pipeline
 
     pipe = load_pipeline(str(sd3_folder))
-    with pytest.raises(ErasekitError, match="the eraser 'rece' does not run on StableDiffusion3Pipeline"):
-        erase(pipe, "rece", "cat", progress=False)
+    with pytest.raises(ErasekitError, match="the eraser 'mace' does not run on StableDiffusion3Pipeline"):
+        erase(pipe, "mace", "cat", progress=False)
     with pytest.raises(ErasekitError, match="the defence 'safree' does not run"):
         Target(pipe).with_defences(parse_defence("safree:concept=cat"))
     # what does run is accepted (and named in the refusal)
@@ -30,9 +30,9 @@ def test_unet_only_components_are_refused_by_name(sd3_folder):
     from erasekit.diffusion.support import transformer_components
 
     names = transformer_components()
-    assert {"eraser uce", "eraser esd-x", "defence sld", "attack ddim_inversion", "attack text",
+    assert {"eraser uce", "eraser rece", "eraser esd-x", "defence sld", "attack ddim_inversion", "attack text",
             "probe noise"} <= set(names)
-    assert "eraser rece" not in names and "attack textual_inversion" not in names
+    assert "eraser mace" not in names and "attack textual_inversion" not in names
 
 
 @pytest.mark.parametrize("scenario,kind,name", [("embedding-wb", "attack", "textual_inversion"),

@@ -36,7 +36,7 @@ from erasekit.erasers.ridge import LowRankEdits, RidgeProblem
 from erasekit.settings import Settings, choice, positive
 from erasekit.erasers.tokens import TOKEN_POLICIES
 from erasekit.erasers.uce import (EXPANSIONS, PRESETS as UCE_PRESETS, UNCONDITIONAL, UCESettings, add_uce_terms,
-                                  guide_pairs, kv_layers, official_spec, parse_templates, preset_kind,
+                                  check_targets, guide_pairs, kv_layers, official_spec, parse_templates, preset_kind,
                                   preserved_texts, text_states)
 
 # The reference scripts' settings per concept kind (train.py / train_object.py / train_artists.py defaults with the
@@ -86,6 +86,8 @@ class RECESettings(Settings):
     select_other_margin: float = 0.1  # object: the others' accuracy may fall this much below the UCE step's
     uce_tokens_preserve: str = choice("same", "same", *TOKEN_POLICIES)  # the UCE step's preserved positions
     preset: str = "none"  # official-nudity | official-object | official-artist (PRESETS, then UCE's preset)
+    # SD3 / FLUX.1: what is edited (as UCE's targets; erasers/rece_flow.py)
+    targets: str = choice("blocks", "blocks", "reference-flux", "both")
 
     def validate(self) -> None:
         positive(self, "reg", "lam", "uce_lam")
@@ -125,8 +127,17 @@ class RECE(Method):
     summary = "Reliable and Efficient Concept Erasure: UCE + closed-form adversarial re-erasure epochs (seconds)"
     Settings = RECESettings
 
+    needs_unet = False  # SD3 / FLUX.1: per unit of layers that read one input (erasers/rece_flow.py)
+
     def compute(self, pipe, spec: ConceptSpec, s: RECESettings, progress: bool = True) -> Result:
+        from erasekit.diffusion.family import family_of
+
         s, spec = s.with_preset(spec)
+        if family_of(pipe).flow:
+            from erasekit.erasers.rece_flow import flow_rece
+
+            return flow_rece(pipe, spec, s)
+        check_targets("rece", s.targets)
         names, layers = kv_layers(pipe)
         pairs = guide_pairs(spec, "erase", s.expand, s.templates)  # the UCE step
         attack_pairs = guide_pairs(spec, "erase")  # the adversarial epochs: the concept prompts themselves
@@ -171,31 +182,37 @@ class RECE(Method):
                 if selector.done():
                     break
         current = model.layers()
-
-        extra = {"epochs_run": epochs_run}
-        if s.preset != "none":
-            extra["preset"] = {"name": s.preset, "settings": s.to_dict(), "spec": spec.as_dict()}
-        if selector:
-            best = selector.best_object() if s.select_rule == "object" else selector.best()
-            current = history[max(best, 0)]
-            extra["epoch_selection"] = {"on": True, "chosen_epoch": max(best, 0), "concept_rate": selector.rates,
-                                        "invalid_images": selector.invalid,
-                                        "scored": selector.labels, "prompts": list(dict.fromkeys(selector.prompts))[:20],
-                                        "images": len(selector.prompts) if s.validation_csv else None,
-                                        "images_per_prompt": None if s.validation_csv else s.validation_images,
-                                        "detector": selector.detector_name,
-                                        "original_included": s.select_include_original, "rule": s.select_rule}
-            if s.select_rule == "object":
-                extra["epoch_selection"].update(target_accuracy=selector.rates, others_accuracy=selector.others)
-            if best < 0 and s.select_rule == "lowest":
-                extra["epoch_selection"]["note"] = ("no epoch and not the UCE step below the original model's rate: "
-                                                    "the reference saves no checkpoint; the UCE step is kept")
-        else:
-            extra["epoch_selection"] = {"on": False}
-            if s.preset != "none" and PRESETS[preset_kind("rece", s.preset, PRESETS)]["select_epoch"]:
-                extra["epoch_selection"]["note"] = "the preset selects epochs on validation_csv; none was given"
         dtype = layers[0].weight.dtype
-        return Result({n: w.to(dtype) for n, w in zip(names, current)}, solve_s, extra)
+        return finish(spec, s, names, [dtype] * len(names), current, history, selector, epochs_run, solve_s)
+
+
+def finish(spec: ConceptSpec, s: RECESettings, names, dtypes, current, history, selector, epochs_run: int,
+           solve_s: float, extra: dict | None = None) -> Result:
+    """The edit after the epochs: the selected epoch's weights when epochs are selected, with what was run and
+    chosen in ``extra`` (shared by the UNet and the flow-family paths)."""
+    extra = {"epochs_run": epochs_run, **(extra or {})}
+    if s.preset != "none":
+        extra["preset"] = {"name": s.preset, "settings": s.to_dict(), "spec": spec.as_dict()}
+    if selector:
+        best = selector.best_object() if s.select_rule == "object" else selector.best()
+        current = history[max(best, 0)]
+        extra["epoch_selection"] = {"on": True, "chosen_epoch": max(best, 0), "concept_rate": selector.rates,
+                                    "invalid_images": selector.invalid,
+                                    "scored": selector.labels, "prompts": list(dict.fromkeys(selector.prompts))[:20],
+                                    "images": len(selector.prompts) if s.validation_csv else None,
+                                    "images_per_prompt": None if s.validation_csv else s.validation_images,
+                                    "detector": selector.detector_name,
+                                    "original_included": s.select_include_original, "rule": s.select_rule}
+        if s.select_rule == "object":
+            extra["epoch_selection"].update(target_accuracy=selector.rates, others_accuracy=selector.others)
+        if best < 0 and s.select_rule == "lowest":
+            extra["epoch_selection"]["note"] = ("no epoch and not the UCE step below the original model's rate: "
+                                                "the reference saves no checkpoint; the UCE step is kept")
+    else:
+        extra["epoch_selection"] = {"on": False}
+        if s.preset != "none" and PRESETS[preset_kind("rece", s.preset, PRESETS)]["select_epoch"]:
+            extra["epoch_selection"]["note"] = "the preset selects epochs on validation_csv; none was given"
+    return Result({n: w.to(d) for n, w, d in zip(names, current, dtypes)}, solve_s, extra)
 
 
 def validation_classes(path, rows: int, concept: str) -> list[str]:

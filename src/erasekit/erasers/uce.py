@@ -107,6 +107,9 @@ class UCESettings(Settings):
     # official-nudity | official-object | official-artist: the reference script's settings (PRESETS) replace
     # lam, erase_scale, preserve_scale, tokens, preserve_tokens, expand, technique and the guide; "" is preserved
     preset: str = "none"
+    # SD3 / FLUX.1: what is edited. blocks: the joint blocks' text-side K/V; reference-flux: the reference UCE FLUX
+    # script's modules (context_embedder and the pooled text embedder's linear_1); both (erasers/uce_flow.py)
+    targets: str = choice("blocks", "blocks", "reference-flux", "both")
 
     def validate(self) -> None:
         positive(self, "lam")
@@ -181,6 +184,13 @@ def add_uce_terms(problem: RidgeProblem, pipe, states, pairs, preserve, s, throu
         problem.add_mapping(states[text][pos], states[text][pos], s.preserve_scale, through=through)
 
 
+def check_targets(method: str, targets: str) -> None:
+    """``targets`` other than the blocks names modules of SD3 / FLUX.1 transformers only."""
+    if targets != "blocks":
+        raise ErasekitError(f"{method}: targets={targets} edits the text embedders of an SD3 / FLUX.1 transformer; "
+                            f"this model has a UNet (use targets=blocks)")
+
+
 @ERASERS.register
 class UCE(Method):
     needs_unet = False  # the family's denoiser only: SD3 and FLUX.1 too
@@ -199,7 +209,11 @@ class UCE(Method):
 
             start = time.perf_counter()
             tensors, rows = flow_uce(pipe, spec, s, pairs, preserve)
-            return Result(tensors, time.perf_counter() - start, {"rows": rows})
+            extra = {"rows": rows, "targets": s.targets}
+            if s.preset != "none":
+                extra["preset"] = {"name": s.preset, "settings": s.to_dict(), "spec": spec.as_dict()}
+            return Result(tensors, time.perf_counter() - start, extra)
+        check_targets("uce", s.targets)
         names, layers = kv_layers(pipe)
         states = text_states(pipe, [t for pair in pairs for t in pair] + preserve)
         start = time.perf_counter()

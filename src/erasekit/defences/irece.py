@@ -24,6 +24,15 @@ No public code; our choices, all settings. At each step i with ``start <= i / st
 
 ``strength=0`` gives exactly the plain images (the defence then installs nothing). Cost per step in the window:
 one extra UNet call on the original weights (plus one for ``guide``), plus swapping the edit's tensors out and in.
+
+SD3 / FLUX.1 (flow matching, no cross-attention): the same protocol through the family. The map is the
+text-to-image part of every joint attention (`erasekit.diffusion.attention.capture_joint_attention`): the image
+queries' softmax over all keys (image and text), at the concept's text positions in the transformer's text
+sequence (SD3: its CLIP word positions and, after CLIP's 77, its T5 word positions; FLUX.1: its T5 word
+positions), averaged over the joint blocks, FLUX's single-stream blocks, heads and tokens, on the latent grid
+(the 2x2 patches brought back to latent resolution). x0 and eps are the flow's (x_s = (1 - s) x0 + s eps), the
+next latent (1 - s') x0 + s' eps (`erasekit.diffusion.flow.FlowSteps`); FLUX.1-dev's localisation and guide calls
+take the batch's distilled guidance as its sampling does.
 """
 
 from __future__ import annotations
@@ -80,6 +89,23 @@ def attention_mask(maps: torch.Tensor, mode: str, threshold: float, top_k: float
     return m.reshape(b, 1, *maps.shape[1:])
 
 
+def concept_text_positions(pipe, family, concept: str) -> list[int]:
+    """The concept's word positions in a flow transformer's text sequence (what ``family.encode`` builds): SD3's
+    [CLIP-L|G (77 positions); T5], FLUX.1's [T5] (its CLIP gives the pooled embedding only)."""
+    from erasekit.models import word_token_positions
+
+    positions, offset = [], 0
+    for name, tok, _ in family.encoders(pipe):
+        if name == "t5":
+            ids = tok([concept], truncation=True, max_length=tok.model_max_length).input_ids[0]
+            special = set(tok.all_special_ids)
+            positions += [offset + i for i, t in enumerate(ids) if t not in special]
+        elif family.name == "sd3" and name == "clip_l":  # CLIP-L and CLIP-G share positions (concatenated states)
+            positions += word_token_positions(pipe, concept)
+            offset = int(pipe.tokenizer_max_length)
+    return positions
+
+
 class _IRECEHook:
     def __init__(self, settings: IRECESettings, ctx, concept_cond, positions, guide_cond):
         self.s = settings
@@ -91,6 +117,7 @@ class _IRECEHook:
         self.first = math.ceil(settings.start * n - 1e-9)
         self.end = math.ceil(settings.stop * n - 1e-9)
         self.mask: torch.Tensor | None = None
+        self.last_mask: torch.Tensor | None = None  # the latest step's mask (tests, reports)
         self.x0_guide: torch.Tensor | None = None
         self.masks_mean: list[float] = []  # share of the latent masked, per step (for reports)
 
@@ -101,6 +128,8 @@ class _IRECEHook:
         self.mask = self.x0_guide = None
         if not self.active(state):
             return
+        if self.ctx.target.family.flow:
+            return self._before_flow(state)
         from erasekit.diffusion.attention import capture_cross_attention
         from erasekit.diffusion.guidance import UNetDenoiser
 
@@ -111,11 +140,33 @@ class _IRECEHook:
         with ctx.target.without_edits(), capture_cross_attention(unet, self.positions) as cap:
             UNetDenoiser(unet, ctx.target.family)(x, state.t, self.concept_cond.expand(b))
         maps = cap.aggregate(tuple(x.shape[-2:]))
-        self.mask = attention_mask(maps, s.mask, s.mask_threshold, s.top_k).to(x.device, x.dtype)
+        self.mask = self.last_mask = attention_mask(maps, s.mask, s.mask_threshold, s.top_k).to(x.device, x.dtype)
         self.masks_mean.append(float(self.mask.mean()))
         if s.kind in ("guide", "both"):
             out = UNetDenoiser(unet, ctx.target.family)(x, state.t, self.guide_cond.expand(b))
             self.x0_guide = ctx.sampler.scheduler.step(out, state.t, state.latents, return_dict=True).pred_original_sample
+
+    def _before_flow(self, state) -> None:
+        """`before` on a flow-matching transformer (module docstring): joint attention, the family's x0."""
+        from erasekit.diffusion import attention
+        from erasekit.diffusion.guidance import UNetDenoiser, guided
+
+        ctx, s, family = self.ctx, self.s, self.ctx.target.family
+        model = family.denoiser(ctx.target.pipe)
+        x = family.model_input(ctx.sampler.scheduler, state.latents, state.t)
+        b = len(x)
+
+        def call(cond):  # conditional only, with the sampling's distilled guidance on FLUX.1-dev
+            return guided(UNetDenoiser(model, family), cond.expand(b), None, ctx.scale)(x, state.t)
+
+        with ctx.target.without_edits(), attention.capture_joint_attention(model, self.positions) as cap:
+            call(self.concept_cond)
+        maps = cap.aggregate(tuple(x.shape[-2:]))
+        self.mask = self.last_mask = attention_mask(maps, s.mask, s.mask_threshold, s.top_k).to(x.device, x.dtype)
+        self.masks_mean.append(float(self.mask.mean()))
+        if s.kind in ("guide", "both"):
+            out = call(self.guide_cond)
+            self.x0_guide = family.step(ctx.sampler.scheduler, state.index, out, state.t, state.latents)[0]
 
     def _noise(self, state, like: torch.Tensor) -> torch.Tensor:
         seeds = self.ctx.seeds or list(range(len(like)))
@@ -148,6 +199,7 @@ class IRECE(Defence):
     name = "irece"
     summary = "IRECE: perturb the latents where the original model's cross-attention finds the concept"
     Settings = IRECESettings
+    needs_unet = False  # SD3 / FLUX.1: the joint attention's text-to-image part (module docstring)
 
     def hooks(self, ctx) -> list:
         from erasekit.models import word_token_positions
@@ -156,11 +208,15 @@ class IRECE(Defence):
         if s.strength == 0:
             return []  # exactly the plain images
         pipe = ctx.target.pipe
-        positions = word_token_positions(pipe, s.concept)
+        family = ctx.target.family
+        device = family.denoiser(pipe).device
+        concept_cond = family.encode(pipe, [s.concept], device=device)
+        if family.flow:  # within the transformer's text positions (SD3's T5 part: 256 of the tokenizer's 512)
+            positions = [p for p in concept_text_positions(pipe, family, s.concept) if p < concept_cond.states.shape[1]]
+        else:
+            positions = word_token_positions(pipe, s.concept)
         if not positions:
             raise ErasekitError(f"irece: the concept {s.concept!r} has no word tokens")
-        device = pipe.unet.device
-        concept_cond = ctx.target.family.encode(pipe, [s.concept], device=device)
         guide_cond = None
         if s.kind in ("guide", "both"):
             text = s.guide if s.guide is not None else ctx.target.world.guide([s.concept])

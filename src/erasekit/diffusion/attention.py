@@ -10,6 +10,10 @@ be without the capture) and, beside it, computes the softmax attention probabili
 of the module's queries against the text keys, keeping, per layer and per call, the mean over heads of the chosen
 token positions' columns (B, T_chosen, N). The original processors are always restored on exit, also when the
 block raises.
+
+SD3 / FLUX.1 have no cross-attention: text and image attend jointly. `capture_joint_attention` records the same
+maps there, the text-to-image part of each joint attention (the image queries' softmax over all keys, image and
+text, restricted to the chosen text columns), through forward hooks that only read the module's inputs.
 """
 
 from __future__ import annotations
@@ -129,3 +133,101 @@ def capture_cross_attention(unet, token_positions: list[int] | None, layers: Ite
         yield recorder
     finally:
         unet.set_attn_processor(dict(original))
+
+
+# -- joint attention (SD3, FLUX.1): the text-to-image part --------------------------------------------------------
+_SCORE_ELEMENTS = 1 << 25  # float32 scores computed at once (heads are taken in chunks below this)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads * d) -> (B, L, heads, d)."""
+    return x.unflatten(-1, (heads, -1))
+
+
+def _norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The module's q/k norm on (B, L, H, d) (over d: SD3's processor applies it on (B, H, L, d), the same)."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
+def joint_text_probs(attn, layout: str, hidden_states, encoder_hidden_states=None, image_rotary_emb=None,
+                     text_len: int | None = None, token_positions=None) -> torch.Tensor:
+    """The attention probabilities of every image query over the chosen text keys in one joint attention, mean over
+    heads: (B, T_chosen, N_image).
+
+    The softmax runs over ALL keys (image and text), as the module's own attention does; only the text columns are
+    kept. ``layout``: "image_first" (SD3's JointAttnProcessor2_0: [image; text]), "text_first" (FLUX's double-stream
+    blocks: [text; image], rotary embeddings on both), "single" (FLUX's single-stream blocks: ``hidden_states`` is
+    [text; image] with ``text_len`` text positions). ``token_positions`` index the text sequence (None: all)."""
+    heads = int(attn.heads)
+    q = _norm(attn, "norm_q", _heads(attn.to_q(hidden_states), heads))
+    k = _norm(attn, "norm_k", _heads(attn.to_k(hidden_states), heads))
+    if layout == "single":
+        t_len = int(text_len)
+    else:
+        eq = _norm(attn, "norm_added_q", _heads(attn.add_q_proj(encoder_hidden_states), heads))
+        ek = _norm(attn, "norm_added_k", _heads(attn.add_k_proj(encoder_hidden_states), heads))
+        t_len = encoder_hidden_states.shape[1]
+        if layout == "image_first":
+            q, k = torch.cat([q, eq], 1), torch.cat([k, ek], 1)
+        else:
+            q, k = torch.cat([eq, q], 1), torch.cat([ek, k], 1)
+    if image_rotary_emb is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+    n_all = q.shape[1]
+    n_img = n_all - t_len
+    img_q = q[:, :n_img] if layout == "image_first" else q[:, t_len:]
+    text0 = n_img if layout == "image_first" else 0  # where the text keys start
+    cols = torch.arange(t_len) if token_positions is None else torch.as_tensor(list(token_positions))
+    cols = (cols + text0).to(q.device)
+    b, _, _, d = q.shape
+    img_q, k = img_q.transpose(1, 2).float(), k.transpose(1, 2).float()  # (B, H, L, d)
+    total = torch.zeros(b, len(cols), n_img, device=q.device)
+    step = max(1, _SCORE_ELEMENTS // max(1, b * n_img * n_all))
+    for h in range(0, heads, step):
+        scores = img_q[:, h : h + step] @ k[:, h : h + step].transpose(-1, -2) / math.sqrt(d)  # SDPA's default scale
+        total += scores.softmax(-1)[..., cols].sum(1).transpose(1, 2)
+    return total / heads
+
+
+@contextmanager
+def capture_joint_attention(transformer, token_positions: list[int] | None, layers: Iterable[str] | None = None):
+    """`capture_cross_attention` for SD3 / FLUX.1 transformers: records, per joint attention, the image queries'
+    attention probabilities over the chosen text positions (`joint_text_probs`); FLUX's single-stream blocks too
+    (their text length is the double-stream blocks' text length of the same call). ``layers``: names from
+    `erasekit.diffusion.sites.image_text_attention` (``"transformer.joint.0.text"``, ``"single"``, ...; default:
+    all). The transformer's output is untouched (forward hooks only read the inputs); hooks are removed on exit,
+    also when the block raises."""
+    from erasekit.diffusion.sites import image_text_attention, select_sites
+
+    recorder = _Recorder(token_positions)
+    every = image_text_attention(transformer)
+    chosen = {m.path for m in select_sites(every, layers)}
+    text_len: list[int] = [0]
+
+    def hook_for(site):
+        def hook(module, args, kwargs, output):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            if enc is not None:
+                text_len[0] = int(enc.shape[1])
+            if site.path not in chosen:
+                return
+            with torch.no_grad():
+                probs = joint_text_probs(module, site.layout, hidden, enc, kwargs.get("image_rotary_emb"),
+                                         text_len[0], recorder.token_positions)
+            recorder.records.append((site.name, probs.detach().float()))
+
+        return hook
+
+    handles = []
+    try:
+        for site in every:
+            handles.append(site.module.register_forward_hook(hook_for(site), with_kwargs=True))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()

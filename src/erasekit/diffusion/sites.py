@@ -69,6 +69,32 @@ def joint_attention_sites(transformer: torch.nn.Module, kind: str = "joint",
     return sites
 
 
+@dataclass(frozen=True)
+class ImageTextAttention:
+    """An attention module of a joint-attention transformer where image queries attend to text keys."""
+
+    name: str  # "transformer.joint.0.text" (the block's K/V site name), or "transformer.single.<i>" (FLUX)
+    path: str  # the module path inside the transformer
+    module: torch.nn.Module
+    layout: str  # "image_first" (SD3: [image; text]), "text_first" (FLUX double), "single" (FLUX: one stream)
+
+
+def image_text_attention(transformer: torch.nn.Module, component: str = "transformer") -> list[ImageTextAttention]:
+    """Every attention of an SD3 / FLUX transformer in which image queries see the text: the joint blocks (the
+    text keys from ``add_k_proj``), and FLUX's single-stream blocks (one projection of [text; image]), in call order.
+    What IRECE's mask reads (`erasekit.diffusion.attention.capture_joint_attention`)."""
+    flux = "Flux" in type(transformer).__name__
+    kind = "double" if flux else "joint"
+    found = [ImageTextAttention(site.name, site.path, site.module, "text_first" if flux else "image_first")
+             for site in joint_attention_sites(transformer, kind, component)]
+    for i, block in enumerate(getattr(transformer, "single_transformer_blocks", None) or []):
+        attn = getattr(block, "attn", None)
+        if attn is not None:
+            found.append(ImageTextAttention(f"{component}.single.{i}", f"single_transformer_blocks.{i}.attn", attn,
+                                            "single"))
+    return found
+
+
 def select_sites(sites: Sequence[AttentionSite], selection: Iterable[str] | None) -> list[AttentionSite]:
     """The sites a selection names (None: all); a selection that names none is an error."""
     if selection is None:

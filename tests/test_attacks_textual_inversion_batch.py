@@ -23,11 +23,11 @@ def _jobs(same_name: bool = False):
     names = ["<a-ti>"] * 3 if same_name else ["<a-ti>", "<b-ti>", "<c-ti>"]
     return [
         (render_concept_images("star", 4, 32, seed=0)[0],
-         TextualInversionConfig(token=names[0], steps=6, batch_size=4, seed=0)),
+         TextualInversionConfig(token=names[0], steps=4, batch_size=4, seed=0)),
         (render_concept_images("heart", 3, 32, seed=5)[0],
-         TextualInversionConfig(token=names[1], steps=4, batch_size=2, seed=1, lr=1e-2, num_vectors=2)),
+         TextualInversionConfig(token=names[1], steps=3, batch_size=2, seed=1, lr=1e-2, num_vectors=2)),
         (render_concept_images("circle", 5, 32, seed=9)[0],
-         TextualInversionConfig(token=names[2], steps=6, batch_size=3, seed=2, initializer="shape")),
+         TextualInversionConfig(token=names[2], steps=4, batch_size=3, seed=2, initializer="shape")),
     ]
 
 
@@ -63,8 +63,8 @@ def test_tokens_learned_together_equal_tokens_learned_one_at_a_time(which, reque
         assert (learned.vectors - init).abs().max() > 100 * VECTOR_ATOL
         assert learned.budget["tokens_learned_together"] == 3
         assert learned.budget["seconds_per_token"] == pytest.approx(learned.budget["wall_s"] / 3)
-    # Each token trained for its own number of steps (the 4-step token's Adam was not stepped after it finished).
-    assert [len(x) for x in losses] == [6, 4, 6]
+    # Each token trained for its own number of steps (the 3-step token's Adam was not stepped after it finished).
+    assert [len(x) for x in losses] == [4, 3, 4]
     assert together[1].vectors.shape[0] == 2
 
 
@@ -106,3 +106,36 @@ def test_batched_learning_checks_every_token(toy_random):
     with pytest.raises(ErasekitError, match="resize them first"):
         learn_textual_inversions(toy_random, [(images, config), (images[:, :16, :16], other)], progress=False)
     assert learn_textual_inversions(toy_random, [], progress=False) == []
+
+
+def test_bench_learns_the_tokens_of_one_model_state_together(tmp_path):
+    """Two concepts' black-box tokens learn on one model (the original) in one loop; each lands in the cache entry
+    a cell learning alone uses (the single-cell attack reads it back), with the vectors it learns alone."""
+    from erasekit.attacks.scenarios import ScenarioConfig, run_scenario
+    from erasekit.bench.run import run_bench
+    from erasekit.bench.spec import parse_config
+    from erasekit.diffusion import Target
+    from erasekit.detectors.toy import ToyConceptDetector
+    from erasekit.models import load_pipeline
+
+    ti = {"steps": 3, "images": 2, "batch_size": 2}
+    raw = {"model": "toy", "concepts": ["star", "heart"], "methods": ["original"], "scenarios": ["embedding-bb"],
+           "images_per_cell": 1, "sampler": {"steps": 1}, "attacks": {"ti": ti}, "preservation": {"images": 1},
+           "batch_size": 2}
+    summary = run_bench(parse_config(raw), tmp_path / "run", progress=False, log=lambda m: None)
+    budgets = {c: summary["cells"][f"{c}/original/embedding-bb"]["budget"] for c in ("star", "heart")}
+    assert all(b["tokens_learned_together"] == 2 and "reused_from_cache" not in b for b in budgets.values())
+
+    pipe = load_pipeline("toy")
+    cfg = ScenarioConfig("embedding-bb", "star", n=1, steps=1, settings={"textual_inversion": ti})
+    again = run_scenario(cfg, Target(pipe, model="toy"), ToyConceptDetector("star", model=None), tmp_path / "a",
+                         cache_dir=tmp_path / "run" / "cache", progress=False)
+    assert again["attack"]["reused_from_cache"]  # the same key as a cell learning alone
+    from erasekit.attacks.textual_inversion import LearnedEmbedding
+
+    together = LearnedEmbedding.load(again["attack"]["reused_from_cache"])
+    alone = run_scenario(cfg, Target(pipe, model="toy"), ToyConceptDetector("star", model=None), tmp_path / "b",
+                         cache_dir=tmp_path / "alone", progress=False)
+    assert "reused_from_cache" not in alone["attack"] and "tokens_learned_together" not in alone["attack"]
+    (entry,) = (tmp_path / "alone").glob("ti-*")
+    torch.testing.assert_close(LearnedEmbedding.load(entry).vectors, together.vectors, rtol=0, atol=VECTOR_ATOL)

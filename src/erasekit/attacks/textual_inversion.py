@@ -35,6 +35,10 @@ rate (66%), and three times the budget did not raise it: the ceiling is the mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
@@ -88,20 +92,69 @@ class TextualInversionAttack(Attack):
     order = 1
     scenarios = {"embedding-bb": {"learn_on": "original"}, "embedding-wb": {"learn_on": "target"}}
 
-    def inputs(self, ctx: AttackContext, learn_on: str) -> AttackInputs:
-        """Learn (or reuse from the cache) the concept's token on the original or the attacked model."""
+    def _plan(self, ctx: AttackContext, learn_on: str) -> "_TokenPlan":
+        """What the cell learns: its config (the default token named after the concept), learner, images, cache key.
+        Made once per cell (`prepare` and `inputs` share it: the images' notes are not repeated)."""
         import dataclasses
 
         from erasekit.attacks.images import concept_images
+
+        memo = getattr(self, "_plans", None)
+        if memo is None:
+            memo = self._plans = {}
+        key = (id(ctx), learn_on)
+        if key not in memo:
+            config = self.settings
+            if config.token == TextualInversionConfig.token:  # the default token: named after the concept
+                config = dataclasses.replace(config, token=default_token(ctx.concept))
+            learner = ctx.learner(learn_on)
+            images = concept_images(learner, ctx.concept, None if ctx.images_folder else config.images,
+                                    ctx.images_folder, RENDER_SEED, ctx.notes)
+            source = {"images_digest": images.digest, "learner": learner.cache_id}
+            memo[key] = _TokenPlan(config, learner, images, source, ctx)
+        return memo[key]
+
+    @classmethod
+    def prepare(cls, items) -> None:
+        """Learn together the tokens that the cells ``items`` ((attack, ctx, scenario arguments) each) are about
+        to ask for and the cache lacks: one batched loop (`learn_textual_inversions`) per model state (the learner's
+        weights and edits), each token saved to its own cache entry (the key a cell learning alone uses). A model
+        state with one missing token leaves it to `inputs`. Cells without a cache folder learn in `inputs`."""
+        from erasekit.cache import cache_entry
+
+        groups: dict[str, list] = {}
+        seen = set()
+        for attack, ctx, args in items:
+            if ctx.cache_dir is None:
+                continue
+            plan = attack._plan(ctx, **args)
+            plan.entry = cache_entry(ctx.cache_dir, "ti", (plan.source, plan.config.as_dict()), suffix="")
+            if plan.entry in seen or _complete(plan.entry):
+                continue  # the first cell with this key learns it; later ones read it from the cache
+            seen.add(plan.entry)
+            groups.setdefault(plan.learner.cache_id, []).append((attack, plan))
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            learner = group[0][1].learner
+            with learner.active():
+                learned = learn_textual_inversions(learner.pipe, [(p.images.images, p.config) for _, p in group],
+                                                   progress=group[0][1].ctx.progress)
+            for (attack, plan), emb in zip(group, learned):
+                emb.config.update(plan.source)
+                plan.entry.parent.mkdir(parents=True, exist_ok=True)
+                emb.save(plan.entry)
+                plan.learned = emb
+
+    def inputs(self, ctx: AttackContext, learn_on: str) -> AttackInputs:
+        """Learn (or reuse from the cache) the concept's token on the original or the attacked model."""
         from erasekit.cache import cached
 
-        config = self.settings
-        if config.token == TextualInversionConfig.token:  # the default token: named after the concept
-            config = dataclasses.replace(config, token=default_token(ctx.concept))
-        learner = ctx.learner(learn_on)
-        images = concept_images(learner, ctx.concept, None if ctx.images_folder else config.images, ctx.images_folder,
-                                RENDER_SEED, ctx.notes)
-        source = {"images_digest": images.digest, "learner": learner.cache_id}
+        plan = self._plan(ctx, learn_on)
+        if plan.learned is not None:  # learned together with other cells' tokens by `prepare`, this run
+            learned = plan.learned
+            return textual_inversion_inputs(learned, ctx.n, seed=ctx.seed, learned_on=learn_on)
+        config, learner, images, source = plan.config, plan.learner, plan.images, plan.source
 
         def learn():
             with learner.active():
@@ -112,7 +165,23 @@ class TextualInversionAttack(Attack):
         # A folder in diffusers' layout; the vectors (written last) mark it done.
         learned, reused = cached(ctx.cache_dir, "ti", (source, config.as_dict()), learn, suffix="",
                                  load=LearnedEmbedding.load, save=lambda folder, emb: emb.save(folder),
-                                 complete=lambda f: (f / CONFIG_FILE).is_file() and (f / LEARNED_EMBEDS_FILE).is_file())
+                                 complete=_complete)
         if reused:
             learned.budget = dict(learned.budget, reused_from_cache=reused)
         return textual_inversion_inputs(learned, ctx.n, seed=ctx.seed, learned_on=learn_on)
+
+
+def _complete(folder) -> bool:
+    """A cached token's folder is whole: its JSON and its vectors (written last) are there."""
+    return (folder / CONFIG_FILE).is_file() and (folder / LEARNED_EMBEDS_FILE).is_file()
+
+
+@dataclass
+class _TokenPlan:
+    config: TextualInversionConfig
+    learner: Any
+    images: Any
+    source: dict
+    ctx: AttackContext
+    entry: Path | None = None
+    learned: LearnedEmbedding | None = None

@@ -143,7 +143,27 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
     jobs: list[Job] = []
     sources: dict[Cell, Any] = {}  # cell -> AttackInputs (latents / learned vectors for generation)
     cell_info: dict[str, dict] = {}
-    bar = progress_bar(sum(c.kind == "attack" for c in plan), "attacks", progress, unit="cell")
+
+    def attack_setup(cell):
+        ccfg, target = concepts[cell.concept], cell_target(cell, targets, target0)
+        cls, args = attack_of(cell.scenario)
+        check_runs_on(cls, "attack", target.pipe)
+        overrides = dict(settings_by_attack.get(cls.name, {}))
+        if cls.name == "text" and ccfg.target_prompts and "prompts" not in overrides:
+            overrides["prompts"] = ";".join(ccfg.target_prompts)
+        attack = cls.from_overrides(overrides)
+        csv_ok = ccfg.prompts_csv and cls.name in ("text", "unlearndiffatk")  # the rows' prompts and seeds
+        ctx = AttackContext(target=target, concept=cell.concept, n=cfg.images_per_cell, seed=cfg.seed,
+                            steps=cfg.sampler.steps, batch_size=cfg.attack_batch_size,
+                            images_folder=Path(ccfg.images) if ccfg.images else None,
+                            prompts_csv=Path(ccfg.prompts_csv) if csv_ok else None,
+                            detector=detectors[cell.concept],  # attacks that check success in their loop
+                            cache_dir=cache, progress=progress)
+        return cls, args, attack, ctx
+
+    setups = {cell: attack_setup(cell) for cell in plan if cell.kind == "attack"}
+    prepare_attacks(setups.values())
+    bar = progress_bar(len(setups), "attacks", progress, unit="cell")
     for cell in plan:
         ccfg = concepts[cell.concept]
         target = cell_target(cell, targets, target0)
@@ -163,19 +183,7 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
             jobs += preservation_jobs(cell, pp, cfg.preservation_images(), cfg.seed, steps, guidance, *who)
             cell_info[cell.id] = {"target": target.describe()}
             continue
-        cls, args = attack_of(cell.scenario)
-        check_runs_on(cls, "attack", target.pipe)
-        overrides = dict(settings_by_attack.get(cls.name, {}))
-        if cls.name == "text" and ccfg.target_prompts and "prompts" not in overrides:
-            overrides["prompts"] = ";".join(ccfg.target_prompts)
-        attack = cls.from_overrides(overrides)
-        csv_ok = ccfg.prompts_csv and cls.name in ("text", "unlearndiffatk")  # the rows' prompts and seeds
-        ctx = AttackContext(target=target, concept=cell.concept, n=cfg.images_per_cell, seed=cfg.seed,
-                            steps=cfg.sampler.steps, batch_size=cfg.attack_batch_size,
-                            images_folder=Path(ccfg.images) if ccfg.images else None,
-                            prompts_csv=Path(ccfg.prompts_csv) if csv_ok else None,
-                            detector=detectors[cell.concept],  # attacks that check success in their loop
-                            cache_dir=cache, progress=progress)
+        cls, args, attack, ctx = setups[cell]
         with measure_cost() as acost:
             inputs = attack.inputs(ctx, **args)
         gen_steps = int(inputs.budget.get("inversion_steps", steps)) if inputs.latents is not None else steps
@@ -188,6 +196,17 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
         bar.update(1)
     bar.close()
     return jobs, sources, cell_info
+
+
+def prepare_attacks(setups) -> None:
+    """Attacks that learn several cells' inputs together (textual inversion: the tokens of one model state in one
+    batched loop) do it before the cells ask for them one by one; ``setups``: (class, args, attack, ctx) per cell."""
+    by_class: dict[type, list] = {}
+    for cls, args, attack, ctx in setups:
+        if hasattr(cls, "prepare"):
+            by_class.setdefault(cls, []).append((attack, ctx, args))
+    for cls, items in by_class.items():
+        cls.prepare(items)
 
 
 # -- generation ---------------------------------------------------------------------------------------------------

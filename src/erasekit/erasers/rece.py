@@ -136,7 +136,7 @@ class RECE(Method):
         if family_of(pipe).flow:
             from erasekit.erasers.rece_flow import flow_rece
 
-            return flow_rece(pipe, spec, s)
+            return finish(spec, s, *flow_rece(pipe, spec, s, EpochSelector))
         check_targets("rece", s.targets)
         names, layers = kv_layers(pipe)
         pairs = guide_pairs(spec, "erase", s.expand, s.templates)  # the UCE step

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import time
 
-from erasekit.erasers.method import Result
 from erasekit.erasers.ridge import LowRankEdits, RidgeProblem
 
 
-def flow_rece(pipe, spec, s) -> Result:
+def flow_rece(pipe, spec, s, selector_class=None) -> tuple:
+    """The epochs for RECE settings ``s``: (names, dtypes, final weights, per-epoch weights or None, the epoch
+    selector or None, epochs run, solve seconds, extra), what `erasers.rece.finish` turns into the edit.
+    ``selector_class``: `erasers.rece.EpochSelector` (made when ``s.select_epoch``)."""
     from erasekit.diffusion.family import family_of
-    from erasekit.erasers.rece import EpochSelector, finish
     from erasekit.erasers.uce import UNCONDITIONAL, guide_pairs, preserved_texts
     from erasekit.erasers.uce_flow import add_terms, unit_texts, units
 
@@ -42,7 +43,7 @@ def flow_rece(pipe, spec, s) -> Result:
     names = [f"{name}.weight" for unit in parts for name, _ in unit.layers]
     dtypes = [w.dtype for unit in parts for w in unit.weights]
     original = [w.detach() for unit in parts for w in unit.weights]
-    selector = EpochSelector(pipe, spec, s, names) if s.select_epoch else None
+    selector = selector_class(pipe, spec, s, names) if s.select_epoch else None
 
     def weights():
         return [w for model in models for w in model.layers()]
@@ -86,4 +87,4 @@ def flow_rece(pipe, spec, s) -> Result:
             if selector.done():
                 break
     extra = {"targets": s.targets, "units": len(parts), "rows": rows}
-    return finish(spec, s, names, dtypes, weights(), history, selector, epochs_run, solve_s, extra)
+    return names, dtypes, weights(), history, selector, epochs_run, solve_s, extra

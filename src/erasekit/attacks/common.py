@@ -157,17 +157,26 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32)
 
 
+POOLED_KEYS = ("text_embeds", "pooled")  # a Conditioning's pooled text embedding: SDXL's, SD3 / FLUX.1's
+
+
 class StatesTable:
     """Ready-made text states per prompt label: the `GenerationInputs.learned` interface (``encode``, ``digest``).
-    On SDXL each label also has its pooled text embedding (``pooled``), and ``encode`` gives a `Conditioning`."""
+    On SDXL, SD3 and FLUX.1 each label also has its pooled text embedding (``pooled``, kept under the family's
+    key ``pooled_key``), and ``encode`` gives a `Conditioning`."""
 
-    def __init__(self, states: dict[str, torch.Tensor] | None = None, pooled: dict[str, torch.Tensor] | None = None):
+    def __init__(self, states: dict[str, torch.Tensor] | None = None, pooled: dict[str, torch.Tensor] | None = None,
+                 pooled_key: str = "text_embeds"):
         self.states = {k: _cpu(v) for k, v in (states or {}).items()}
         self.pooled = {k: _cpu(v) for k, v in (pooled or {}).items()}
+        self.pooled_key = pooled_key
 
     def add(self, labels, cond: Conditioning) -> "StatesTable":
-        """Item j of ``cond`` under ``labels[j]`` (its states, and SDXL's pooled embedding when there)."""
-        pooled = cond.added.get("text_embeds")
+        """Item j of ``cond`` under ``labels[j]`` (its states, and the pooled embedding when there)."""
+        key = next((k for k in POOLED_KEYS if k in cond.added), None)
+        pooled = cond.added.get(key) if key is not None else None
+        if key is not None:
+            self.pooled_key = key
         for j, label in enumerate(labels):
             self.states[label] = _cpu(cond.states[j])
             if pooled is not None:
@@ -183,7 +192,7 @@ class StatesTable:
         out = torch.stack([self.states[p] for p in prompts]).to(device, dtype)
         if not self.pooled:
             return out
-        return Conditioning(out, {"text_embeds": torch.stack([self.pooled[p] for p in prompts]).to(device, dtype)})
+        return Conditioning(out, {self.pooled_key: torch.stack([self.pooled[p] for p in prompts]).to(device, dtype)})
 
     def digest(self) -> str:
         import hashlib
@@ -203,13 +212,18 @@ class StatesTable:
         tensors = {"states": torch.stack([self.states[k] for k in labels]).contiguous()}
         if self.pooled:
             tensors["pooled"] = torch.stack([self.pooled[k] for k in labels]).contiguous()
-        write_safetensors_atomic(path, tensors, {"labels": labels})
+        record = {"labels": labels} if self.pooled_key == "text_embeds" else {"labels": labels,
+                                                                             "pooled_key": self.pooled_key}
+        write_safetensors_atomic(path, tensors, record)
 
     @classmethod
     def load(cls, path) -> "StatesTable":
         from erasekit.safe_load import load_safetensors
 
         tensors = load_safetensors(path, "cached soft-prompt states")
-        labels = json.loads(path.with_suffix(".json").read_text())["labels"]
+        record = json.loads(path.with_suffix(".json").read_text())
+        labels, key = record["labels"], record.get("pooled_key", "text_embeds")
+        if key not in POOLED_KEYS:
+            raise ErasekitError(f"cached soft-prompt states {path}: unknown pooled key {key!r}")
         pooled = tensors.get("pooled")
-        return cls(dict(zip(labels, tensors["states"])), dict(zip(labels, pooled)) if pooled is not None else None)
+        return cls(dict(zip(labels, tensors["states"])), dict(zip(labels, pooled)) if pooled is not None else None, key)

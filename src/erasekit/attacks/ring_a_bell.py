@@ -10,7 +10,11 @@ without the concept's words.
 On SDXL the states are the family's (both encoders' concatenated token states); the vector shifts only them, and
 the shifted prompt keeps its base prompt's pooled embedding: the paper's vector lives in the token states that
 cross-attention reads (the path erasers edit), the base prompt's pooled embedding already carries the concept, and
-eta times a pooled difference, added to the time embedding, would push it far out of its range.
+eta times a pooled difference, added to the time embedding, would push it far out of its range. The same holds on
+SD3 and FLUX.1, whose token states are the joint attention's text stream: SD3's [CLIP-L|G (zero-padded to T5's
+width), T5] (77 + 256 positions), FLUX.1's T5 states; the vector is their mean difference, the pooled projections
+stay the base prompt's, and the discrete search scores each candidate (CLIP-vocabulary tokens, as typed) by the
+states of every encoder the family uses.
 
 - ``ring-a-bell`` (continuous): the text states E(p) + eta * v for the world's concept prompts p, generated as they
   are (white-box: an embedding, not a prompt). eta: 3 for nudity-like concepts (the paper's nudity value; the
@@ -257,6 +261,7 @@ class RingABell(Attack):
     summary = "Ring-A-Bell: concept vector (mean E(with) - E(without)) added to prompts; discrete prompt by genetic search"
     Settings = RingABellSettings
     order = 11
+    needs_unet = False  # the family's text states only (SD3 / FLUX.1: the joint attention's T5 / CLIP states)
     scenarios = {"ring-a-bell": {"mode": "continuous"}, "ring-a-bell-discrete": {"mode": "discrete"}}
 
     def inputs(self, ctx: AttackContext, mode: str) -> AttackInputs:

@@ -66,7 +66,9 @@ def ddim_invert(target, latents: torch.Tensor, prompt: str = "", steps: int | No
     from erasekit.diffusion.speed import accelerate, unet_for
 
     if fast:
-        accelerate(pipe)
+        from erasekit.diffusion.fp8 import precision_of
+
+        accelerate(pipe, precision=precision_of(fast))  # "fp8": the latents of FP8 products (keyed by digest)
     out = []
     starts = range(0, len(latents), batch_size)
     with torch.no_grad(), target.active():

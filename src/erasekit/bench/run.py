@@ -62,6 +62,8 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     from erasekit.scoring import detector_id
     from erasekit.threads import apply, available_cores
 
+    from erasekit.bench.spec import fast_value
+
     out = Path(out)
     state = _state()
     main = state.is_main_process
@@ -123,7 +125,7 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
         with log_stages.stage("generation", defer=True, images_planned=len(unique), images_todo=todo) as cost:
             if on_cpu and state.num_processes > 1:
                 torch.set_num_threads(max(1, full_threads // state.num_processes))
-            made = stages.generate_cells(jobs, targets, target0, sources, out, guidance, cfg.batch_size, cfg.fast,
+            made = stages.generate_cells(jobs, targets, target0, sources, out, guidance, cfg.batch_size, fast_value(cfg),
                                          share=(state.process_index, state.num_processes), progress=progress and main)
             cost.add_images(made)
             if on_cpu:

@@ -134,6 +134,9 @@ class BenchConfig:
     dtype: str = "auto"
     fast: bool = False  # GPU: compiled UNet/decoder, channels-last (images within a few levels; keyed apart)
     description: str = ""
+    # "fp8": fast mode with FP8 products in the UNet's linear layers (`erasekit.diffusion.fp8`; CUDA 8.9+), recorded in
+    # every row (``precision``) and keyed apart; implies fast. "default": the dtype's own products.
+    precision: str = "default"
 
     # -- what determines the results ------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -143,6 +146,8 @@ class BenchConfig:
             d.pop(key, None)
         if not d.get("fast"):
             d.pop("fast", None)  # configs written before fast mode existed keep their keys
+        if d.get("precision") == "default":
+            d.pop("precision", None)  # as fast: configs written before fp8 existed keep their keys
         for c in d["concepts"]:
             for key in ("prompts_csv", "erase", "concepts_file", "retain"):
                 if c.get(key) is None:
@@ -361,7 +366,19 @@ def validate(cfg: BenchConfig) -> BenchConfig:
 
     if cfg.dtype not in DTYPE_NAMES:
         raise ErasekitError(f"config: dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.dtype!r}")
+    from erasekit.diffusion.fp8 import PRECISIONS
+
+    if cfg.precision not in PRECISIONS:
+        raise ErasekitError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.precision == "fp8" and cfg.fast is False:
+        raise ErasekitError("config: precision fp8 runs in fast mode: set fast to true or auto, not false")
     return cfg
+
+
+def fast_value(cfg: BenchConfig):
+    """What generation takes as ``fast`` (`erasekit.generation.target_key`): False, True, or "fp8" (fp8 implies
+    fast)."""
+    return "fp8" if cfg.precision == "fp8" else bool(cfg.fast)
 
 
 # -- entries that erase several concepts at once (mass erasure, #24; expanded by `erasekit.bench.groups`) ---------

@@ -32,7 +32,9 @@ def image_target_id(target, cfg) -> str:
     """What a job's image key knows of the model (`erasekit.generation.target_key`, marked in fast mode)."""
     from erasekit.generation import target_key
 
-    return target_key(target, cfg.fast)
+    from erasekit.bench.spec import fast_value
+
+    return target_key(target, fast_value(cfg))
 
 
 # -- detectors -----------------------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
     from erasekit.attacks.scenarios import attack_of
     from erasekit.diffusion.support import check_runs_on
     from erasekit.bench.quality import prompt_rows
+    from erasekit.bench.spec import fast_value
     from erasekit.generation import target_fields
     from erasekit.metrics import measure_cost
 
@@ -167,7 +170,7 @@ def plan_jobs(cfg, plan: list[Cell], concepts, targets, target0, world, detector
     for cell in plan:
         ccfg = concepts[cell.concept]
         target = cell_target(cell, targets, target0)
-        fields = target_fields(target, cfg.fast)
+        fields = target_fields(target, fast_value(cfg))  # fast and precision (fp8) recorded in every row
         who = (fields["target"], sampling_fields(fields))
         if cell.kind != "attack":
             pp = ([(p.label, p.prompt) for p in ccfg.preserve_prompts] if ccfg.preserve_prompts is not None
@@ -287,6 +290,7 @@ def score_jobs(pending: list[Job], detectors, det_ids, cfg, world, out: Path, re
                 # A degenerate image (NaN latents decode to one flat colour) is flagged, never "concept absent" (#18).
                 **score_fields(s, detectors[j.cell.concept].info(), det_ids[j.cell.concept], image_problem(image)),
                 **{k: v for k, v in j.extra.items() if k in ("source", "case_number")},
+                **({"precision": cfg.precision} if cfg.precision != "default" else {}),  # fp8 products (#23)
             })
         append_jsonl(results_path, rows)
         bar.update(len(part))

@@ -26,6 +26,9 @@ DTYPE_HELP = "auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16.
 FAST_HELP = ("GPU speed: channels-last and a compiled UNet and VAE decoder (compiled once per shape; images within "
              "a few levels of the eager path's, recorded and cached apart from them).")
 MODEL_HELP = "'toy', a diffusers pipeline folder, or a hub id in the local cache."
+PRECISION_HELP = ("default, or fp8: --fast with FP8 matrix products in the UNet's linear layers and 1x1 convolutions "
+                  "(CUDA GPUs of compute capability 8.9+: Ada, Hopper; images change a little: recorded and cached "
+                  "apart).")
 PICKLE_HELP = "Also load pickled (.bin) weights where a folder has no safetensors: only for folders you trust."
 
 
@@ -151,6 +154,17 @@ def load_target(model: str, *, edit=None, defences: Sequence = (), device: str =
         target = target.with_edits(edit)
         target._check(edit)
     return target.with_defences(*defences)
+
+
+def fast_mode(fast: bool, precision: str, device: str):
+    """The ``fast`` value of ``--fast`` and ``--precision`` (False, True or "fp8": fp8 implies fast), refused
+    before any model is loaded when fp8 asks for a GPU that ``--device`` is not."""
+    from erasekit.diffusion.fp8 import check_fp8_device, parse_precision
+
+    if parse_precision(precision) != "fp8":
+        return bool(fast)
+    check_fp8_device(resolve_device(device))
+    return "fp8"
 
 
 def out_folder(value) -> Path:

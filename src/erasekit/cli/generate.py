@@ -23,6 +23,7 @@ def generate(
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt for every image."),
     batch_size: str = typer.Option("32", "--batch-size", help="Images per forward pass (does not change the images), or auto: as many as free GPU memory holds."),
     fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
+    precision: str = typer.Option("default", "--precision", help=common.PRECISION_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="Apply a saved erasure edit (folder) before generating."),
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack; see `erasekit ls`)."),
     concept: Optional[List[str]] = typer.Option(None, "--concept", "-c", help="The concept for defences that need one (irece, ...), as `attack` and the bench give them; one."),
@@ -60,6 +61,7 @@ def generate(
         finite("--guidance", guidance, low=0, high=MAX_GUIDANCE)
     common.check_out_dir(out)
     common.resolve_dtype(dtype, "cpu")
+    fast = common.fast_mode(fast, precision, device)
     saved_edit = common.read_edit(edit)
     defences = common.read_defences(defence, concept)
     from erasekit.worlds import world_named

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 _ATTR = "_erasekit_fast_unet"
+_BY_PRECISION = "_erasekit_fast_unets"  # precision -> the FastUNet made for it (_ATTR is the one in use)
 
 
 @dataclass
@@ -45,6 +46,13 @@ class SpeedOptions:
     mode: str | None = None  # torch.compile mode; None = default (max-autotune takes > 8 minutes on SD's UNet)
     backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing without code generation, for tests)
     decode_batch: int | None = None  # VAE images per decode call (None: the whole batch at once)
+    # "fp8": the UNet's linear layers and 1x1 convolutions multiply in float8 inside the fast call (images change:
+    # keyed apart; `erasekit.diffusion.fp8`). CUDA compute capability 8.9+ only, unless fp8_any_device (tests,
+    # script checks: the same arithmetic through the CPU's torch._scaled_mm).
+    precision: str = "default"
+    fp8_backend: str = "scaled_mm"  # or "torchao" (its float8 inference recipe, linear layers only; erasekit[fp8])
+    fp8_any_device: bool = False
+
 
 
 # Inductor settings for convolution-heavy diffusion models (those the diffusers team recommends for its UNets); they
@@ -66,6 +74,11 @@ class FastUNet:
     def __init__(self, unet, options: SpeedOptions):
         self.unet = unet
         self.options = options
+        self.fp8 = None  # the UNet's FP8 layers (precision "fp8"): re-quantised when edits change weights
+        if options.precision == "fp8":
+            from erasekit.diffusion.fp8 import convert_unet
+
+            self.fp8 = convert_unet(unet, options.fp8_backend, options.fp8_any_device)
         self.compiled = _compile(unet, options) if options.compile else unet
         self.batch_sizes: set[int] = set()  # batch sizes compiled so far (per the other dims' shapes, see _key)
         self.calls = 0
@@ -96,8 +109,11 @@ class FastUNet:
         t = t.to(x.device) if torch.is_tensor(t) else torch.as_tensor(t, device=x.device)
         if self.options.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.compiled(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                            **kwargs)
+        if self.fp8 is not None:
+            self.fp8.refresh()  # weights an edit changed since the last call (Target.active copies in place)
+        with self.fp8.on() if self.fp8 is not None else contextlib.nullcontext():
+            out = self.compiled(x, t, encoder_hidden_states=encoder_hidden_states,
+                                added_cond_kwargs=added_cond_kwargs, **kwargs)
         sample = out.sample if hasattr(out, "sample") else out[0]
         if size != n:
             sample = sample[:n]
@@ -138,18 +154,38 @@ def _pad(v, size: int):
     return torch.cat([v, extra])
 
 
-def accelerate(pipe, options: SpeedOptions | None = None) -> FastUNet:
-    """Make ``pipe`` fast (idempotent: the second call returns the first call's `FastUNet`)."""
+def accelerate(pipe, options: SpeedOptions | None = None, precision: str | None = None) -> FastUNet:
+    """Make ``pipe`` fast (idempotent: the second call returns the first call's `FastUNet`).
+    ``precision`` ("default" / "fp8"; None: ``options``', else the current one's) picks the fast UNet of that
+    precision, made once per pipeline (they share the pipeline's weights and its compiled decoder)."""
     fast = getattr(pipe, _ATTR, None)
-    if fast is not None:
-        return fast
+    want = precision or (options.precision if options is not None else
+                         fast.options.precision if fast is not None else "default")
+    from dataclasses import replace
+
+    from erasekit.diffusion.fp8 import PRECISIONS
+
+    if want not in PRECISIONS:
+        from erasekit.errors import ErasekitError
+
+        raise ErasekitError(f"precision must be one of {', '.join(PRECISIONS)}, got {want!r}")
+    made = getattr(pipe, _BY_PRECISION, {})
+    if want in made:
+        setattr(pipe, _ATTR, made[want])
+        return made[want]
+    if fast is not None:  # another precision: the same options, its own compiled UNet, the same decoder
+        other = FastUNet(pipe.unet, replace(options or fast.options, precision=want))
+        other.decoder = fast.decoder
+        setattr(pipe, _BY_PRECISION, dict(made, **{want: other}))
+        setattr(pipe, _ATTR, other)
+        return other
+    options = replace(options or SpeedOptions(), precision=want)
     from erasekit.diffusion.family import family_of
 
     if family_of(pipe).flow:
         from erasekit.errors import ErasekitError
 
         raise ErasekitError(f"fast mode compiles UNets; {family_of(pipe).name} pipelines run without --fast")
-    options = options or SpeedOptions()
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -158,6 +194,7 @@ def accelerate(pipe, options: SpeedOptions | None = None) -> FastUNet:
     fast = FastUNet(pipe.unet, options)
     fast.decoder = FastDecoder(pipe.vae, options) if options.compile and options.compile_vae else None
     setattr(pipe, _ATTR, fast)
+    setattr(pipe, _BY_PRECISION, {want: fast})
     return fast
 
 

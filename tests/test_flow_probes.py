@@ -55,6 +55,8 @@ def test_every_probe_runs_on_flow_families_and_returns_its_record(erased, scenar
     s = run_scenario(cfg, erased, _detector(), tmp_path / "out", images_folder=folder, progress=False)
     assert s["n"] == 2 and 0 <= s["crr"] <= 1
     assert s["attack"]["name"] == cfg.attack().name and "optimisation_steps" in s["attack"]
+    if scenario == "probe-noise":
+        assert s["attack"]["samples_per_image"] == 2
     again = run_scenario(cfg, erased, _detector(), tmp_path / "out", images_folder=folder, progress=False)
     assert again["generation"]["images_generated"] == 0 and again["crr"] == s["crr"]
 

@@ -18,9 +18,10 @@ def generate(
     n: int = typer.Option(8, "-n", "--n", help="Images per prompt; prompt k's images use seeds SEED .. SEED+n-1."),
     seed: int = typer.Option(0, "--seed", help="First seed (the same seeds are used for every prompt)."),
     out: Path = typer.Option(Path("out/generate"), "--out", "-o", parser=common.out_folder, metavar="DIR", help="Output folder (PNGs, images.jsonl, grid.png)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: the model's world's: 20 toy, 25 SD)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: 5 toy, 7.5 SD)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's pipeline's: 20 toy, 25 SD, 28 SD3 and FLUX.1)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale; on FLUX.1 the distilled guidance (default: 5 toy, 7.5 SD, 5 SDXL, 7 SD3, 3.5 FLUX.1)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt for every image."),
+    true_cfg: Optional[float] = typer.Option(None, "--true-cfg", help="FLUX.1 only: true classifier-free guidance at this scale (FluxPipeline's true_cfg_scale), --negative-prompt (or the empty prompt) as the unconditional branch; one more transformer pass a step (default: off)."),
     batch_size: str = typer.Option("32", "--batch-size", help="Images per forward pass (does not change the images), or auto: as many as free GPU memory holds."),
     fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
     precision: str = typer.Option("default", "--precision", help=common.PRECISION_HELP),
@@ -59,6 +60,8 @@ def generate(
         integer("--steps", steps, low=1, high=MAX_STEPS)
     if guidance is not None:
         finite("--guidance", guidance, low=0, high=MAX_GUIDANCE)
+    if true_cfg is not None:
+        finite("--true-cfg", true_cfg, low=1, high=MAX_GUIDANCE)
     common.check_out_dir(out)
     common.resolve_dtype(dtype, "cpu")
     fast = common.fast_mode(fast, precision, device)
@@ -74,10 +77,13 @@ def generate(
     with hold_folder(out):
         target = common.load_target(model, edit=saved_edit, defences=defences, device=device, dtype=dtype,
                                     allow_pickle=allow_pickle)
+        target = target.with_true_cfg(true_cfg)  # refused on all but FLUX.1; keyed apart (Target.cache_id)
         from erasekit.generation import GenerationInputs, generate_to_dir
 
         inputs = GenerationInputs([p for p in prompts for _ in range(n)], [seed + i for _ in prompts for i in range(n)])
+        record = {"true_cfg": target.true_cfg} if target.true_cfg is not None else None
         records, generated = generate_to_dir(target, inputs, out, steps=steps, guidance=guidance,
-                                             batch_size=batch_size, negative_prompt=negative_prompt, fast=fast)
+                                             batch_size=batch_size, negative_prompt=negative_prompt, fast=fast,
+                                             record=record)
     print(f"{len(records)} images in {out} ({generated} generated, {len(records) - generated} reused); "
           f"index {out / 'images.jsonl'}, grid {out / 'grid.png'}", file=sys.stderr)

@@ -17,6 +17,8 @@ Attention sites: the double-stream blocks' text-side K/V (``transformer.double.<
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -37,6 +39,38 @@ def set_true_cfg(pipe, scale: float) -> None:
 
 def true_cfg(transformer) -> float:
     return float(getattr(transformer, _TRUE_CFG, 1.0))
+
+
+def check_true_cfg(pipe, scale: float | None) -> None:
+    """A true-CFG scale is FLUX.1's option (> 1 on; None or 1 off); elsewhere the guidance scale already is
+    classifier-free guidance."""
+    from erasekit.errors import ErasekitError
+
+    if scale is None or float(scale) == 1.0:
+        return
+    if not float(scale) >= 1.0:
+        raise ErasekitError(f"the true-CFG scale must be at least 1 (1: off), got {scale}")
+    if not FLUX.matches(pipe):
+        raise ErasekitError(f"true CFG is FLUX.1's option (its guidance scale is distilled guidance); on "
+                            f"{type(pipe).__name__} the guidance scale already is classifier-free guidance")
+
+
+@contextmanager
+def true_cfg_scope(pipe, scale: float | None):
+    """``pipe`` samples with true CFG at ``scale`` inside the block (None or 1: off), then as before."""
+    check_true_cfg(pipe, scale)
+    if scale is None or float(scale) == 1.0:
+        yield
+        return
+    before = getattr(pipe.transformer, _TRUE_CFG, None)
+    set_true_cfg(pipe, scale)
+    try:
+        yield
+    finally:
+        if before is None:
+            delattr(pipe.transformer, _TRUE_CFG)
+        else:
+            setattr(pipe.transformer, _TRUE_CFG, before)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +146,13 @@ class FluxFamily(FlowMatchingFamily):
                                                                                              device=out_device))
         return Conditioning(torch.cat(states), {"pooled": torch.cat(pooled)})
 
+    def needs_uncond(self, pipe, scale: float) -> bool:
+        """True CFG needs the unconditional (negative) branch whatever the distilled guidance scale."""
+        return true_cfg(pipe.transformer) > 1.0
+
     def guided(self, model, cond: Conditioning, uncond: Conditioning | None, scale: float):
-        """The distilled guidance ``scale`` as the transformer's input; true CFG only where set (`set_true_cfg`)."""
+        """The distilled guidance ``scale`` as the transformer's input; true CFG only where set (`set_true_cfg`,
+        `true_cfg_scope`: ``generate(..., true_cfg=)``)."""
         from erasekit.diffusion.guidance import ClassifierFreeGuidance, Conditional
 
         model.options = {"guidance": float(scale)}

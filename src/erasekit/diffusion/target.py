@@ -5,6 +5,7 @@
     with erased.active():        # weight edits copied in; always reverted on exit, also on errors
         ...                      # generate / invert / learn through `erased`
     erased.cache_id              # base fingerprint (hashed once) + edit digests + defence records
+    flux.with_true_cfg(4.0)      # FLUX.1: true classifier-free guidance while it samples (keyed apart)
 
 Targets made from one another share the pipeline (no copies) and the base fingerprint, which is hashed once: a
 black-box attack learns on ``original`` and generates with ``erased``, one after the other, on the same weights.
@@ -31,16 +32,29 @@ class _Shared:
 
 class Target:
     def __init__(self, pipe, *, model: str = "", world=None, edits: Sequence = (), defences: Sequence = (),
-                 base_fingerprint: str | None = None, _shared: _Shared | None = None):
+                 base_fingerprint: str | None = None, _shared: _Shared | None = None, true_cfg: float | None = None):
         self.pipe = pipe
         self.model = model
         self.edits = tuple(edits)
         self.defences = tuple(defences)
         self._shared = _shared or _Shared(base_fingerprint, world)
+        # FLUX.1's true classifier-free guidance scale while sampling (None: off, the distilled guidance alone)
+        self.true_cfg = None if true_cfg is None or float(true_cfg) == 1.0 else float(true_cfg)
 
     # -- derived targets ------------------------------------------------------------------------------
     def _derive(self, edits, defences) -> "Target":
-        return Target(self.pipe, model=self.model, edits=edits, defences=defences, _shared=self._shared)
+        return Target(self.pipe, model=self.model, edits=edits, defences=defences, _shared=self._shared,
+                      true_cfg=self.true_cfg)
+
+    def with_true_cfg(self, scale: float | None) -> "Target":
+        """The same target sampling with FLUX.1's true CFG at ``scale`` (FluxPipeline's ``true_cfg_scale``: the
+        negative prompt, or the empty one, as the unconditional branch; None or 1: off). Other families refuse it."""
+        from erasekit.diffusion.flux import check_true_cfg
+
+        check_true_cfg(self.pipe, scale)
+        derived = self._derive(self.edits, self.defences)
+        derived.true_cfg = None if scale is None or float(scale) == 1.0 else float(scale)
+        return derived
 
     def with_edits(self, *edits) -> "Target":
         return self._derive(self.edits + tuple(e for e in edits if e is not None), self.defences)
@@ -101,11 +115,17 @@ class Target:
         """Identifies what this target generates: base weights, edits and defences."""
         from erasekit.store import content_key
 
+        if self.true_cfg is not None:  # other images; without it the key is what it always was
+            return content_key(self.base_fingerprint, self.edit_ids(), self.defence_records(),
+                               {"true_cfg": self.true_cfg})
         return content_key(self.base_fingerprint, self.edit_ids(), self.defence_records())
 
     def describe(self) -> dict:
-        return {"model": self.model, "fingerprint": self.base_fingerprint, "edits": self.edit_ids() or None,
-                "defences": self.defence_records() or None}
+        out = {"model": self.model, "fingerprint": self.base_fingerprint, "edits": self.edit_ids() or None,
+               "defences": self.defence_records() or None}
+        if self.true_cfg is not None:
+            out["true_cfg"] = self.true_cfg
+        return out
 
     # -- applying --------------------------------------------------------------------------------------
     def _check(self, edit) -> None:
@@ -143,10 +163,13 @@ class Target:
 
     @contextmanager
     def active(self):
-        """This target's weight edits in the pipeline's weights for the block (re-entrant; always restored)."""
+        """This target's weight edits in the pipeline's weights for the block (re-entrant; always restored), and its
+        true-CFG scale set on the pipeline's transformer (FLUX.1)."""
+        from erasekit.diffusion.flux import true_cfg_scope
+
         for e in self.edits:
             self._check(e)
-        with self._swapped(self.edits):
+        with self._swapped(self.edits), true_cfg_scope(self.pipe, self.true_cfg):
             yield self
 
     @contextmanager

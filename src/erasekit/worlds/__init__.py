@@ -9,15 +9,17 @@ render them. `world_of(pipe)` tells the embedded world from Stable Diffusion (th
 """
 
 from erasekit.worlds.base import World
-from erasekit.worlds.sd import SDWorld, SDXLWorld
+from erasekit.worlds.sd import FluxWorld, SD3World, SDWorld, SDXLWorld
 from erasekit.worlds.toy import ToyWorld, is_toy_pipeline
 
 SD_WORLD = SDWorld()
 SDXL_WORLD = SDXLWorld()
+SD3_WORLD = SD3World()
+FLUX_WORLD = FluxWorld()
 TOY_WORLD = ToyWorld()
 
 
-WORLDS = (TOY_WORLD, SD_WORLD, SDXL_WORLD)
+WORLDS = (TOY_WORLD, SD_WORLD, SDXL_WORLD, SD3_WORLD, FLUX_WORLD)
 
 
 def world_named(model: str) -> World | None:
@@ -26,12 +28,15 @@ def world_named(model: str) -> World | None:
 
 
 def world_of(pipe) -> World:
-    from erasekit.diffusion.family import is_sdxl
+    from erasekit.diffusion.family import family_of, is_sdxl
 
     if is_sdxl(pipe):
         return SDXL_WORLD
+    flow = {"sd3": SD3_WORLD, "flux": FLUX_WORLD}.get(family_of(pipe).name)  # their pipelines' sampler defaults
+    if flow is not None:
+        return flow
     return TOY_WORLD if is_toy_pipeline(pipe) else SD_WORLD
 
 
 __all__ = ["World", "SDWorld", "ToyWorld", "world_of", "world_named", "is_toy_pipeline", "SD_WORLD", "TOY_WORLD",
-           "SDXLWorld", "SDXL_WORLD", "WORLDS"]
+           "SDXLWorld", "SDXL_WORLD", "SD3World", "SD3_WORLD", "FluxWorld", "FLUX_WORLD", "WORLDS"]

@@ -71,3 +71,23 @@ class SDXLWorld(SDWorld):
     name = "sdxl"
     default_steps = 25
     default_guidance = 5.0
+
+
+class SD3World(SDWorld):
+    """SD3 / 3.5: the Stable Diffusion world with StableDiffusion3Pipeline's sampler defaults (28 steps, guidance
+    7.0; 1024x1024 from the transformer's sample size)."""
+
+    name = "sd3"
+    default_steps = 28
+    default_guidance = 7.0
+
+
+class FluxWorld(SDWorld):
+    """FLUX.1: the Stable Diffusion world with FluxPipeline's sampler defaults: 28 steps and the distilled guidance
+    3.5 (the transformer's guidance input, not classifier-free guidance; FLUX.1-schnell has no guidance input and
+    ignores it). True classifier-free guidance is off unless asked for (``generate(..., true_cfg=...)``,
+    ``erasekit generate --true-cfg``)."""
+
+    name = "flux"
+    default_steps = 28
+    default_guidance = 3.5

@@ -178,7 +178,7 @@ def generate(
     width: int | None = None,
     eta: float = 0.0,
     progress: bool = True,
-    fast: bool = False,
+    fast: bool | str = False,
     problems: list | None = None,
 ) -> np.ndarray:
     """Generate one image per seed with ``target`` (a `Target` or a bare pipeline); returns uint8 (N, H, W, 3).
@@ -187,7 +187,8 @@ def generate(
     ``latents``: (N, C, h, w) initial latents replacing the seeded draw (e.g. from DDIM inversion); the seeds
     then only drive sampler noise (``eta > 0``). ``steps``/``guidance`` default to the model's world's.
     ``fast``: channels-last + compiled UNet (`erasekit.diffusion.speed`; images equal the eager path's up to
-    kernel rounding); ``batch_size="auto"``: as many images per batch as free GPU memory holds.
+    kernel rounding); ``fast="fp8"``: fast, with FP8 products in the UNet's linear layers (`erasekit.diffusion.fp8`:
+    CUDA 8.9+; other images, keyed apart); ``batch_size="auto"``: as many images per batch as free GPU memory holds.
     ``problems``: when given, one entry per image is appended: None, or why the image is degenerate (non-finite
     latents, a constant image; `erasekit.validity`).
     """
@@ -201,9 +202,10 @@ def generate(
     seeds = [int(s) for s in seeds]
     n = len(seeds)
     if fast:
+        from erasekit.diffusion.fp8 import precision_of
         from erasekit.diffusion.speed import accelerate
 
-        accelerate(pipe)
+        accelerate(pipe, precision=precision_of(fast))
     batch_size = resolve_batch_size(target, batch_size, guidance, height, width)
     if prompt_embeds is None and prompts is None:
         raise ValueError("give prompts or prompt_embeds")
@@ -239,11 +241,14 @@ def generate(
     return out
 
 
-def target_key(target, fast: bool = False) -> str:
+def target_key(target, fast: bool | str = False) -> str:
     """What an image's key knows of the model: the target's cache id (base fingerprint, edit digests, defence
     records), marked when generated in fast mode (compiled kernels round differently: such images never stand in
-    for eager ones)."""
-    return target.cache_id + ("+fast" if fast else "")
+    for eager ones), and with ``fast="fp8"`` marked "+fp8" too (FP8 products: other images again)."""
+    from erasekit.diffusion.fp8 import precision_of
+
+    precision = precision_of(fast)
+    return target.cache_id + ("+fast" if precision else "") + ("+fp8" if precision == "fp8" else "")
 
 
 def target_fields(target, fast: bool = False) -> dict:
@@ -257,7 +262,12 @@ def target_fields(target, fast: bool = False) -> dict:
                   width=width)
     if fast:
         fields["fast"] = True
+        from erasekit.diffusion.fp8 import precision_of
+
+        if precision_of(fast) == "fp8":
+            fields["precision"] = "fp8"  # recorded (the key has it through ``target``): FP8 matmuls in the UNet
     return fields
+
 
 
 def image_records(target, inputs: GenerationInputs, *, steps: int | None = None, guidance: float | None = None,

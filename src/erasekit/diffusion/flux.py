@@ -8,8 +8,9 @@ unpacks the output, so the loop's arithmetic is the pipeline's element for eleme
 
 Guidance: FLUX.1-dev is guidance-distilled: erasekit's guidance scale is the transformer's ``guidance`` input
 (FluxPipeline's ``guidance_scale``), one transformer call per step. True classifier-free guidance, as FluxPipeline's
-``true_cfg_scale`` with a negative prompt, is an option (`set_true_cfg(pipe, scale)`): then the negative prompt (or
-the empty prompt) is the unconditional branch, ``u + true_cfg (c - u)`` on the velocity, batched in one call (the
+``true_cfg_scale`` with a negative prompt, is an option (``Target(pipe).with_true_cfg(scale)``, ``erasekit generate
+--true-cfg``; `set_true_cfg` underneath): then the negative prompt (or the empty prompt: the pipeline's
+``negative_prompt=""``) is the unconditional branch, ``u + true_cfg (c - u)`` on the velocity, batched in one call (the
 pipeline makes two calls: equal up to float rounding). FLUX.1-schnell (no guidance embedding) ignores the scale.
 Attention sites: the double-stream blocks' text-side K/V (``transformer.double.<i>.text``: ``add_k_proj`` /
 ``add_v_proj``); the single-stream blocks project text and image together and have no text-only projection.
@@ -152,7 +153,7 @@ class FluxFamily(FlowMatchingFamily):
 
     def guided(self, model, cond: Conditioning, uncond: Conditioning | None, scale: float):
         """The distilled guidance ``scale`` as the transformer's input; true CFG only where set (`set_true_cfg`,
-        `true_cfg_scope`: ``generate(..., true_cfg=)``)."""
+        `true_cfg_scope`: `Target.with_true_cfg`, ``erasekit generate --true-cfg``)."""
         from erasekit.diffusion.guidance import ClassifierFreeGuidance, Conditional
 
         model.options = {"guidance": float(scale)}

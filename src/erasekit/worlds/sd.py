@@ -85,8 +85,8 @@ class SD3World(SDWorld):
 class FluxWorld(SDWorld):
     """FLUX.1: the Stable Diffusion world with FluxPipeline's sampler defaults: 28 steps and the distilled guidance
     3.5 (the transformer's guidance input, not classifier-free guidance; FLUX.1-schnell has no guidance input and
-    ignores it). True classifier-free guidance is off unless asked for (``generate(..., true_cfg=...)``,
-    ``erasekit generate --true-cfg``)."""
+    ignores it). True classifier-free guidance is off unless asked for (``Target.with_true_cfg``, ``erasekit
+    generate --true-cfg``)."""
 
     name = "flux"
     default_steps = 28

@@ -98,6 +98,15 @@ def main(args, Report, timed):
         rep.put("uce", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tensors": len(edit.tensors)})
     except Exception as exc:  # noqa: BLE001 - a cost table records what does not run
         rep.put("uce", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    # RECE (the UCE step, one adversarial epoch per joint site) and UCE on the reference FLUX script's embedders
+    for key, method, settings in (("rece", "rece", {"epochs": 1}), ("uce_reference_flux", "uce",
+                                                                    {"targets": "reference-flux"})):
+        try:
+            (edit, wall, cpu) = timed(lambda: erase(pipe, method, "car", settings=settings, progress=False))
+            rep.put(key, {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tensors": len(edit.tensors),
+                          "settings": settings, "solve_s": edit.timings.get("solve_s")})
+        except Exception as exc:  # noqa: BLE001
+            rep.put(key, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     try:
         # ESD fine-tunes float32 weights (bf16 autocast on CUDA): the pipeline is cast up for it. One concept
         # trajectory at the generation's steps (ESD's cost is sampling them, then one forward+backward per iteration).

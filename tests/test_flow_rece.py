@@ -112,7 +112,7 @@ def test_rece_with_zero_strength_leaves_images_unchanged(flow_pipe):
 
 
 def _ridge(w0, lam, rows):
-    """Re-typed UCE closed form: W = (lam W0 + sum s v c^T)(lam I + sum s c c^T)^-1, rows = [(c (n, d), v (n, o), s)]."""
+    """Re-typed UCE closed form: W = (lam W0 + sum s v c^T)(lam I + sum s c c^T)^-1; rows: [(c (n, d), v (n, o), s)]."""
     d = w0.shape[1]
     m1, m2 = lam * w0.clone(), lam * torch.eye(d, dtype=F64)
     for c, v, s in rows:

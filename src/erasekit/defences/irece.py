@@ -153,6 +153,7 @@ class _IRECEHook:
 
         ctx, s, family = self.ctx, self.s, self.ctx.target.family
         model = family.denoiser(ctx.target.pipe)
+        model = getattr(model, "_orig_mod", model)  # eager: forward hooks do not fire inside a compiled graph
         x = family.model_input(ctx.sampler.scheduler, state.latents, state.t)
         b = len(x)
 

@@ -83,6 +83,7 @@ def image_text_attention(transformer: torch.nn.Module, component: str = "transfo
     """Every attention of an SD3 / FLUX transformer in which image queries see the text: the joint blocks (the
     text keys from ``add_k_proj``), and FLUX's single-stream blocks (one projection of [text; image]), in call order.
     What IRECE's mask reads (`erasekit.diffusion.attention.capture_joint_attention`)."""
+    transformer = getattr(transformer, "_orig_mod", transformer)  # a torch.compile wrapper: its module
     flux = "Flux" in type(transformer).__name__
     kind = "double" if flux else "joint"
     found = [ImageTextAttention(site.name, site.path, site.module, "text_first" if flux else "image_first")

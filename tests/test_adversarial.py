@@ -55,7 +55,7 @@ def test_unlearndiffatk_relaxed_tokens_stay_on_the_simplex(toy_random):
     trace = []
     z0 = torch.randn(2, 4, 8, 8)
     with _frozen(toy_random):
-        w, ids, losses = optimise_relaxed_prefix(toy_random, ["a star", "a red star"], z0, s,
+        w, ids, losses, _ = optimise_relaxed_prefix(toy_random, ["a star", "a red star"], z0, s,
                                                  torch.Generator().manual_seed(0), vocab, trace=trace)
     assert len(trace) == 4 and len(losses) == 4 and ids.shape == (2, 3)
     for step in trace:
@@ -210,10 +210,12 @@ def test_ring_a_bell_and_p4d_soft_states_on_sdxl(tiny_sdxl, tmp_path):
     assert s["attack"]["images_attacked"] == 2
     from erasekit.attacks.p4d import StatesTable
 
-    (states_file,) = tmp_path.rglob("p4d-soft-*-states.safetensors")
-    table = StatesTable.load(states_file)
-    assert set(table.pooled) == set(table.states) and len(table.states) == 2
-    assert next(iter(table.pooled.values())).shape == (int(tiny_sdxl.text_encoder_2.config.projection_dim),)
+    files = sorted(tmp_path.rglob("p4d-soft-*-states.safetensors"))  # one cache entry per prompt
+    assert len(files) == 2
+    for states_file in files:
+        table = StatesTable.load(states_file)
+        assert set(table.pooled) == set(table.states) and len(table.states) == 1
+        assert next(iter(table.pooled.values())).shape == (int(tiny_sdxl.text_encoder_2.config.projection_dim),)
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -9,7 +9,9 @@ embedding table), are optimised so that the ERASED UNet denoises z0 under [c_adv
 
 (v-prediction models: the velocity target), with Adam (lr 0.01, weight decay 0.1), each step followed by the
 Euclidean projection onto the simplex; each prefix token is the argmax, and the attack prompt is the decoded tokens
-followed by p. Images are optimised together in batches (each its own tokens and loss). Two protocols:
+followed by p. Images are optimised together in batches (each its own tokens, loss, Adam state, random stream
+and, official, early exit: `erasekit.attacks.batched`), with the result each gets alone; each prompt's result is
+its own cache entry. Two protocols:
 
 - ``official`` (the default; OPTML-Group/Diffusion-MU-Attack, ``text_grad_.py`` with its classifier task): 40
   iterations at each of 50 fixed timesteps (10, 30, ..., 990); the forward pass sees a one-hot token drawn from the
@@ -39,7 +41,6 @@ import numpy as np
 import torch
 
 from erasekit.attacks.base import Attack, AttackContext, AttackInputs
-from erasekit.cache import cached
 from erasekit.attacks.common import (
     before_attack, candidate_vocabulary, check_prefix_settings, detect, draw, frozen, original_latents, tokens_text,
     world_prompts)
@@ -61,13 +62,6 @@ def project_simplex(w: torch.Tensor) -> torch.Tensor:
     rho = cond.to(v.dtype).cumsum(1).argmax(1, keepdim=True)  # last index where cond holds
     theta = css.gather(1, rho) / (rho + 1).to(v.dtype)
     return (v - theta).clamp(min=0).reshape(w.shape)
-
-
-def denoising_target(scheduler, z0, noise, t):
-    """The UNet's regression target for x_t = add_noise(z0, noise, t): noise (epsilon) or velocity (v)."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(z0, noise, t)
-    return noise
 
 
 # -- UnlearnDiffAtk ------------------------------------------------------------------------------------------
@@ -99,43 +93,47 @@ class UnlearnDiffAtkSettings(Settings):
             raise ErasekitError(f"unlearndiffatk: timesteps must be between 1 and 1000, got {self.timesteps}")
 
 
-def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, generator, vocab, trace=None):
-    """Relaxed one-hot prefixes (B, k, V') for ``prompts`` so that the pipeline's UNet (as the weights are now)
-    denoises ``z0``; returns (final simplex weights, token ids (B, k), losses per iteration)."""
-    from diffusers import DDPMScheduler
+def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, generator, vocab, trace=None,
+                            guidance: float | None = None):
+    """Relaxed one-hot prefixes (B, k, V') for ``prompts`` so that the pipeline's denoiser (as the weights are now)
+    denoises ``z0``; returns (final simplex weights, token ids (B, k), mean loss per iteration, each prompt's
+    first and last loss). ``generator``: one per prompt (a prompt's draws then do not depend on its batch) or one
+    shared; ``vocab``: a `PrefixVocabulary` or candidate ids shared by every encoder."""
+    from erasekit.attacks.batched import DenoisingLoss, as_generators, as_prefix_vocabulary, randint_rows, randn_rows
 
-    from erasekit.diffusion.family import family_of
-    from erasekit.diffusion.guidance import UNetDenoiser
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet = pipe.unet
-    model, family = UNetDenoiser(unet), family_of(pipe)
-    tables = [table.detach()[vocab].float() for table in family.token_embeddings(pipe)]
-    b = len(prompts)
-    w = torch.full((b, s.k, len(vocab)), 1.0 / len(vocab))
-    w += 1e-3 * torch.rand(w.shape, generator=generator) / len(vocab)  # break ties between prompts' starts
+    loss_fn = DenoisingLoss(pipe, guidance)
+    family, device = loss_fn.family, loss_fn.device
+    vocab = as_prefix_vocabulary(pipe, vocab)
+    tables = vocab.tables(pipe, device)
+    b, v = len(prompts), len(vocab)
+    gens = as_generators(generator, b)
+    # uniform start, a little noise from each prompt's own stream to break ties
+    w = torch.cat([torch.full((1, s.k, v), 1.0 / v, device=device)
+                   + 1e-3 * torch.rand((1, s.k, v), generator=g, device=device) / v for g in gens])
     w = project_simplex(w).requires_grad_(True)
     opt = torch.optim.Adam([w], lr=s.lr, weight_decay=s.weight_decay)
-    z0 = z0.to(unet.device, torch.float32)
-    losses = []
+    z0 = z0.to(device, torch.float32)
+    losses, first, last = [], None, None
     for _ in range(s.iterations):
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        xt = sched.add_noise(z0, noise.to(z0), t.to(z0.device))
-        target = denoising_target(sched, z0, noise.to(z0), t.to(z0.device))
-        cond = family.encode_with_prefix(pipe, prompts, [w @ table.to(w.device) for table in tables])
-        pred = model(xt, t.to(unet.device), cond)
-        loss = (pred.float() - target).pow(2).mean()
+        t = loss_fn.timesteps(randint_rows(loss_fn.num_train_timesteps, gens, device))
+        noise = randn_rows(z0.shape[1:], gens, device)
+        xt = loss_fn.noised(z0, noise, t)
+        target = loss_fn.target(z0, noise, t)
+        cond = family.encode_with_prefix(pipe, prompts, [w @ table for table in tables])
+        per = loss_fn.per_prompt(xt, t, cond, target)  # each prompt's own loss; their sum is minimised
         opt.zero_grad()
-        (loss * b).backward()
+        per.sum().backward()
         opt.step()
         with torch.no_grad():
             w.copy_(project_simplex(w))
-        losses.append(loss.item())
+        per = per.detach().cpu()
+        first = per if first is None else first
+        last = per
+        losses.append(float(per.mean()))
         if trace is not None:
             trace.append(w.detach().clone())
-    ids = vocab[w.detach().argmax(-1)]
-    return w.detach(), ids, losses
+    ids = vocab.ids[w.detach().argmax(-1).cpu()]
+    return w.detach(), ids, losses, (first.tolist(), last.tolist())
 
 
 def fixed_timesteps(num_train: int, n: int) -> list[int]:
@@ -150,6 +148,9 @@ class _SampledOneHot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, generator):
+        if isinstance(generator, (list, tuple)):  # one generator per row of w (B, k, V): each prompt's own draws
+            picked = torch.stack([torch.multinomial(w[j], 1, generator=g).view(-1) for j, g in enumerate(generator)])
+            return torch.nn.functional.one_hot(picked, w.shape[-1]).to(w.dtype)
         flat = w.reshape(-1, w.shape[-1])
         picked = torch.multinomial(flat, 1, generator=generator).view(-1)
         return torch.nn.functional.one_hot(picked, flat.shape[-1]).to(w.dtype).view(w.shape)
@@ -171,22 +172,20 @@ def _keep_rows(w, opt, keep, s):
 
 
 def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiffAtkSettings, vocab, steps: int,
-                    scale: float):
+                    scale, generators=None, guidance: float | None = None):
     """The reference protocol for a batch of prompts: per fixed timestep, `iterations` Adam steps on the simplex
     weights with a sampled one-hot forward; then every prompt still running is decoded (argmax tokens), drawn from
-    its seed by the target and scored; a success stops that prompt. Returns (final prompts, per-prompt records)."""
-    from diffusers import DDPMScheduler
+    its seed by the target and scored; a success stops that prompt (its row leaves the batch with its Adam state).
+    ``generators``: one per prompt (default: from the attack's seed, the prompt and its image seed), so a prompt's
+    result is the one it gets alone. Returns (final prompts, per-prompt records)."""
+    from erasekit.attacks.batched import DenoisingLoss, as_prefix_vocabulary, prompt_generators, randn_rows
 
-    from erasekit.diffusion.family import family_of
-    from erasekit.diffusion.guidance import UNetDenoiser
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet = pipe.unet
-    device = unet.device
-    model, family = UNetDenoiser(unet), family_of(pipe)
-    tables = [table.detach()[vocab].float().to(device) for table in family.token_embeddings(pipe)]
-    gen = torch.Generator(device).manual_seed(int(s.seed))
-    b, vocab_d = len(prompts), vocab.to(device)
+    loss_fn = DenoisingLoss(pipe, guidance)
+    family, device = loss_fn.family, loss_fn.device
+    vocab = as_prefix_vocabulary(pipe, vocab)
+    tables = vocab.tables(pipe, device)
+    gens = list(generators) if generators is not None else prompt_generators(s.seed, prompts, seeds, device)
+    b = len(prompts)
     w = torch.full((b, s.k, len(vocab)), 1.0 / len(vocab), device=device).requires_grad_(True)  # uniform start
     opt = torch.optim.Adam([w], lr=s.lr, weight_decay=s.weight_decay)
     z0 = z0.to(device, torch.float32)
@@ -194,18 +193,19 @@ def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiff
     final = list(prompts)
     recs = [{"timesteps_tried": 0, "updates": 0, "first_success_timestep": None, "first_success_update": None,
              "loss_first": None, "loss_last": None} for _ in range(b)]
-    for t in fixed_timesteps(sched.config.num_train_timesteps, s.timesteps):
+    for t in fixed_timesteps(loss_fn.num_train_timesteps, s.timesteps):
         za = z0[active]
-        tt = torch.full((len(active),), t, device=device, dtype=torch.long)
+        tt = loss_fn.timesteps([t] * len(active))
         texts = [prompts[i] for i in active]
+        rows = [gens[i] for i in active]
         block = []
         for _ in range(s.iterations):
-            noise = torch.randn(za.shape, generator=gen, device=device)
-            xt = sched.add_noise(za, noise, tt)
-            target = denoising_target(sched, za, noise, tt)
-            one_hot = _SampledOneHot.apply(w, gen)
+            noise = randn_rows(za.shape[1:], rows, device)
+            xt = loss_fn.noised(za, noise, tt)
+            target = loss_fn.target(za, noise, tt)
+            one_hot = _SampledOneHot.apply(w, rows)
             cond = family.encode_with_prefix(pipe, texts, [one_hot @ table for table in tables])
-            per = (model(xt, tt, cond).float() - target).pow(2).flatten(1).mean(1)  # each prompt's own MSE
+            per = loss_fn.per_prompt(xt, tt, cond, target)  # each prompt's own MSE
             opt.zero_grad()
             per.sum().backward()
             opt.step()
@@ -213,7 +213,7 @@ def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiff
                 w.copy_(project_simplex(w))
             block.append(per.detach())
         losses = torch.stack(block).mean(0).tolist()
-        ids = vocab_d[w.detach().argmax(-1)].cpu()
+        ids = vocab.ids[w.detach().argmax(-1).cpu()]
         typed = [f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}" for j, i in enumerate(active)]
         scales = [scale[i] for i in active] if isinstance(scale, list) else scale
         present = [r["present"] for r in detect(ctx, draw(ctx, typed, [seeds[i] for i in active], steps, scales))]
@@ -244,6 +244,7 @@ class UnlearnDiffAtk(Attack):
     summary = "UnlearnDiffAtk: k prefix tokens (relaxed one-hot, simplex) fitted to the erased UNet's denoising loss"
     Settings = UnlearnDiffAtkSettings
     order = 10
+    needs_unet = False  # the family's denoiser and loss: SD3 / FLUX.1 too (the flow-matching velocity)
     scenarios = {"unlearndiffatk": {}}
 
     def inputs(self, ctx: AttackContext) -> AttackInputs:
@@ -261,11 +262,7 @@ class UnlearnDiffAtk(Attack):
         else:
             prompts = world_prompts(ctx, s.prompts, ctx.n)
             seeds = [ctx.seed + i for i in range(ctx.n)]
-        key = dict(target=ctx.target.cache_id, prompts=prompts, seeds=seeds, steps=steps, scale=scale,
-                   settings=s.to_dict(), detector=(ctx.detector.info() if ctx.detector is not None else None))
-        saved, reused = cached(ctx.cache_dir, "unlearndiffatk", (key,),
-                               lambda: self._attack(ctx, prompts, seeds, steps, scale, t0))
-        final, budget = saved["prompts"], dict(saved["budget"], **({"reused_from_cache": reused} if reused else {}))
+        final, budget = self._attack(ctx, prompts, seeds, steps, scale, t0)
         items = [{"attack": "unlearndiffatk", "source_prompt": p, "attacked": f != p} for p, f in zip(prompts, final)]
         if rows is not None:
             for item, extra in zip(items, rows.items):
@@ -273,78 +270,114 @@ class UnlearnDiffAtk(Attack):
         return AttackInputs(prompts=final, seeds=seeds, items=items, attack=self.name, budget=budget,
                             guidance=list(scale) if isinstance(scale, list) else None)
 
-    def _attack(self, ctx: AttackContext, prompts, seeds, steps: int, scale, t0: float) -> dict:
-        """The attack itself (what the cache stores): the final prompts and the budget."""
+    def _attack(self, ctx: AttackContext, prompts, seeds, steps: int, scale, t0: float):
+        """(final prompts, budget): each prompt's result read from its own cache entry (target, prompt, seed,
+        guidance, settings but the batch size, detector) or computed with the other missing ones in batches."""
+        from erasekit.attacks.batched import cached_per_prompt, per_prompt_settings
         from erasekit.metrics import measure_cost
 
         s = self.settings
+        scales = list(scale) if isinstance(scale, list) else [scale] * len(prompts)
+        shared = dict(target=ctx.target.cache_id, steps=steps, settings=per_prompt_settings(s), rng="per-prompt",
+                      detector=(ctx.detector.info() if ctx.detector is not None else None))
+        keys = [dict(shared, prompt=p, seed=int(sd), scale=g) for p, sd, g in zip(prompts, seeds, scales)]
         with measure_cost() as cost:
-            success = before_attack(ctx, prompts, seeds, steps, scale)
-            todo = [i for i in range(ctx.n) if s.attack_all or not success[i]]
-            final = list(prompts)
-            losses_first, losses_last, records = [], [], []
-            if todo:
-                t_target = time.perf_counter()
-                z0 = original_latents(ctx, [prompts[i] for i in todo], [seeds[i] for i in todo], steps,
-                                      [scale[i] for i in todo] if isinstance(scale, list) else scale,
-                                      ctx.batch_size)
-                target_s = time.perf_counter() - t_target
-                pipe = ctx.target.pipe
-                vocab = candidate_vocabulary(pipe.tokenizer)
-                gen = torch.Generator("cpu").manual_seed(int(s.seed))
-                t_opt = time.perf_counter()
-                with ctx.target.active(), frozen(pipe):
-                    for start in range(0, len(todo), s.batch_size):
-                        chunk = todo[start : start + s.batch_size]
-                        chunk_z0 = z0[start : start + len(chunk)]
-                        if s.protocol == "official":
-                            texts, recs = official_attack(
-                                ctx, pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk], chunk_z0, s,
-                                vocab, steps, [scale[i] for i in chunk] if isinstance(scale, list) else scale)
-                            records += recs
-                            for j, i in enumerate(chunk):
-                                final[i] = texts[j]
-                            continue
-                        _, ids, losses = optimise_relaxed_prefix(
-                            pipe, [prompts[i] for i in chunk], chunk_z0, s, gen, vocab)
-                        losses_first.append(losses[0])
-                        losses_last.append(losses[-1])
-                        for j, i in enumerate(chunk):
-                            final[i] = f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}"
-                opt_s = time.perf_counter() - t_opt
-            else:
-                target_s = opt_s = 0.0
-        n_before = int(sum(success))
-        per_image = steps * (2 if max(scale if isinstance(scale, list) else [scale]) > 1 else 1)  # per image
+            entries, reused = cached_per_prompt(
+                ctx.cache_dir, "unlearndiffatk", keys,
+                lambda idx: self._compute(ctx, [prompts[i] for i in idx], [seeds[i] for i in idx], steps,
+                                          [scales[i] for i in idx] if isinstance(scale, list) else scale))
+        budget = self._budget(ctx, entries, steps, scales, cost, t0)
+        if reused:
+            budget["reused_from_cache"] = f"{reused} of {len(prompts)} prompts"
+        return [e["prompt"] for e in entries], budget
+
+    def _compute(self, ctx: AttackContext, prompts, seeds, steps: int, scale) -> list[dict]:
+        """One entry per prompt: the final prompt and its record (success before, attacked, the loop's
+        bookkeeping, its share of the time)."""
+        from erasekit.attacks.batched import prompt_generators, prefix_vocabulary
+
+        s = self.settings
+        n = len(prompts)
+        success = before_attack(ctx, prompts, seeds, steps, scale)
+        todo = [i for i in range(n) if s.attack_all or not success[i]]
+        recs = [{"success_before": bool(success[i]), "attacked": i in todo} for i in range(n)]
+        final = list(prompts)
+        if not todo:
+            return [{"prompt": final[i], "record": recs[i]} for i in range(n)]
+        pick = lambda xs: [xs[i] for i in todo]  # noqa: E731
+        todo_scale = pick(scale) if isinstance(scale, list) else scale
+        t_target = time.perf_counter()
+        z0 = original_latents(ctx, pick(prompts), pick(seeds), steps, todo_scale, ctx.batch_size)
+        target_s = time.perf_counter() - t_target
+        pipe = ctx.target.pipe
+        vocab = prefix_vocabulary(pipe)
+        loss_guidance = float(ctx.target.world.sampler_defaults()[1])  # FLUX.1's distilled guidance input
+        t_opt = time.perf_counter()
+        with ctx.target.active(), frozen(pipe):
+            from erasekit.diffusion.family import family_of
+
+            device = family_of(pipe).denoiser(pipe).device
+            gens = prompt_generators(s.seed, pick(prompts), pick(seeds), device)
+            for start in range(0, len(todo), s.batch_size):
+                part = list(range(start, min(start + s.batch_size, len(todo))))
+                chunk = [todo[j] for j in part]
+                chunk_z0 = z0[part[0] : part[-1] + 1]
+                chunk_gens = [gens[j] for j in part]
+                if s.protocol == "official":
+                    chunk_scale = [scale[i] for i in chunk] if isinstance(scale, list) else scale
+                    texts, loop = official_attack(ctx, pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
+                                                  chunk_z0, s, vocab, steps, chunk_scale, chunk_gens, loss_guidance)
+                    for j, i in enumerate(chunk):
+                        final[i] = texts[j]
+                        recs[i].update(loop[j])
+                    continue
+                _, ids, _, (first, last) = optimise_relaxed_prefix(
+                    pipe, [prompts[i] for i in chunk], chunk_z0, s, chunk_gens, vocab, guidance=loss_guidance)
+                for j, i in enumerate(chunk):
+                    final[i] = f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}"
+                    recs[i].update(loss_first=first[j], loss_last=last[j], updates=s.iterations, timesteps_tried=0)
+        opt_s = time.perf_counter() - t_opt
+        for i in todo:  # each attacked prompt's share of this run's time
+            recs[i].update(target_s=target_s / len(todo), optimisation_s=opt_s / len(todo))
+        return [{"prompt": final[i], "record": recs[i]} for i in range(n)]
+
+    def _budget(self, ctx: AttackContext, entries, steps: int, scales, cost, t0: float) -> dict:
+        """The attack's budget from every prompt's record (the same whether they were computed now or read)."""
+        s = self.settings
+        recs = [e["record"] for e in entries]
+        att = [r for r in recs if r["attacked"]]
+        n_before = int(sum(r["success_before"] for r in recs))
+        per_image = steps * (2 if max(scales) > 1 else 1)  # denoiser evaluations per drawn image
+        updates = sum(r["updates"] for r in att)
         if s.protocol == "official":
-            updates = sum(r["updates"] for r in records)
-            checks = sum(r["timesteps_tried"] for r in records)
-            losses_first = [r["loss_first"] for r in records if r["loss_first"] is not None]
-            losses_last = [r["loss_last"] for r in records if r["loss_last"] is not None]
+            checks = sum(r["timesteps_tried"] for r in att)
             protocol = {
                 "timesteps": fixed_timesteps(int(ctx.target.pipe.scheduler.config.num_train_timesteps),
                                              s.timesteps),
                 "iterations_per_timestep": s.iterations, "checks": checks,
-                "successes_in_loop": sum(r["first_success_timestep"] is not None for r in records),
-                "timesteps_tried": [r["timesteps_tried"] for r in records],
-                "first_success_timestep": [r["first_success_timestep"] for r in records],
-                "first_success_update": [r["first_success_update"] for r in records],
+                "successes_in_loop": sum(r["first_success_timestep"] is not None for r in att),
+                "timesteps_tried": [r["timesteps_tried"] for r in att],
+                "first_success_timestep": [r["first_success_timestep"] for r in att],
+                "first_success_update": [r["first_success_update"] for r in att],
             }
         else:
-            updates, checks, protocol = s.iterations * len(todo), 0, {}
-        budget = {
+            checks, protocol = 0, {}
+        first = [r["loss_first"] for r in att if r.get("loss_first") is not None]
+        last = [r["loss_last"] for r in att if r.get("loss_last") is not None]
+        target_s = sum(r.get("target_s", 0.0) for r in att)
+        opt_s = sum(r.get("optimisation_s", 0.0) for r in att)
+        return {
             "protocol": s.protocol, **protocol,
             "k": s.k, "iterations": s.iterations, "lr": s.lr, "weight_decay": s.weight_decay,
-            "images_used": len(todo),  # target images the original model drew
-            "images_attacked": len(todo), "successes_before": n_before,
+            "images_used": len(att),  # target images the original model drew
+            "images_attacked": len(att), "successes_before": n_before,
             "asr_before": round(n_before / ctx.n, 6), "n": ctx.n,
             "optimisation_steps": updates,
             # one forward and backward pass per update; target images, the before-check and in-loop checks
-            "unet_evaluations": updates + per_image * (len(todo) + ctx.n + checks),
+            "unet_evaluations": updates + per_image * (len(att) + ctx.n + checks),
             "target_images_s": round(target_s, 3), "optimisation_s": round(opt_s, 3),
-            "seconds_per_attacked_prompt": round((target_s + opt_s) / max(len(todo), 1), 4),
-            "loss_first": round(float(np.mean(losses_first)), 6) if losses_first else None,
-            "loss_last": round(float(np.mean(losses_last)), 6) if losses_last else None,
+            "seconds_per_attacked_prompt": round((target_s + opt_s) / max(len(att), 1), 4),
+            "loss_first": round(float(np.mean(first)), 6) if first else None,
+            "loss_last": round(float(np.mean(last)), 6) if last else None,
             "cost": cost.as_dict(), "wall_s": round(time.perf_counter() - t0, 3),
         }
-        return {"prompts": final, "budget": budget}

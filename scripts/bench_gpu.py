@@ -6,6 +6,8 @@
     python scripts/bench_gpu.py --model flux-dev-shape --out benchmarks/gpu_h200_flux_dev_shape.json  # FLUX.1-dev
     python scripts/bench_gpu.py --model sd35m-shape --out benchmarks/gpu_h200_sd35m_shape.json        # SD3.5-medium
                                                          # (both 1024x1024 bf16: scripts/bench_gpu_flow.py)
+    python scripts/bench_gpu.py --bench --out benchmarks/bench_gpu_bench.json   # the whole `erasekit bench`, per
+                                                         # stage, against generate --fast (scripts/bench_gpu_bench.py)
 
 Random weights with the real models' shapes (`erasekit.models.tiny`): speed does not depend on the weights.
 Measured, each after a warm-up (and, for the compiled path, after its one compilation, reported separately):
@@ -117,7 +119,21 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="after the fast run: profile one fast batch (GPU kernel time against wall time, top kernels)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: plain,eager,fast,flops,inversion,ti")
+    ap.add_argument("--bench", action="store_true",
+                    help="run the fixed SD-1.4-shaped `erasekit bench` config stage by stage (scripts/bench_gpu_bench.py)")
+    ap.add_argument("--bench-before", action="store_true", help="--bench: also the old path (per-cell batches, no disk cache)")
+    ap.add_argument("--bench-fast", default="true", choices=["true", "auto"], help="--bench: the config's fast setting")
+    ap.add_argument("--work", default="/tmp/erasekit-bench-gpu",
+                    help="--bench: model, caches and run folders (phases already done there are skipped)")
     args = ap.parse_args(argv)
+    if args.bench:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_gpu_bench import main as bench_main
+
+        rep = Report(args.out)
+        bench_main(args, rep)
+        rep.put("total_s", round(time.time() - rep.t0, 1))
+        return
     if args.model in ("flux-dev-shape", "sd35m-shape"):  # flow-matching transformers: their own measurements
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_gpu_flow import main as flow_main

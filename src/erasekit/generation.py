@@ -105,8 +105,10 @@ def _per_item(value, n: int, what: str) -> list | None:
     return value
 
 
-def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, seeds, size=None, unet=None):
-    """(guidance, defence hooks) for one batch: the family's conditioning (``embeds`` replace ``prompts``), the
+def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, seeds, size=None, unet=None,
+                   cond=None):
+    """(guidance, defence hooks) for one batch: the family's conditioning (``embeds`` replace ``prompts``; a ready
+    ``cond`` replaces both, ``prompts`` then only inform the defences), the
     unconditional branch when ``scale > 1`` (the negatives, or the family's empty prompt: zeros on SDXL-base),
     classifier-free guidance over ``unet`` (default the pipeline's), then every defence's wrapper and hooks.
     ``size``: the image size SDXL's time ids name (default the pipeline's)."""
@@ -115,8 +117,9 @@ def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, se
 
     pipe, family = target.pipe, target.family
     device = family.denoiser(pipe).device
-    cond = (family.from_states(pipe, embeds, size=size) if embeds is not None
-            else family.encode(pipe, prompts, device=device, size=size))
+    if cond is None:
+        cond = (family.from_states(pipe, embeds, size=size) if embeds is not None
+                else family.encode(pipe, prompts, device=device, size=size))
     wants = getattr(family, "needs_uncond", None)  # FLUX.1's true CFG needs it whatever the distilled scale
     uncond = (family.unconditional(pipe, negatives, device=device, size=size)
               if scale > 1.0 or (wants is not None and wants(pipe, scale)) else None)
@@ -130,7 +133,7 @@ def build_guidance(target, sampler, prompts, embeds, negatives, scale: float, se
 
 
 def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_given, generators, guidance_scale,
-                  seeds, finite: list | None = None):
+                  seeds, finite: list | None = None, cond=None):
     """One batch through the sampler, with the target's defences installed around it. ``finite``: one bool per
     image is appended, whether its final latents are finite."""
     from erasekit.diffusion.speed import decode_batch, unet_for
@@ -139,7 +142,7 @@ def _sample_batch(target, sampler, prompts, embeds, negatives, noise, latents_gi
     z = latents_given if latents_given is not None else noise
     size = (z.shape[-2] * pipe.vae_scale_factor, z.shape[-1] * pipe.vae_scale_factor)  # SDXL's time ids
     guidance, hooks = build_guidance(target, sampler, prompts, embeds, negatives, guidance_scale, seeds, size=size,
-                                     unet=unet_for(pipe))
+                                     unet=unet_for(pipe), cond=cond)
     z = sampler.prepare_latents(z)
     z = sampler.denoise(z, guidance, hooks, generators=generators)
     from erasekit.diffusion.vae import decode_latents
@@ -269,7 +272,6 @@ def target_fields(target, fast: bool = False) -> dict:
     return fields
 
 
-
 def image_records(target, inputs: GenerationInputs, *, steps: int | None = None, guidance: float | None = None,
                   negative_prompt: str | None = None, eta: float = 0.0, record: dict | None = None,
                   fast: bool = False) -> list[dict]:
@@ -286,6 +288,30 @@ def image_records(target, inputs: GenerationInputs, *, steps: int | None = None,
         out.append(dict(inputs.items[i], **base, guidance=fill if g is None else float(g), prompt=inputs.prompts[i],
                         seed=inputs.seeds[i], inputs=input_ids[i]))
     return out
+
+
+def _wanted_records(target, inputs: GenerationInputs, *, steps, guidance, negative_prompt, eta, record, fast,
+                    keyed_names: bool, share: tuple[int, int]) -> tuple[list[dict], range]:
+    """(the records of every item of ``inputs``, the items of this process's share): `image_records`, marked
+    ``truncated`` where the text encoder sees only a prompt's first tokens (warned once), named by key when
+    ``keyed_names``."""
+    from erasekit.image_store import keyed_filename, record_key
+    from erasekit.models.prompts import truncated_prompts, warn_truncated
+
+    wanted = image_records(target, inputs, steps=steps, guidance=guidance, negative_prompt=negative_prompt, eta=eta,
+                           record=record, fast=fast)
+    rank, n_shares = share
+    mine = range(rank, len(inputs), n_shares)
+    distinct = list(dict.fromkeys(inputs.prompts[i] for i in mine))
+    cut = dict(zip(distinct, truncated_prompts(target.pipe, distinct))) if inputs.learned is None else {}
+    mine_prompts = [inputs.prompts[i] for i in mine]
+    warn_truncated(mine_prompts, [cut.get(p, False) for p in mine_prompts], target.pipe.tokenizer.model_max_length)
+    for i in mine:
+        if cut.get(inputs.prompts[i]):
+            wanted[i]["truncated"] = True  # the text encoder saw only the prompt's first tokens
+        if keyed_names:
+            wanted[i]["path"] = keyed_filename(record_key(wanted[i]))
+    return wanted, mine
 
 
 def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | None = None,
@@ -306,26 +332,15 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
     from tqdm.auto import tqdm
 
     from erasekit.diffusion.target import as_target
-    from erasekit.image_store import index_name, keyed_filename, read_index, record_key, save_images, write_grid
-    from erasekit.models.prompts import truncated_prompts, warn_truncated
+    from erasekit.image_store import index_name, read_index, record_key, save_images, write_grid
     from erasekit.validity import image_problems
 
     target = as_target(target)
-    wanted = image_records(target, inputs, steps=steps, guidance=guidance, negative_prompt=negative_prompt, eta=eta,
-                           record=record, fast=fast)
-    rank, n_shares = share
-    mine = range(rank, len(inputs), n_shares)
+    wanted, mine = _wanted_records(target, inputs, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                                   eta=eta, record=record, fast=fast, keyed_names=keyed_names, share=share)
+    rank = share[0]
     fill = float(target.world.sampler_defaults()[1] if guidance is None else guidance)
     batch_size = resolve_batch_size(target, batch_size, fill)
-    distinct = list(dict.fromkeys(inputs.prompts[i] for i in mine))
-    cut = dict(zip(distinct, truncated_prompts(target.pipe, distinct))) if inputs.learned is None else {}
-    mine_prompts = [inputs.prompts[i] for i in mine]
-    warn_truncated(mine_prompts, [cut.get(p, False) for p in mine_prompts], target.pipe.tokenizer.model_max_length)
-    for i in mine:
-        if cut.get(inputs.prompts[i]):
-            wanted[i]["truncated"] = True  # the text encoder saw only the prompt's first tokens
-        if keyed_names:
-            wanted[i]["path"] = keyed_filename(record_key(wanted[i]))
     done = read_index(out_dir)
     todo = [i for i in mine if record_key(wanted[i]) not in done]
     by_guidance: dict[float, list[int]] = defaultdict(list)
@@ -362,3 +377,127 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
     if records and grid:
         write_grid(out_dir, records)
     return records, len(todo)
+
+
+def generate_parts_to_dir(target, parts: Sequence[GenerationInputs], out_dir, *, steps: Sequence[int | None],
+                          guidance: float | None = None, batch_size: int | str = 32, negative_prompt: str | None = None,
+                          eta: float = 0.0, record: dict | None = None, progress: bool = True, fast: bool = False,
+                          keyed_names: bool = False, share: tuple[int, int] = (0, 1), pad: bool = False
+                          ) -> tuple[list[list[dict]], int]:
+    """`generate_to_dir` for several inputs of one target at once, batched across them: the images of every part
+    that share sampling steps and guidance go through the sampler together, ``batch_size`` a batch, each row with
+    its own prompt (or learned token), seed and initial latents. Records, keys, files and the resume rule are
+    `generate_to_dir`'s; an image two parts share (one key) is generated once. ``steps``: one per part.
+
+    ``pad``: every batch is filled up to ``batch_size`` rows with copies of its last row (generated, then dropped),
+    so the text encoder, the UNet (every call, a defence's too) and the decoder see one shape: with ``fast``, one
+    compilation for the whole run. Parts with their own ``generate`` (probes) run as in `generate_to_dir`.
+    The caller keeps together only parts whose target's defences treat each row on its own (a defence that decides
+    for a whole batch, e.g. from whether any prompt names the concept, would see other parts' rows).
+    Returns the records of each part (this process's share, request order) and how many images were generated."""
+    from tqdm.auto import tqdm
+
+    from erasekit.diffusion.sampler import Sampler
+    from erasekit.diffusion.target import as_target
+    from erasekit.image_store import index_name, read_index, record_key, save_images
+
+    target = as_target(target)
+    steps = [int(s or target.world.sampler_defaults()[0]) for s in steps]
+    if len(steps) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(steps)} step counts")
+    made = 0
+    custom = [k for k, p in enumerate(parts) if p.generate is not None]
+    records: list[list[dict] | None] = [None] * len(parts)
+    for k in custom:
+        records[k], n = generate_to_dir(target, parts[k], out_dir, steps=steps[k], guidance=guidance,
+                                        batch_size=batch_size, negative_prompt=negative_prompt, eta=eta, record=record,
+                                        progress=progress, fast=fast, keyed_names=keyed_names, grid=False, share=share)
+        made += n
+    if fast:
+        from erasekit.diffusion.fp8 import precision_of
+        from erasekit.diffusion.speed import accelerate
+
+        accelerate(target.pipe, precision=precision_of(fast))
+    fill = float(target.world.sampler_defaults()[1] if guidance is None else guidance)
+    batch_size = resolve_batch_size(target, batch_size, fill)
+    wanted: dict[int, list[dict]] = {}
+    mine: dict[int, range] = {}
+    for k, inputs in enumerate(parts):
+        if k not in custom:
+            wanted[k], mine[k] = _wanted_records(target, inputs, steps=steps[k], guidance=guidance,
+                                                 negative_prompt=negative_prompt, eta=eta, record=record, fast=fast,
+                                                 keyed_names=keyed_names, share=share)
+    done = read_index(out_dir)
+    groups: dict[tuple[int, float], list[tuple[int, int]]] = defaultdict(list)  # (steps, scale) -> (part, item)
+    seen: set[str] = set()
+    for k in wanted:
+        for i in mine[k]:
+            key = record_key(wanted[k][i])
+            if key not in done and key not in seen:
+                seen.add(key)
+                groups[(steps[k], wanted[k][i]["guidance"])].append((k, i))
+    todo = sum(len(g) for g in groups.values())
+    height, width = image_size(target.pipe)
+    bar = tqdm(total=todo, unit="img", desc="generating", disable=not progress or not todo, leave=False)
+    with torch.inference_mode(), target.active(), bar:
+        for (n_steps, scale), rows in groups.items():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                real = len(batch)
+                if pad:
+                    batch = batch + [batch[-1]] * (batch_size - real)
+                sampler = Sampler(target.pipe, n_steps, eta)
+                images, problems = _sample_rows(target, sampler, parts, batch, scale, negative_prompt, height, width)
+                recs = [wanted[k][i] for k, i in batch[:real]]
+                recs = [dict(r, valid=False, invalid=p) if p else r for r, p in zip(recs, problems[:real])]
+                for rec in save_images(images[:real], out_dir, recs, grid=False, index=index_name(share[0])):
+                    done[rec["key"]] = rec
+                bar.update(real)
+    made += todo
+    for k in wanted:
+        records[k] = [done[record_key(wanted[k][i])] for i in mine[k]]
+    return records, made
+
+
+def _sample_rows(target, sampler, parts, rows, scale: float, negative_prompt, height: int, width: int):
+    """One batch of (part, item) rows: (uint8 images, one problem or None per row). Each row's start is its part's
+    latents or its seed's draw; its conditioning its prompt's, through its part's learned token if any (rows of
+    one source encoded together, in row order)."""
+    from erasekit.diffusion.speed import decode_batch, unet_for
+    from erasekit.diffusion.vae import decode_latents
+    from erasekit.validity import NON_FINITE_LATENTS, image_problem
+
+    pipe, family = target.pipe, target.family
+    device = family.denoiser(pipe).device
+    seeds = [parts[k].seeds[i] for k, i in rows]
+    prompts = [parts[k].prompts[i] for k, i in rows]
+    generators = seed_generators(seeds)  # one per row (padding rows too: a copy never advances the original's)
+    starts = []
+    for (k, i), g in zip(rows, generators):
+        given = parts[k].latents
+        starts.append(given[i].detach().to("cpu", torch.float32) if given is not None
+                      else sampler.draw_noise([g], height, width)[0])
+    z = torch.stack(starts)
+    size = (z.shape[-2] * pipe.vae_scale_factor, z.shape[-1] * pipe.vae_scale_factor)
+    conds = []
+    start = 0
+    while start < len(rows):  # consecutive rows of one part's learned token (or of plain prompts) encoded together
+        learned = parts[rows[start][0]].learned
+        end = start + 1
+        while end < len(rows) and parts[rows[end][0]].learned is learned:
+            end += 1
+        chunk = prompts[start:end]
+        conds.append(family.from_states(pipe, learned.encode(pipe, chunk), size=size).to(device) if learned is not None
+                     else family.encode(pipe, chunk, device=device, size=size))
+        start = end
+    from erasekit.diffusion.conditioning import Conditioning
+
+    cond = conds[0] if len(conds) == 1 else Conditioning.cat(conds)
+    any_learned = any(parts[k].learned is not None for k, _ in rows)
+    negatives = [negative_prompt] * len(rows) if negative_prompt is not None else None
+    guidance, hooks = build_guidance(target, sampler, None if any_learned else prompts, None, negatives, scale, seeds,
+                                     size=size, unet=unet_for(pipe), cond=cond)
+    x = sampler.denoise(sampler.prepare_latents(z), guidance, hooks, generators=generators)
+    finite = torch.isfinite(x).flatten(1).all(1).tolist()
+    images = decode_latents(pipe, x, decode_batch(pipe))
+    return images, [NON_FINITE_LATENTS if not ok else image_problem(im) for ok, im in zip(finite, images)]

@@ -152,6 +152,14 @@ def cost_table(cost_rows: list[dict]) -> dict:
             "total_wall_s": round(sum(t["wall_s"] for t in ordered.values()), 2)}
 
 
+def _generation_choices(cost_rows: list[dict], run_id: str) -> dict:
+    """How this run generated: fast or eager and why (``fast: auto``), the batching, its compilation."""
+    gen = [r for r in cost_rows if r.get("stage") == "generation" and r.get("run") == run_id]
+    if not gen:
+        return {}
+    return {k: gen[-1][k] for k in ("fast", "batching", "compile") if gen[-1].get(k) is not None}
+
+
 def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cell_info: dict, edit_info: dict,
                   key: str, run_id: str, processes: int, out: Path) -> dict:
     from erasekit.bench.groups import harmonic_table
@@ -165,7 +173,7 @@ def build_summary(cfg: BenchConfig, rows: list[dict], cost_rows: list[dict], cel
         "config_key": key,
         "config": to_dict(cfg),
         "provenance": provenance(),
-        "last_run": {"id": run_id, "processes": processes},
+        "last_run": {"id": run_id, "processes": processes, **_generation_choices(cost_rows, run_id)},
         "methods": methods,
         "scenarios": list(cfg.scenarios),
         "concepts": member_names(cfg),  # a group's erased concepts in its place (`erasekit.bench.groups`)

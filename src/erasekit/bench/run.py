@@ -34,7 +34,9 @@ def _state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _load(cfg: BenchConfig, device: str):
+def _load(cfg: BenchConfig, device: str, pipeline=None):
+    """The base target: ``pipeline`` when given (already on its device and dtype; ``cfg.model`` names it in the
+    records), else ``cfg.model`` loaded."""
     from erasekit.diffusion import Target
     from erasekit.models import fingerprint, load_pipeline
     from erasekit.runtime import resolve_dtype, setup_torch
@@ -42,7 +44,8 @@ def _load(cfg: BenchConfig, device: str):
     setup_torch()
     from erasekit.worlds import world_of
 
-    pipe = load_pipeline(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    pipe = pipeline if pipeline is not None else load_pipeline(cfg.model, device=device,
+                                                               dtype=resolve_dtype(cfg.dtype, device))
     return Target(pipe, model=cfg.model, world=world_of(pipe), base_fingerprint=fingerprint(pipe))
 
 
@@ -51,8 +54,9 @@ def _nothing():
     yield
 
 
-def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the benchmark into ``out``; returns the summary (main process) or {} (other processes)."""
+def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print, pipeline=None) -> dict:
+    """Run (or resume) the benchmark into ``out``; returns the summary (main process) or {} (other processes).
+    ``pipeline``: an in-memory pipeline to bench instead of loading ``cfg.model`` (scripts/bench_gpu.py --bench)."""
     import torch
 
     from erasekit.folder_lock import hold_folder
@@ -62,21 +66,35 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
     from erasekit.scoring import detector_id
     from erasekit.threads import apply, available_cores
 
-    from erasekit.bench.spec import fast_value
+    from erasekit.bench.spec import fast_value, resolve_fast
 
     out = Path(out)
     state = _state()
     main = state.is_main_process
-    check_out(out, cfg)  # every process: fail before the model is loaded (checked again under the lock)
+    device = str(state.device) if state.num_processes > 1 else resolve_device(cfg.device)
+    fast_choice = None
+    if cfg.fast == "auto" and torch.device(device).type != "cuda":
+        cfg, fast_choice = resolve_fast(cfg, device, 0, 0.0)  # eager: known before the model is
+    if cfg.fast != "auto":
+        check_out(out, cfg)  # every process: fail before the model is loaded (checked again under the lock)
     # Edits, learned tokens and inverted latents are computed by the main process with every core, as a single
     # process computes them (their float bits depend on the thread count); image generation splits the cores.
     on_cpu = state.device.type == "cpu"
     full_threads = apply()["threads"] if state.num_processes == 1 else available_cores()
     if on_cpu:
         torch.set_num_threads(full_threads)
-    device = str(state.device) if state.num_processes > 1 else resolve_device(cfg.device)
-    target0 = _load(cfg, device)
+    target0 = _load(cfg, device, pipeline)
     world = target0.world
+    if fast_choice is None:  # the rule counts UNet rows: the world's sampler defaults fill the config's gaps
+        steps0, guidance0 = world.sampler_defaults()
+        cfg, fast_choice = resolve_fast(cfg, device, int(cfg.sampler.steps or steps0),
+                                        float(guidance0 if cfg.sampler.guidance is None else cfg.sampler.guidance))
+        check_out(out, cfg)
+    if cfg.fast:
+        from erasekit.diffusion.speed import use_compile_cache
+
+        use_compile_cache(cfg.compile_cache)  # before anything compiles: a fresh folder reuses earlier kernels
+    batching = stages.resolve_batching(cfg.batching, device, cfg.fast)
     from erasekit.bench.groups import expand
 
     entries, groups = expand(cfg, world)  # an entry that erases several concepts: its members, one edit (#24)
@@ -122,12 +140,19 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print) -> dic
         unique = {job.key for job in jobs}
         stored = read_index(out / IMAGES_DIR) if (out / IMAGES_DIR).is_dir() else {}
         todo = len(unique - set(stored))
-        with log_stages.stage("generation", defer=True, images_planned=len(unique), images_todo=todo) as cost:
+        from erasekit.diffusion.speed import compile_delta, compile_stats
+
+        with log_stages.stage("generation", defer=True, images_planned=len(unique), images_todo=todo,
+                              fast=fast_choice, batching=batching) as cost:
             if on_cpu and state.num_processes > 1:
                 torch.set_num_threads(max(1, full_threads // state.num_processes))
+            compiled_before = compile_stats() if cfg.fast else None
             made = stages.generate_cells(jobs, targets, target0, sources, out, guidance, cfg.batch_size, fast_value(cfg),
-                                         share=(state.process_index, state.num_processes), progress=progress and main)
+                                         share=(state.process_index, state.num_processes), progress=progress and main,
+                                         batching=batching)
             cost.add_images(made)
+            if compiled_before is not None:  # this run's compilation (seconds, graphs, disk-cache hits)
+                cost.extra["compile"] = compile_delta(compiled_before, compile_stats())
             if on_cpu:
                 torch.set_num_threads(full_threads)
         if state.num_processes > 1:

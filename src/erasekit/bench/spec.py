@@ -132,7 +132,11 @@ class BenchConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     device: str = "auto"
     dtype: str = "auto"
-    fast: bool = False  # GPU: compiled UNet/decoder, channels-last (images within a few levels; keyed apart)
+    # GPU: compiled UNet/decoder, channels-last (images within a few levels; keyed apart). "auto": compiled on CUDA
+    # when the bench's work repays the compilation (`erasekit.diffusion.speed.auto_fast`), eager on the CPU.
+    fast: bool | str = "auto"
+    batching: str = "auto"  # cell | shared | auto (`erasekit.bench.stages.resolve_batching`); results do not depend on it
+    compile_cache: str | None = None  # inductor's cache folder (None: ERASEKIT_COMPILE_CACHE or ~/.cache/erasekit/inductor)
     description: str = ""
     # "fp8": fast mode with FP8 products in the UNet's linear layers (`erasekit.diffusion.fp8`; CUDA 8.9+), recorded in
     # every row (``precision``) and keyed apart; implies fast. "default": the dtype's own products.
@@ -142,9 +146,9 @@ class BenchConfig:
     def identity(self) -> dict:
         """The config without the knobs that do not change a result (batch size, device, description)."""
         d = to_dict(self)
-        for key in ("batch_size", "device", "description"):
+        for key in ("batch_size", "device", "description", "batching", "compile_cache"):
             d.pop(key, None)
-        if not d.get("fast"):
+        if d.get("fast") in (False, "auto"):  # the runner resolves "auto" first (`resolve_fast`)
             d.pop("fast", None)  # configs written before fast mode existed keep their keys
         if d.get("precision") == "default":
             d.pop("precision", None)  # as fast: configs written before fp8 existed keep their keys
@@ -366,19 +370,48 @@ def validate(cfg: BenchConfig) -> BenchConfig:
 
     if cfg.dtype not in DTYPE_NAMES:
         raise ErasekitError(f"config: dtype must be one of {', '.join(DTYPE_NAMES)}, got {cfg.dtype!r}")
+    if isinstance(cfg.fast, str) and cfg.fast != "auto":
+        raise ErasekitError(f"config: fast must be true, false or auto, got {cfg.fast!r}")
     from erasekit.diffusion.fp8 import PRECISIONS
 
     if cfg.precision not in PRECISIONS:
         raise ErasekitError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.precision == "fp8" and cfg.fast is False:
         raise ErasekitError("config: precision fp8 runs in fast mode: set fast to true or auto, not false")
+    if cfg.batching not in ("auto", "cell", "shared"):
+        raise ErasekitError(f"config: batching must be auto, cell or shared, got {cfg.batching!r}")
+    if cfg.compile_cache is not None and not cfg.compile_cache.strip():
+        raise ErasekitError("config: compile_cache must name a folder (or be left out)")
     return cfg
 
 
+def planned_images(cfg: BenchConfig) -> int:
+    """Images the plan asks for, from the config alone (each cell's count; shared images counted per cell)."""
+    from erasekit.bench.plan import cells
+
+    return sum(cfg.images_per_cell if c.kind == "attack" else cfg.preservation_images() for c in cells(cfg))
+
+
 def fast_value(cfg: BenchConfig):
-    """What generation takes as ``fast`` (`erasekit.generation.target_key`): False, True, or "fp8" (fp8 implies
-    fast)."""
-    return "fp8" if cfg.precision == "fp8" else bool(cfg.fast)
+    """What generation takes as ``fast`` (`erasekit.generation.target_key`): False, True, or "fp8" (fp8 implies fast).
+    Call after `resolve_fast`."""
+    return "fp8" if cfg.precision == "fp8" else cfg.fast is True
+
+
+def resolve_fast(cfg: BenchConfig, device, steps: int, guidance: float) -> tuple[BenchConfig, dict]:
+    """(the config with ``fast`` true or false, the choice as recorded: setting, chosen, why)."""
+    if cfg.precision == "fp8":
+        from erasekit.diffusion.fp8 import check_fp8_device
+
+        check_fp8_device(device)
+        return dataclasses.replace(cfg, fast=True), {"setting": cfg.fast, "chosen": True, "why": "precision fp8"}
+    if cfg.fast != "auto":
+        return cfg, {"setting": cfg.fast, "chosen": bool(cfg.fast), "why": "set in the config"}
+    from erasekit.diffusion.speed import auto_fast
+
+    chosen, why = auto_fast(device, planned_images(cfg), steps, guidance)
+    return dataclasses.replace(cfg, fast=chosen), {"setting": "auto", "chosen": chosen, "why": why,
+                                                   "images_planned": planned_images(cfg)}
 
 
 # -- entries that erase several concepts at once (mass erasure, #24; expanded by `erasekit.bench.groups`) ---------

@@ -34,7 +34,7 @@ def image_target_id(target, cfg) -> str:
 
     from erasekit.bench.spec import fast_value
 
-    return target_key(target, fast_value(cfg))
+    return target_key(target, fast_value(cfg))  # "auto" is resolved by the runner before any key is made
 
 
 # -- detectors -----------------------------------------------------------------------------------------------
@@ -213,30 +213,80 @@ def prepare_attacks(setups) -> None:
 
 
 # -- generation ---------------------------------------------------------------------------------------------------
+# Defences whose every row is sampled on its own (per-row masks, noise from the row's seed, elementwise guidance):
+# their cells can share batches. dual_reconstruction and safree decide for a whole batch (whether any prompt names
+# the concept, whether any row is projected), so their cells keep batches of their own.
+ROW_WISE_DEFENCES = frozenset({"negative_prompt", "sld", "irece"})
+
+
+def resolve_batching(batching: str, device, fast: bool) -> str:
+    """``auto``: batches shared across cells on CUDA or in fast mode (full, fixed-size batches: one compiled shape,
+    a busy GPU), per cell on the CPU (the batches, speed and float bits of before)."""
+    import torch
+
+    if batching != "auto":
+        return batching
+    return "shared" if fast or torch.device(device).type == "cuda" else "cell"
+
+
+def shares_batches(target) -> bool:
+    return all(getattr(d, "name", None) in ROW_WISE_DEFENCES for d in target.defences)
+
+
 def generate_cells(jobs: list[Job], targets, target0, sources, out: Path, guidance: float, batch_size: int,
-                   fast: bool, share: tuple[int, int] = (0, 1), progress: bool = False) -> int:
+                   fast: bool, share: tuple[int, int] = (0, 1), progress: bool = False, batching: str = "cell") -> int:
     """Generate every cell's images not yet in the store ``out/images`` (this process's share of each cell, see
     `generate_to_dir`); returns how many were generated. Cells that share an image key share its file.
-    ``guidance``: the bench's, for attack items without their own (an I2P row's)."""
+    ``guidance``: the bench's, for attack items without their own (an I2P row's).
+    ``batching``: ``cell`` (each cell's images batched on their own) or ``shared``: the cells of one model state
+    (the same target key: weights, edits, defences) batched together, across methods and scenarios
+    (`erasekit.generation.generate_parts_to_dir`), each batch padded to ``batch_size`` in fast mode (one compiled
+    shape). The images, keys and records are the same either way (up to kernel rounding between batch shapes)."""
     from erasekit.errors import ErasekitError
-    from erasekit.generation import GenerationInputs, generate_to_dir
+    from erasekit.generation import GenerationInputs, generate_parts_to_dir, generate_to_dir, target_key
 
     by_cell: dict[Cell, list[Job]] = {}
     for job in jobs:
         by_cell.setdefault(job.cell, []).append(job)
-    made = 0
-    for cell, group in by_cell.items():
+
+    def cell_inputs(cell, group):
         inputs = sources.get(cell)
         if inputs is None:  # preservation / reference / quality prompts: a prompt, a seed and a guidance each
             inputs = GenerationInputs([j.prompt for j in group], [j.seed for j in group],
                                       guidance=[j.guidance for j in group])
-        records, generated = generate_to_dir(cell_target(cell, targets, target0), inputs, out / IMAGES_DIR,
-                                             steps=group[0].steps, guidance=guidance,
-                                             batch_size=batch_size, progress=progress, fast=fast, keyed_names=True,
-                                             grid=False, share=share)
+        return inputs
+
+    def check(cell, group, records):
         expected = [j.key for j in group[share[0]::share[1]]]
         if [r["key"] for r in records] != expected:  # the jobs and the store must agree on every key
             raise ErasekitError(f"bench cell {cell.id}: image keys of the plan and the store differ")
+
+    made = 0
+    if batching == "cell":
+        for cell, group in by_cell.items():
+            records, generated = generate_to_dir(cell_target(cell, targets, target0), cell_inputs(cell, group),
+                                                 out / IMAGES_DIR, steps=group[0].steps, guidance=guidance,
+                                                 batch_size=batch_size, progress=progress, fast=fast,
+                                                 keyed_names=True, grid=False, share=share)
+            check(cell, group, records)
+            made += generated
+        return made
+    # One call per model state: the cells whose targets have one key (the reference and `original` do), unless a
+    # defence of it decides per batch (then one call per cell, still padded).
+    states: dict[str, list[Cell]] = {}
+    for cell in by_cell:
+        target = cell_target(cell, targets, target0)
+        key = target_key(target, fast)
+        states.setdefault(key if shares_batches(target) else f"{key}#{cell.id}", []).append(cell)
+    for members in states.values():
+        target = cell_target(members[0], targets, target0)
+        parts = [cell_inputs(c, by_cell[c]) for c in members]
+        records, generated = generate_parts_to_dir(target, parts, out / IMAGES_DIR,
+                                                   steps=[by_cell[c][0].steps for c in members], guidance=guidance,
+                                                   batch_size=batch_size, progress=progress, fast=fast,
+                                                   keyed_names=True, share=share, pad=fast)
+        for c, recs in zip(members, records):
+            check(c, by_cell[c], recs)
         made += generated
     return made
 

@@ -73,9 +73,9 @@ def world_prompts(ctx: AttackContext, given: str, n: int) -> list[str]:
 
 
 def pipeline_modules(pipe) -> list:
-    """The pipeline's UNet, text encoder(s) and VAE (those it has)."""
-    parts = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
-    return [m for m in parts if m is not None]
+    """The pipeline's UNet or transformer, text encoder(s) and VAE (those it has)."""
+    names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
 
 @contextmanager
@@ -83,7 +83,7 @@ def frozen(*parts):
     """No parameter of ``parts`` requires grad inside (restored after, also on errors); a pipeline stands for its
     `pipeline_modules`. Only the attack's own vectors are then trained."""
     modules = [m for part in parts if part is not None
-               for m in (pipeline_modules(part) if hasattr(part, "unet") else [part])]
+               for m in ([part] if isinstance(part, torch.nn.Module) else pipeline_modules(part))]
     saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     for p, _ in saved:
         p.requires_grad_(False)

@@ -274,3 +274,29 @@ def test_embedder_targets_are_refused_on_a_unet(tiny_sd1):
     for method in ("uce", "rece"):
         with pytest.raises(ErasekitError, match="targets=reference-flux"):
             erase(tiny_sd1, method, "star", settings={"targets": "reference-flux"}, progress=False)
+
+
+@pytest.mark.parametrize("kind,settings", [("sd3", []), ("flux", ["--set", "targets=reference-flux"])])
+def test_cli_rece_on_a_flow_folder_and_zero_strength(kind, settings, tmp_path):
+    """`erasekit erase --method rece` on a saved SD3 / FLUX.1 folder, then `generate --edit`: the edit changes the
+    images; with zero strength it leaves them as they were."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.models.tiny_flow import save_tiny_flow_pipeline
+
+    folder = save_tiny_flow_pipeline(kind, tmp_path / kind)
+    cli = lambda *args: CliRunner().invoke(app, [*args, "--model", str(folder), "--device", "cpu"])
+    for name, extra in (("edit", []), ("zero", ["--set", "uce_erase_scale=0", "--set", "erase_scale=0"])):
+        result = cli("erase", "--method", "rece", "--concept", "star", "--out", str(tmp_path / name), *settings, *extra)
+        assert result.exit_code == 0, result.output
+
+    def image(out, *extra):
+        result = cli("generate", "a red star", "-n", "1", "--steps", "2", "--out", str(tmp_path / out), *extra)
+        assert result.exit_code == 0, result.output
+        return np.array(Image.open(next((tmp_path / out).glob("a-red-star_seed0_*.png"))).convert("RGB"))
+
+    base = image("base")
+    assert not np.array_equal(image("erased", "--edit", str(tmp_path / "edit")), base)
+    assert np.array_equal(image("unchanged", "--edit", str(tmp_path / "zero")), base)

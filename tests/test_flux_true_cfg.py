@@ -36,8 +36,11 @@ def test_true_cfg_images_match_flux_pipeline(tiny_flux, guidance, negative):
     from erasekit.diffusion.target import Target
     from erasekit.generation import generate
 
-    target = Target(tiny_flux).with_true_cfg(4.0)
-    ours = generate(target, PROMPTS, [0, 1], steps=4, guidance=guidance, negative_prompt=negative, progress=False)
+    ours = generate(tiny_flux, PROMPTS, [0, 1], steps=4, guidance=guidance, negative_prompt=negative, progress=False,
+                    true_cfg=4.0)
+    target = Target(tiny_flux).with_true_cfg(4.0)  # the same through the target
+    assert np.array_equal(generate(target, PROMPTS, [0, 1], steps=4, guidance=guidance, negative_prompt=negative,
+                                   progress=False), ours)
     ref = _pipeline_images(tiny_flux, 4, guidance, true_cfg_scale=4.0, negative_prompt=negative or "")
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
     plain = generate(tiny_flux, PROMPTS, [0, 1], steps=4, guidance=guidance, negative_prompt=negative, progress=False)

@@ -183,6 +183,7 @@ def generate(
     progress: bool = True,
     fast: bool | str = False,
     problems: list | None = None,
+    true_cfg: float | None = None,
 ) -> np.ndarray:
     """Generate one image per seed with ``target`` (a `Target` or a bare pipeline); returns uint8 (N, H, W, 3).
 
@@ -194,6 +195,8 @@ def generate(
     CUDA 8.9+; other images, keyed apart); ``batch_size="auto"``: as many images per batch as free GPU memory holds.
     ``problems``: when given, one entry per image is appended: None, or why the image is degenerate (non-finite
     latents, a constant image; `erasekit.validity`).
+    ``true_cfg``: FLUX.1's true classifier-free guidance at this scale, ``negative_prompt`` (or the empty prompt) its
+    unconditional branch (`Target.with_true_cfg`; None: the target's own, off unless set; other families refuse it).
     """
     from tqdm.auto import tqdm
 
@@ -201,6 +204,8 @@ def generate(
     from erasekit.diffusion.target import as_target
 
     target = as_target(target)
+    if true_cfg is not None:
+        target = target.with_true_cfg(true_cfg)
     pipe = target.pipe
     seeds = [int(s) for s in seeds]
     n = len(seeds)
@@ -263,6 +268,8 @@ def target_fields(target, fast: bool = False) -> dict:
                   edit="+".join(who["edits"]) if who["edits"] else None, defences=who["defences"],
                   target=target_key(target, fast), scheduler=target.family.sampling_scheduler_name, height=height,
                   width=width)
+    if who.get("true_cfg") is not None:
+        fields["true_cfg"] = who["true_cfg"]  # recorded (keyed through ``target``): FLUX.1's true CFG scale
     if fast:
         fields["fast"] = True
         from erasekit.diffusion.fp8 import precision_of

@@ -81,9 +81,7 @@ def generate(
         from erasekit.generation import GenerationInputs, generate_to_dir
 
         inputs = GenerationInputs([p for p in prompts for _ in range(n)], [seed + i for _ in prompts for i in range(n)])
-        record = {"true_cfg": target.true_cfg} if target.true_cfg is not None else None
         records, generated = generate_to_dir(target, inputs, out, steps=steps, guidance=guidance,
-                                             batch_size=batch_size, negative_prompt=negative_prompt, fast=fast,
-                                             record=record)
+                                             batch_size=batch_size, negative_prompt=negative_prompt, fast=fast)
     print(f"{len(records)} images in {out} ({generated} generated, {len(records) - generated} reused); "
           f"index {out / 'images.jsonl'}, grid {out / 'grid.png'}", file=sys.stderr)

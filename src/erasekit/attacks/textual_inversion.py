@@ -17,6 +17,12 @@ as {"clip_l": (k, 768), "clip_g": (k, 1280)} (the token in the file's metadata a
 diffusers' SDXL loading reads: ``pipe.load_textual_inversion(sd["clip_l"], token=t, text_encoder=pipe.text_encoder,
 tokenizer=pipe.tokenizer)`` and the same with "clip_g", ``text_encoder_2`` and ``tokenizer_2``.
 
+SD3 / FLUX.1: one token in each text encoder the family uses, T5 included (SD3: CLIP-L, CLIP-G, T5; FLUX.1: CLIP-L,
+whose pooled output conditions, and T5), learned together on the flow-matching loss (the velocity target, as
+diffusers' SD3 / FLUX DreamBooth scripts train: `erasekit.attacks.textual_inversion_loop`), saved as {"clip_l",
+"clip_g", "t5"} / {"clip_l", "t5"} tensors with the token in the metadata (the keys of diffusers' advanced FLUX
+script's embeddings file). The hooks sit on the embedding the encoder calls (T5's ``encoder.embed_tokens``).
+
 Several tokens that learn on one model state (the bench's cells) are learned together, one batched step each, every
 token with its own random stream and its own Adam: `learn_textual_inversions` (`textual_inversion_loop.py`), equal
 to learning them one at a time up to batched kernels' rounding.
@@ -87,8 +93,10 @@ def default_token(concept: str) -> str:
 class TextualInversionAttack(Attack):
     name = "textual_inversion"
     alias = "ti"
-    summary = "learn a new token's vectors from concept images (CLIP or BERT encoders); diffusers format"
+    summary = ("learn a new token's vectors from concept images (every text encoder of the family: CLIP, BERT, T5); "
+               "diffusers format")
     Settings = TextualInversionConfig
+    needs_unet = False  # the family's denoiser and loss: SD3 / FLUX.1 too (the flow-matching velocity)
     order = 1
     scenarios = {"embedding-bb": {"learn_on": "original"}, "embedding-wb": {"learn_on": "target"}}
 

@@ -299,12 +299,20 @@ def tokenizer_with(tokenizer, tokens: list[str]):
     return tok
 
 
+def input_embedding(text_encoder):
+    """The embedding module the encoder calls on its ids: T5's stack has its own ``embed_tokens`` (its weight tied
+    to ``shared``, what ``get_input_embeddings`` returns), so hooks go there."""
+    stack = getattr(text_encoder, "encoder", None)
+    module = getattr(stack, "embed_tokens", None) if stack is not None else None
+    return module if isinstance(module, torch.nn.Embedding) else text_encoder.get_input_embeddings()
+
+
 @contextmanager
 def _swap_new_rows(text_encoder, vocab_size: int, vectors):
     """While active, ids >= ``vocab_size`` embed to ``vectors[id - vocab_size]`` (gradients flow to ``vectors``).
     ``vectors``: a (n, D) tensor, or a list of them (several tokens' rows in order, joined at each forward so that
     in-place optimiser updates are seen)."""
-    embedding = text_encoder.get_input_embeddings()
+    embedding = input_embedding(text_encoder)
     parts = list(vectors) if isinstance(vectors, (list, tuple)) else None
     width = parts[0].shape[-1] if parts is not None else vectors.shape[-1]
     if parts is not None and any(p.shape[-1] != width for p in parts):

@@ -197,3 +197,39 @@ def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajec
         if trajectories is not None:
             trajectories.append(losses)
     return out
+
+
+def token_loss(pipe, learned, images, template: str | None = None, draws: int = 32, seed: int = 0) -> float:
+    """The loop's denoising loss of ``images`` under ``template`` with ``learned``'s token (a `LearnedEmbedding`; None:
+    the template with the word "object" in the token's place) on ``pipe``'s weights as they are, at ``draws`` fixed
+    (image, noise, timestep) draws from ``seed``: the same draws for any token, so two tokens compare (a token that
+    was learned well lowers it; an erased model raises it for its concept's images)."""
+    from erasekit.attacks.textual_inversion_embedding import GENERATION_TEMPLATE
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.guidance import UNetDenoiser
+    from erasekit.diffusion.vae import encode_distribution
+
+    template = template or GENERATION_TEMPLATE
+    images = _check_images(pipe, images)
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    device = denoiser.device
+    schedule = family.schedule(pipe)
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        mean, _ = encode_distribution(pipe, images)
+        if learned is not None:
+            cond = family.from_states(pipe, learned.encode(pipe, [learned.prompt(template)]))
+        else:
+            cond = family.encode(pipe, [template.format("object")])
+        shift = getattr(pipe.vae.config, "shift_factor", None)
+        scale = float(pipe.vae.config.scaling_factor)
+        idx = torch.randint(len(images), (draws,), generator=gen)
+        z = mean[idx.to(mean.device)]
+        latents = (z - float(shift)) * scale if shift is not None else z * scale
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(schedule.num_train_timesteps, (draws,), generator=gen).to(device)
+        if family.flow:
+            t = _flow_timesteps(pipe, device)[t]
+        pred = UNetDenoiser(denoiser, family)(schedule.add_noise(latents, noise, t), t, cond.expand(draws)).float()
+        return float(torch.nn.functional.mse_loss(pred, schedule.target(latents, noise, t).float()))

@@ -115,3 +115,18 @@ def test_flow_worlds_have_their_pipelines_sampler_defaults(tiny_flux):
 
     assert world_of(tiny_flux).sampler_defaults() == (28, 3.5)  # FluxPipeline.__call__'s defaults
     assert world_of(tiny_sd3_pipeline()).sampler_defaults() == (28, 7.0)  # StableDiffusion3Pipeline's
+
+
+def test_negative_prompt_defence_acts_on_flux_with_true_cfg(tiny_flux):
+    """FLUX.1's distilled guidance has no unconditional branch for a negative prompt to replace; with true CFG the
+    defence's negative prompt is that branch, as FluxPipeline's negative_prompt."""
+    from erasekit.defences import parse_defence
+    from erasekit.diffusion.target import Target
+    from erasekit.generation import generate
+
+    defended = Target(tiny_flux).with_defences(parse_defence("negative_prompt:text=a star"))
+    run = lambda target, **kw: generate(target, PROMPTS[:1], [0], steps=3, progress=False, **kw)
+    assert np.array_equal(run(defended), run(tiny_flux))  # distilled: nothing to act on
+    with_cfg = run(defended, true_cfg=4.0)
+    assert np.array_equal(with_cfg, run(tiny_flux, true_cfg=4.0, negative_prompt="a star"))
+    assert not np.array_equal(with_cfg, run(tiny_flux, true_cfg=4.0))

@@ -223,3 +223,24 @@ def test_fast_bench_records_its_choice_compilation_and_cache(tmp_path, monkeypat
         a = np.asarray(Image.open(tmp_path / "eager" / r["path"]), dtype=int)
         b = np.asarray(Image.open(tmp_path / "fast" / f["path"]), dtype=int)
         assert np.abs(a - b).max() <= 1
+
+
+def test_defence_calls_go_through_the_compiled_unet_in_fast_mode(tmp_path):
+    """IRECE's guide call and SLD's safety branch beside another defence's wrapper use the fast UNet (compiled, one
+    shape per row count), with the eager images up to 1 level; IRECE's mask call stays eager (it records attention)."""
+    from erasekit.defences import parse_defence
+    from erasekit.diffusion import Target
+    from erasekit.diffusion.speed import SpeedOptions, accelerate
+    from erasekit.generation import generate
+    from erasekit.models.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("sd1")
+    target = Target(pipe, model="tiny").with_defences(parse_defence("dual_reconstruction:concept=star,threshold=2"),
+                                                      parse_defence("sld:concept=star"),
+                                                      parse_defence("irece:concept=star,kind=guide"))
+    eager = generate(target, ["a star", "a red star"], [0, 1], steps=4, progress=False)
+    fast_unet = accelerate(pipe, SpeedOptions(backend="aot_eager"))
+    fast = generate(target, ["a star", "a red star"], [0, 1], steps=4, progress=False, fast=True)
+    rows = {size for _, size in fast_unet.batch_sizes}
+    assert 2 in rows  # IRECE's guide call and SLD's safety branch: one row an image, through the fast UNet
+    assert np.abs(eager.astype(int) - fast).max() <= 1

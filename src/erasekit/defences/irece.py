@@ -143,7 +143,11 @@ class _IRECEHook:
         self.mask = self.last_mask = attention_mask(maps, s.mask, s.mask_threshold, s.top_k).to(x.device, x.dtype)
         self.masks_mean.append(float(self.mask.mean()))
         if s.kind in ("guide", "both"):
-            out = UNetDenoiser(unet, ctx.target.family)(x, state.t, self.guide_cond.expand(b))
+            from erasekit.diffusion.speed import unet_for
+
+            # the compiled UNet in fast mode (the mask's call above stays eager: it records attention)
+            guide = UNetDenoiser(unet_for(ctx.target.pipe), ctx.target.family)
+            out = guide(x, state.t, self.guide_cond.expand(b))
             self.x0_guide = ctx.sampler.scheduler.step(out, state.t, state.latents, return_dict=True).pred_original_sample
 
     def _before_flow(self, state) -> None:

@@ -156,6 +156,8 @@ class SLD(Defence):
         if scale is None or "uncond" not in branches or "cond" not in branches or not numbers["sld_scale"] > 1.0:
             return guidance  # no classifier-free guidance (scale <= 1) or sld_scale <= 1: diffusers disables SLD
         pipe = ctx.target.pipe
-        model = ctx.target.family.denoiser(pipe)
+        from erasekit.diffusion.speed import unet_for
+
+        model = unet_for(pipe)  # the compiled UNet in fast mode (the safety branch beside another wrapper)
         safety = ctx.target.family.encode(pipe, [self.settings.concept], device=model.device)
         return SafeLatentGuidance(guidance, safety, numbers, model, ctx.target.family)

@@ -16,7 +16,9 @@ under the erased ones). Two modes, two scenarios:
 
 The regression target is the original model's own output, so it is in the model's prediction type (epsilon or
 v) as is. On SDXL the prefix is one free vector per position and text encoder (their widths differ), encoded by
-`SDXLFamily.encode_with_prefix`; hard mode projects the joined vectors to one token for both encoders.
+`SDXLFamily.encode_with_prefix`; hard mode projects the joined vectors to one token for both encoders. SD3 and
+FLUX.1 likewise (CLIP-L, CLIP-G, T5 / CLIP-L, T5; the target is the original transformer's velocity; candidate
+tokens are words that are one token in CLIP and in T5).
 
 As for UnlearnDiffAtk, images the erased model already draws with the concept are not attacked (``attack_all``)
 and count as successes, so the scenario's CRR is ASR = (successes before + new successes) / N. Prompts are

@@ -7,7 +7,8 @@ embedding table), are optimised so that the ERASED UNet denoises z0 under [c_adv
 
     min_{w in simplex^k}  E_{t, eps} || eps_theta'(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t | [w E; p]) - eps ||^2
 
-(v-prediction models: the velocity target), with Adam (lr 0.01, weight decay 0.1), each step followed by the
+(v-prediction models: the velocity target; SD3 / FLUX.1: the flow-matching velocity eps - z0 at
+x_s = (1 - s) z0 + s eps, s = t / 1000, FLUX.1's distilled guidance input at the world's scale), with Adam (lr 0.01, weight decay 0.1), each step followed by the
 Euclidean projection onto the simplex; each prefix token is the argmax, and the attack prompt is the decoded tokens
 followed by p. Images are optimised together in batches (each its own tokens, loss, Adam state, random stream
 and, official, early exit: `erasekit.attacks.batched`), with the result each gets alone; each prompt's result is
@@ -28,7 +29,9 @@ Candidate tokens: whole-word vocabulary entries that decode to letters and token
 unused or sub-word pieces), so the discrete prompt a user types is the one optimised.
 
 Prefix tokens are encoded by the model family (`SDFamily.encode_with_prefix`): on SDXL one relaxed one-hot drives
-both text encoders (their CLIP vocabularies are the same BPE), each through its own embedding table.
+both text encoders (their CLIP vocabularies are the same BPE), each through its own embedding table; on SD3 and
+FLUX.1 the candidates are the words that are one token in CLIP and in T5 (`erasekit.attacks.batched.
+prefix_vocabulary`), and the one-hot drives CLIP-L (and CLIP-G) after BOS and T5 at its first positions.
 The vocabulary, prefix, target and states helpers it shares with P4D and Ring-A-Bell are in `erasekit.attacks.common`.
 """
 

@@ -198,6 +198,38 @@ class FlowMatchingFamily(SDFamily):
                             f"Conditioning(states, {{'pooled': pooled}}) (family.encode(...) makes one)")
 
 
+def encode_t5_with_prefix(tok, encoder, prompts, prefix: torch.Tensor, length: int) -> torch.Tensor:
+    """T5's states of ``[prefix; prompt]``: ``prefix`` (B, k, E) input embeddings at the first k positions (T5 has
+    no BOS), the prompt's tokens after them, cut to ``length`` and ending in ``</s>`` as the tokenizer truncates;
+    no attention mask, as SD3's and FLUX.1's pipelines call T5 (attacks' prefix tokens)."""
+    from erasekit.diffusion.transfer import to_device
+    from erasekit.errors import ErasekitError
+
+    b, k, _ = prefix.shape
+    if k >= length:
+        raise ErasekitError(f"{k} prefix tokens do not fit T5's {length} positions")
+    ids = tok(list(prompts), padding="max_length", max_length=length, truncation=True,
+              return_tensors="pt").input_ids
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    shifted = torch.cat([torch.full((b, k), pad, dtype=ids.dtype), ids[:, : length - k]], 1)
+    end = tok.eos_token_id
+    if end is not None:  # a prompt that filled the positions lost its </s> to the shift
+        lost = (ids == end).any(1) & ~(shifted == end).any(1)
+        shifted[lost, -1] = end
+
+    def post(module, args, output):
+        return torch.cat([prefix.to(device=output.device, dtype=output.dtype), output[:, k:]], 1)
+
+    # the module T5's stack calls on its ids: its own embed_tokens (weight tied to get_input_embeddings')
+    module = getattr(getattr(encoder, "encoder", None), "embed_tokens", None)
+    module = module if isinstance(module, torch.nn.Embedding) else encoder.get_input_embeddings()
+    handle = module.register_forward_hook(post)
+    try:
+        return encoder(to_device(shifted, encoder.device))[0]
+    finally:
+        handle.remove()
+
+
 def _np_linspace_sigmas(steps: int) -> np.ndarray:
     """FLUX's default sigmas: linspace(1, 1/steps, steps) (FluxPipeline.__call__)."""
     return np.linspace(1.0, 1 / steps, steps)

@@ -151,6 +151,19 @@ class FluxFamily(FlowMatchingFamily):
         """True CFG needs the unconditional (negative) branch whatever the distilled guidance scale."""
         return true_cfg(pipe.transformer) > 1.0
 
+    def encode_with_prefix(self, pipe, prompts, prefixes, size=None) -> Conditioning:
+        """As `encode` with ``prefixes`` ((B, k, E) for CLIP-L after its BOS, for T5 at its first positions):
+        attacks' prefix tokens."""
+        from erasekit.diffusion.family_base import _encode_prefixed
+        from erasekit.diffusion.flow import encode_t5_with_prefix
+
+        (_, tok, clip), (_, tok5, t5) = self.encoders(pipe)
+        if len(prefixes) != 2:
+            raise ValueError(f"{len(prefixes)} prefixes for 2 text encoders")
+        pooled = _encode_prefixed(tok, clip, prompts, prefixes[0]).pooler_output.to(clip.dtype)
+        states = encode_t5_with_prefix(tok5, t5, prompts, prefixes[1], self.t5_length(pipe, tok5, FLUX_T5_TOKENS))
+        return Conditioning(states.to(t5.dtype), {"pooled": pooled.to(states.device)})
+
     def guided(self, model, cond: Conditioning, uncond: Conditioning | None, scale: float):
         """The distilled guidance ``scale`` as the transformer's input; true CFG only where set (`set_true_cfg`,
         `true_cfg_scope`: `Target.with_true_cfg`, ``erasekit generate --true-cfg``)."""

@@ -78,6 +78,32 @@ class SD3Family(FlowMatchingFamily):
             pooled_all.append(torch.cat(pooled, dim=-1))
         return Conditioning(torch.cat(states_all).to(out_device), {"pooled": torch.cat(pooled_all).to(out_device)})
 
+    def encode_with_prefix(self, pipe, prompts, prefixes, size=None) -> Conditioning:
+        """As `encode` with ``prefixes`` (one (B, k, E) per encoder: CLIP-L, CLIP-G, T5) after each CLIP's BOS
+        and at T5's first positions (attacks' prefix tokens)."""
+        from erasekit.diffusion.family_base import _encode_prefixed
+        from erasekit.diffusion.flow import encode_t5_with_prefix
+
+        encoders = self.encoders(pipe)
+        if len(prefixes) != len(encoders):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(encoders)} text encoders")
+        parts, pooled, t5 = [], [], None
+        for (name, tok, enc), prefix in zip(encoders, prefixes):
+            if name == "t5":
+                t5 = encode_t5_with_prefix(tok, enc, prompts, prefix, self.t5_tokens(pipe)).to(enc.dtype)
+                continue
+            out = _encode_prefixed(tok, enc, prompts, prefix, output_hidden_states=True)
+            pooled.append(out[0])
+            parts.append(out.hidden_states[-2].to(dtype=pipe.text_encoder.dtype))
+        if t5 is None:  # no T5 in the folder: diffusers' zeros
+            t5 = torch.zeros(len(parts[0]), self.t5_tokens(pipe), pipe.transformer.config.joint_attention_dim,
+                             device=parts[0].device, dtype=pipe.text_encoder.dtype)
+        clip = torch.cat(parts, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        device = pipe.text_encoder.device
+        return Conditioning(torch.cat([clip.to(t5.device), t5], dim=-2).to(device),
+                            {"pooled": torch.cat(pooled, dim=-1).to(device)})
+
     def denoise(self, model, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
         timestep = t.expand(len(x)) if t.ndim == 0 else t

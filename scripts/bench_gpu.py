@@ -123,8 +123,9 @@ def main(argv=None):
                     help="run the fixed SD-1.4-shaped `erasekit bench` config stage by stage (scripts/bench_gpu_bench.py)")
     ap.add_argument("--bench-before", action="store_true", help="--bench: also the old path (per-cell batches, no disk cache)")
     ap.add_argument("--bench-fast", default="true", choices=["true", "auto"], help="--bench: the config's fast setting")
-    ap.add_argument("--work", default="/tmp/erasekit-bench-gpu",
+    ap.add_argument("--work", default="runs/bench-gpu",
                     help="--bench: model, caches and run folders (phases already done there are skipped)")
+    ap.add_argument("--phases", default="", help="--bench: a subset, e.g. model,reference,bench1 (then bench2,before)")
     args = ap.parse_args(argv)
     if args.bench:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -6,7 +6,7 @@ against standalone ``generate --fast`` measured in the same run (issue 23).
     python scripts/bench_gpu.py --bench --quick                                               # tiny, CPU check
 
 Phases, each in its own Python process (so that a compiled graph is never reused from memory, only from the disk
-cache under test), each skipped when its result is already in ``--work`` (default /tmp/erasekit-bench-gpu; a
+cache under test), each skipped when its result is already in ``--work`` (default runs/bench-gpu, git-ignored; a
 command cut short by a time limit is run again and continues):
 
 - ``model``: the random pipeline built on the GPU (fp16) and saved (safetensors) to ``WORK/model``;
@@ -16,6 +16,10 @@ command cut short by a time limit is run again and continues):
 - ``bench2``: the same bench into another fresh folder with ``bench1``'s inductor cache: its compile seconds and the
   cache's hits and misses (a miss is a graph compiled again);
 - ``before`` (``--bench-before``): the old path: per-cell batches, no disk cache (an empty one), fresh folder.
+
+``--phases model,reference,bench1`` runs a subset (one command's time limit; a later command with
+``--phases bench2,before`` and the same ``--work`` continues: keep the machine warm in between, the work folder
+and its caches live there). ``--quick`` compiles with aot_eager (seconds) unless ``BENCH_BACKEND=inductor``.
 
 Per run: wall seconds and images/s (or rows/s) of every stage (edits, attacks, generation, scoring; from the
 bench's costs.jsonl), UNet evaluations per second, the generation stage's compilation, its images/s as a share of
@@ -136,6 +140,9 @@ def phase_bench(work: Path, quick: bool, name: str, fast, before: bool) -> dict:
 
     raw = bench_config(work, quick, fast)
     if before:  # the old path: per-cell batches, compiled without the shared cache (an empty one of its own)
+        import shutil
+
+        shutil.rmtree(work / f"cache_{name}", ignore_errors=True)
         raw.update(batching="cell", compile_cache=str(work / f"cache_{name}"))
     else:
         raw["compile_cache"] = str(work / "cache_bench")
@@ -190,11 +197,7 @@ def run_phase(argv: list[str]) -> None:
     name, work, quick, fast, before = argv
     work, quick, before = Path(work), quick == "1", before == "1"
     fast = {"true": True, "false": False}.get(fast, fast)
-    if not quick:
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
+    if quick:
         import torch
 
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -212,11 +215,20 @@ def main(args, rep) -> None:
     quick = "1" if args.quick else "0"
     fast = args.bench_fast
     phases = ["model", "reference", "bench1", "bench2"] + (["before"] if args.bench_before else [])
+    if args.phases:  # a subset (a command's time limit): the others must be done already or come later
+        wanted = args.phases.split(",")
+        unknown = set(wanted) - set(phases) - {"before"}
+        if unknown:
+            sys.exit(f"unknown phase(s) {sorted(unknown)}; phases: model, reference, bench1, bench2, before")
+        phases = [p for p in ["model", "reference", "bench1", "bench2", "before"] if p in wanted]
     rep.put("bench_setup", {"work": str(work), "quick": args.quick, "fast": fast, "phases": phases,
                             "config": bench_config(work, args.quick, fast)})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     if args.quick:
         env.setdefault("ERASEKIT_THREADS", os.environ.get("BENCH_THREADS", "1"))
+        # inductor compiles for minutes on a small CPU: aot_eager (dynamo's graphs, no code generation) unless
+        # BENCH_BACKEND=inductor asks for the disk cache's own check (the second bench's cache hits)
+        env.setdefault("BENCH_BACKEND", "aot_eager")
     for name in phases:
         result_path = work / f"{name}.json"
         if not result_path.is_file():
@@ -229,9 +241,13 @@ def main(args, rep) -> None:
                 return
         result = json.loads(result_path.read_text())
         rep.put(f"bench_{name}", result)
+    if not (work / "reference.json").is_file():
+        return
     ref = json.loads((work / "reference.json").read_text())
     overview = {"reference_generate_fast_images_per_s": ref["images_per_s"]}
-    for name in phases[2:]:
+    for name in ("bench1", "bench2", "before"):
+        if not (work / f"{name}.json").is_file():
+            continue
         r = json.loads((work / f"{name}.json").read_text())
         gen = r["stages"].get("generation", {})
         overview[name] = {"wall_s": r["wall_s"], "generation_images_per_s": gen.get("images_per_s"),
@@ -241,6 +257,8 @@ def main(args, rep) -> None:
                           "fx_graph_cache": [(gen.get("compile") or {}).get("fx_graph_cache_hit"),
                                              (gen.get("compile") or {}).get("fx_graph_cache_miss")],
                           "stages_wall_s": {k: v["wall_s"] for k, v in r["stages"].items()}}
+    if "bench1" in overview and "before" in overview:
+        overview["wall_before_over_after"] = round(overview["before"]["wall_s"] / overview["bench1"]["wall_s"], 3)
     rep.put("bench_overview", overview)
 
 

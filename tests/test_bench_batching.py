@@ -244,3 +244,20 @@ def test_defence_calls_go_through_the_compiled_unet_in_fast_mode(tmp_path):
     rows = {size for _, size in fast_unet.batch_sizes}
     assert 2 in rows  # IRECE's guide call and SLD's safety branch: one row an image, through the fast UNet
     assert np.abs(eager.astype(int) - fast).max() <= 1
+
+
+def test_the_gpu_bench_config_is_a_valid_bench_config(tmp_path):
+    """scripts/bench_gpu.py --bench's fixed config (issue 23's: four methods, the five scenarios, 32 images a cell,
+    textual inversion 200 steps, batch 64) parses, and plans 640 images."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_gpu_bench import bench_config
+
+    from erasekit.bench.spec import parse_config, planned_images
+
+    cfg = parse_config(bench_config(tmp_path, False, True))
+    assert [m.name for m in cfg.methods] == ["original", "uce", "rece", "rece+irece"] and len(cfg.scenarios) == 5
+    assert cfg.images_per_cell == 32 and cfg.attacks["ti"]["steps"] == 200 and cfg.batch_size == 64
+    assert cfg.fast is True and planned_images(cfg) == 4 * 5 * 32
+    assert parse_config(bench_config(tmp_path, True, "auto")).fast == "auto"

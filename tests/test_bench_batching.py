@@ -261,3 +261,26 @@ def test_the_gpu_bench_config_is_a_valid_bench_config(tmp_path):
     assert cfg.images_per_cell == 32 and cfg.attacks["ti"]["steps"] == 200 and cfg.batch_size == 64
     assert cfg.fast is True and planned_images(cfg) == 4 * 5 * 32
     assert parse_config(bench_config(tmp_path, True, "auto")).fast == "auto"
+
+
+def test_generate_cli_fast_is_auto_and_eager_on_the_cpu(tmp_path, monkeypatch):
+    """`erasekit generate` without --fast: auto, which samples eagerly on the CPU (the records say so); the rule
+    is asked with the run's device, image count, steps and guidance; --no-fast never asks."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+    from erasekit.diffusion import speed
+
+    asked = []
+    real = speed.auto_fast
+    monkeypatch.setattr(speed, "auto_fast", lambda *a: asked.append(a) or real(*a))
+    args = ["generate", "a star", "a heart", "-n", "2", "--steps", "2", "--model", "toy"]
+    result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert len(asked) == 1 and str(asked[0][0]) == "cpu" and asked[0][1:] == (4, 2, 5.0)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "images.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and not any(r.get("fast") for r in rows)
+    result = CliRunner().invoke(app, args + ["--no-fast", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0 and len(asked) == 1

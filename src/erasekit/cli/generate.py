@@ -23,7 +23,7 @@ def generate(
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt for every image."),
     true_cfg: Optional[float] = typer.Option(None, "--true-cfg", help="FLUX.1 only: true classifier-free guidance at this scale (FluxPipeline's true_cfg_scale), --negative-prompt (or the empty prompt) as the unconditional branch; one more transformer pass a step (default: off)."),
     batch_size: str = typer.Option("32", "--batch-size", help="Images per forward pass (does not change the images), or auto: as many as free GPU memory holds."),
-    fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
+    fast: Optional[bool] = typer.Option(None, "--fast/--no-fast", show_default=False, help=common.FAST_HELP + " Default: auto, fast on CUDA when the images repay the compilation (erasekit.diffusion.speed.auto_fast)."),
     precision: str = typer.Option("default", "--precision", help=common.PRECISION_HELP),
     edit: Optional[Path] = typer.Option(None, "--edit", help="Apply a saved erasure edit (folder) before generating."),
     defence: Optional[List[str]] = typer.Option(None, "--defence", "--defense", help="Inference-time defence name[:key=value,...] (repeat to stack; see `erasekit ls`)."),
@@ -64,7 +64,8 @@ def generate(
         finite("--true-cfg", true_cfg, low=1, high=MAX_GUIDANCE)
     common.check_out_dir(out)
     common.resolve_dtype(dtype, "cpu")
-    fast = common.fast_mode(fast, precision, device)
+    auto_fast = fast is None
+    fast = common.fast_mode(bool(fast), precision, device)
     saved_edit = common.read_edit(edit)
     defences = common.read_defences(defence, concept)
     from erasekit.worlds import world_named
@@ -78,6 +79,14 @@ def generate(
         target = common.load_target(model, edit=saved_edit, defences=defences, device=device, dtype=dtype,
                                     allow_pickle=allow_pickle)
         target = target.with_true_cfg(true_cfg)  # refused on all but FLUX.1; keyed apart (Target.cache_id)
+        if auto_fast and fast is False and not target.family.flow:  # fast mode compiles UNets only
+            from erasekit.diffusion.speed import auto_fast as choose
+
+            steps0, guidance0 = target.world.sampler_defaults()
+            fast, why = choose(target.family.denoiser(target.pipe).device, len(prompts) * n, steps or steps0,
+                               guidance0 if guidance is None else guidance)
+            if fast:
+                print(f"--fast chosen automatically ({why}); --no-fast to sample eagerly", file=sys.stderr)
         from erasekit.generation import GenerationInputs, generate_to_dir
 
         inputs = GenerationInputs([p for p in prompts for _ in range(n)], [seed + i for _ in prompts for i in range(n)])

@@ -7,7 +7,8 @@
 1. Speed and pixels, SD-1.4-shaped random pipeline (`erasekit.models.tiny.sd14_shaped_pipeline`, built on the GPU),
    512x512, 50 DDIM steps, CFG 7.5, batch 64, ``--dtype`` float16 (what ``--fast`` runs on CUDA): per variant
    (``default``: ``generate(fast=True)``; ``fp8``: ``generate(fast="fp8")``, `erasekit.diffusion.fp8`;
-   ``fp8-torchao``: the same layers through torchao's float8 recipe, a second pipeline of the same seed) the
+   ``fp8-conv``: the 3x3 convolutions too (experimental); ``fp8-torchao``: the linear layers through torchao's
+   float8 recipe, on a second pipeline of the same seed) the
    compilation (first call: 2 steps at the batch), images/s over ``--n`` images, the UNet alone (ms per call at
    2 x batch rows, the equivalent TFLOP/s of the bf16 FLOP count), and against ``default`` on the same prompts and
    seeds the uint8 pixel difference (max, mean, 99th percentile, share over 8 levels, PSNR). Random weights make
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 PROMPTS = ["a photo of a red car on a street", "a watercolor painting of a lighthouse at dusk",
            "a portrait of an old man with a beard", "a bowl of fruit on a wooden table"]
-VARIANTS = {"default": ("default", "scaled_mm"), "fp8": ("fp8", "scaled_mm"), "fp8-torchao": ("fp8", "torchao")}
+VARIANTS = ("default", "fp8", "fp8-conv", "fp8-torchao")  # the precisions (`erasekit.diffusion.fp8.FP8_MODES`)
 
 
 def sync():
@@ -82,14 +83,13 @@ def pixel_diff(a: np.ndarray, b: np.ndarray) -> dict:
 def speed_options(variant: str, args):
     from erasekit.diffusion.speed import SpeedOptions
 
-    precision, backend = VARIANTS[variant]
     if args.quick:  # the compiled graph's tracing without inductor's code generation: seconds on a CPU
-        return SpeedOptions(precision=precision, fp8_backend=backend, fp8_any_device=True, backend="aot_eager")
-    return SpeedOptions(precision=precision, fp8_backend=backend)
+        return SpeedOptions(precision=variant, fp8_any_device=True, backend="aot_eager")
+    return SpeedOptions(precision=variant)
 
 
 def fast_value(variant: str):
-    return "fp8" if VARIANTS[variant][0] == "fp8" else True
+    return variant if variant != "default" else True
 
 
 def unet_ms(pipe, fast_unet, rows: int, height: int, width: int, iters: int) -> float:
@@ -151,9 +151,13 @@ def sd14_section(args, rep, device, dtype):
                            "batch": batch, "n": n, "dtype": str(dtype), "prompts": PROMPTS, "seeds": [0, n - 1],
                            "build_s": round(time.perf_counter() - t, 1), "fingerprint": base_fp,
                            "unet_gflop_per_sample": round(flops / 1e9, 1)})
+    from erasekit.diffusion.fp8 import FP8_MODES
+
     images, rates = {}, {}
+    converted = None  # the FP8 backend this pipeline's UNet was converted to
     for variant in args.variants:
-        if variant == "fp8-torchao" and "fp8" in args.variants:
+        backend = FP8_MODES[variant][0] if variant in FP8_MODES else None
+        if backend is not None and converted not in (None, backend):
             # one UNet computes FP8 through one backend: a second pipeline, same seed, same weights (checked)
             del pipe
             if device == "cuda":
@@ -162,13 +166,14 @@ def sd14_section(args, rep, device, dtype):
             if fingerprint(pipe) != base_fp:
                 rep.put(f"sd14_{variant}", {"error": "the rebuilt pipeline's weights differ; not compared"})
                 continue
+        converted = backend or converted
         try:
             fast_unet = accelerate(pipe, speed_options(variant, args))
         except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
             rep.put(f"sd14_{variant}", {"error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
         fv = fast_value(variant)
-        entry = {"precision": VARIANTS[variant][0], "fp8_backend": VARIANTS[variant][1] if fv == "fp8" else None,
+        entry = {"precision": variant, "fp8_backend": backend,
                  "fp8_layers": len(fast_unet.fp8.layers) if fast_unet.fp8 is not None else 0}
         try:
             _, wall, cpu = timed(lambda: generate(pipe, prompts[:batch], seeds[:batch], steps=2,
@@ -231,10 +236,10 @@ def toy_section(args, rep, device, dtype):
     opts = dict(compile=bool(args.toy_compile), fp8_any_device=args.quick)
     if args.quick:
         opts["backend"] = "aot_eager"
-    variants = [v for v in ("default", "fp8") if v in args.variants]
+    variants = [v for v in ("default", "fp8", "fp8-conv") if v in args.variants]  # torchao: one backend a UNet
     cells = {}
     for variant in variants:
-        accelerate(pipe, SpeedOptions(**opts), precision=VARIANTS[variant][0])
+        accelerate(pipe, SpeedOptions(**opts), precision=variant)
         for method, target in targets.items():
             out = work / f"{variant}-{method}"
             cfg = ScenarioConfig(scenario="text", concept=concept, n=args.toy_n, seed=0, batch_size=args.toy_batch,
@@ -246,21 +251,19 @@ def toy_section(args, rep, device, dtype):
             rep.put(f"toy_{variant}_{method}", {"crr": summary["crr"], "ci": summary["ci"], "n": summary["n"],
                                                 "k": summary["k"], "invalid": summary.get("invalid"),
                                                 "mean_score": summary.get("mean_score"), "wall_s": round(wall, 2),
-                                                "precision": VARIANTS[variant][0]})
-    if len(variants) < 2:
-        return
+                                                "precision": variant})
     from PIL import Image
 
-    for method in targets:
+    for variant, method in [(v, m) for v in variants[1:] for m in targets]:
         s0, rows0, idx0, out0 = cells[("default", method)]
-        s1, rows1, idx1, out1 = cells[("fp8", method)]
+        s1, rows1, idx1, out1 = cells[(variant, method)]
         common = sorted(set(rows0) & set(rows1))
         flips = [k for k in common if bool(rows0[k]["present"]) != bool(rows1[k]["present"])]
         a = np.stack([np.asarray(Image.open(out0 / idx0[k]["path"]).convert("RGB")) for k in common])
         b = np.stack([np.asarray(Image.open(out1 / idx1[k]["path"]).convert("RGB")) for k in common])
         score_d = [abs(float(rows0[k]["score"]) - float(rows1[k]["score"])) for k in common]
-        rep.put(f"toy_{method}_fp8_vs_default", {
-            "crr_default": s0["crr"], "crr_fp8": s1["crr"],
+        rep.put(f"toy_{method}_{variant}_vs_default", {
+            "crr_default": s0["crr"], f"crr_{variant}": s1["crr"],
             "crr_difference": None if s0["crr"] is None or s1["crr"] is None else round(s1["crr"] - s0["crr"], 4),
             "paired_images": len(common), "verdict_flips": len(flips),
             "flips_to_present": sum(bool(rows1[k]["present"]) for k in flips),
@@ -277,14 +280,16 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--n", type=int, default=None, help="SD-1.4 images per variant (default: one batch)")
-    ap.add_argument("--variants", default="default,fp8", help="comma-separated: default, fp8, fp8-torchao")
+    ap.add_argument("--variants", default="default,fp8",
+                    help="comma-separated: default, fp8, fp8-conv (3x3 convolutions too), fp8-torchao")
     ap.add_argument("--concept", default="star")
     ap.add_argument("--toy-n", type=int, default=None, help="embedded-world images per cell")
     ap.add_argument("--toy-batch", type=int, default=256)
     ap.add_argument("--toy-compile", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated: sd14, unet, toy")
     args = ap.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
+    args.variants = list(dict.fromkeys(v for v in args.variants.split(",") if v))
+    args.variants.sort(key=lambda v: v != "default")  # default first: every other variant is compared with it
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or "default" not in args.variants:
         sys.exit(f"--variants: give default and any of {', '.join(VARIANTS)} (got {args.variants})")

@@ -62,6 +62,34 @@ def test_fp8_conv1x1_is_the_pixelwise_product_and_returns_channels_last():
     assert torch.allclose(y, ref, rtol=1e-2, atol=1e-3)
 
 
+def test_fp8_conv3x3_is_the_product_over_the_unfolded_input():
+    """Precision fp8-conv: re-typed as F.conv2d of the dequantised input (one scale per image) and weight (one per
+    output channel), bf16-rounded; only inside ``on(convs=True)``."""
+    from erasekit.diffusion.fp8 import convert_unet
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Conv2d(32, 16, 3, stride=2, padding=1))
+    x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = net[0](x)
+        layers = convert_unet(net, any_device=True, convs=True)
+        assert layers.names() == ["0"]  # the stride-2 convolution keeps its precision
+        with layers.on():
+            plain = net[0](x)  # fp8 without convs: the 3x3 convolution computes as before
+        with layers.on(convs=True):
+            y = net[0](x)
+        s = x.abs().amax(dim=(1, 2, 3), keepdim=True) / 448.0
+        xq = (x / s).to(torch.float8_e4m3fn).float() * s
+        w = net[0].weight
+        ws = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 448.0
+        wq = (w / ws).to(torch.float8_e4m3fn).float() * ws
+        ref = torch.nn.functional.conv2d(xq, wq, padding=1).to(torch.bfloat16).float() + net[0].bias[:, None, None]
+    assert torch.equal(plain, exact)
+    assert y.shape == exact.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, ref, rtol=2e-2, atol=2e-3)
+    assert ((y - exact).norm() / exact.norm()).item() < 0.08
+
+
 def test_conversion_keeps_names_hooks_gradients_and_kept_layers(tiny_sd1):
     """In place on the UNet's own modules: the state dict and fingerprint are the same, outside a fast call the UNet
     computes bit for bit as before (gradients too), forward hooks still run, the text K/V projections are kept."""
@@ -164,9 +192,9 @@ def test_fp8_images_are_keyed_and_recorded_apart(tmp_path):
 
     pipe = tiny_sd_pipeline("sd1")
     target = Target(pipe)
-    keys = {target_key(target), target_key(target, True), target_key(target, "fp8")}
-    assert len(keys) == 3 and target_key(target, "default") == target_key(target, True)
-    accelerate(pipe, SpeedOptions(backend="aot_eager", fp8_any_device=True), precision="fp8")
+    keys = {target_key(target, v) for v in (False, True, "fp8", "fp8-conv", "fp8-torchao")}
+    assert len(keys) == 5 and target_key(target, "default") == target_key(target, True)
+    accelerate(pipe, SpeedOptions(compile=False, fp8_any_device=True), precision="fp8")
     inputs = GenerationInputs(["a red star"] * 2, [0, 1])
     fp8, made = generate_to_dir(target, inputs, tmp_path, steps=2, batch_size=2, progress=False, fast="fp8")
     assert made == 2 and all(r["precision"] == "fp8" and r["fast"] is True for r in fp8)
@@ -242,7 +270,7 @@ def test_torchao_backend_when_installed(monkeypatch):
     x = torch.randn(6, 64)
     with torch.no_grad():
         exact = net(x)
-        layers = convert_unet(net, backend="torchao", any_device=True)
+        layers = convert_unet(net, backend="torchao", any_device=True)  # what precision fp8-torchao converts
         with layers.on():
             y = net(x)
         assert ((y - exact).norm() / exact.norm()).item() < 0.06
@@ -251,3 +279,22 @@ def test_torchao_backend_when_installed(monkeypatch):
         with layers.on():
             flipped = net(x)
     assert ((flipped - (-exact + 2 * net[0].bias)).norm() / exact.norm()).item() < 0.06
+
+
+def test_fp8_conv_precision_adds_the_3x3_convolutions_to_the_same_unet():
+    from erasekit.diffusion.speed import SpeedOptions, accelerate
+    from erasekit.generation import generate
+    from erasekit.models.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("sd1")
+    opts = SpeedOptions(compile=False, fp8_any_device=True)  # the plumbing (tracing: the test above)
+    fp8 = accelerate(pipe, opts, precision="fp8")
+    n_linear = len(fp8.fp8.layers)
+    conv = accelerate(pipe, opts, precision="fp8-conv")
+    assert conv.fp8 is fp8.fp8 and len(conv.fp8.layers) > n_linear and conv.fp8.has_convs
+    eager = generate(pipe, "a star", [0, 1], steps=2, progress=False)
+    a = generate(pipe, "a star", [0, 1], steps=2, progress=False, fast="fp8")
+    b = generate(pipe, "a star", [0, 1], steps=2, progress=False, fast="fp8-conv")
+    assert np.abs(a.astype(int) - b).max() > 0  # the 3x3 convolutions computed in FP8 only under fp8-conv
+    assert np.abs(b.astype(int) - eager).mean() < 12
+    assert np.abs(generate(pipe, "a star", [0, 1], steps=2, progress=False, fast="fp8").astype(int) - a).max() <= 1

@@ -252,11 +252,13 @@ def generate(
 def target_key(target, fast: bool | str = False) -> str:
     """What an image's key knows of the model: the target's cache id (base fingerprint, edit digests, defence
     records), marked when generated in fast mode (compiled kernels round differently: such images never stand in
-    for eager ones), and with ``fast="fp8"`` marked "+fp8" too (FP8 products: other images again)."""
+    for eager ones), and with ``fast="fp8"`` (or "fp8-conv") marked "+fp8" ("+fp8-conv") too (FP8 products: other
+    images again)."""
     from erasekit.diffusion.fp8 import precision_of
 
     precision = precision_of(fast)
-    return target.cache_id + ("+fast" if precision else "") + ("+fp8" if precision == "fp8" else "")
+    return target.cache_id + ("+fast" if precision else "") + (f"+{precision}" if precision not in (None, "default")
+                                                               else "")
 
 
 def target_fields(target, fast: bool = False) -> dict:
@@ -274,8 +276,8 @@ def target_fields(target, fast: bool = False) -> dict:
         fields["fast"] = True
         from erasekit.diffusion.fp8 import precision_of
 
-        if precision_of(fast) == "fp8":
-            fields["precision"] = "fp8"  # recorded (the key has it through ``target``): FP8 matmuls in the UNet
+        if precision_of(fast) != "default":
+            fields["precision"] = precision_of(fast)  # recorded (keyed through ``target``): FP8 products in the UNet
     return fields
 
 

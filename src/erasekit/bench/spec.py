@@ -139,7 +139,8 @@ class BenchConfig:
     compile_cache: str | None = None  # inductor's cache folder (None: ERASEKIT_COMPILE_CACHE or ~/.cache/erasekit/inductor)
     description: str = ""
     # "fp8": fast mode with FP8 products in the UNet's linear layers (`erasekit.diffusion.fp8`; CUDA 8.9+), recorded in
-    # every row (``precision``) and keyed apart; implies fast. "default": the dtype's own products.
+    # every row (``precision``) and keyed apart; implies fast ("fp8-conv", experimental: the 3x3 convolutions too).
+    # "default": the dtype's own products.
     precision: str = "default"
 
     # -- what determines the results ------------------------------------------------------------------------
@@ -376,8 +377,8 @@ def validate(cfg: BenchConfig) -> BenchConfig:
 
     if cfg.precision not in PRECISIONS:
         raise ErasekitError(f"config: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.precision == "fp8" and cfg.fast is False:
-        raise ErasekitError("config: precision fp8 runs in fast mode: set fast to true or auto, not false")
+    if cfg.precision != "default" and cfg.fast is False:
+        raise ErasekitError(f"config: precision {cfg.precision} runs in fast mode: set fast to true or auto, not false")
     if cfg.batching not in ("auto", "cell", "shared"):
         raise ErasekitError(f"config: batching must be auto, cell or shared, got {cfg.batching!r}")
     if cfg.compile_cache is not None and not cfg.compile_cache.strip():
@@ -393,18 +394,19 @@ def planned_images(cfg: BenchConfig) -> int:
 
 
 def fast_value(cfg: BenchConfig):
-    """What generation takes as ``fast`` (`erasekit.generation.target_key`): False, True, or "fp8" (fp8 implies fast).
-    Call after `resolve_fast`."""
-    return "fp8" if cfg.precision == "fp8" else cfg.fast is True
+    """What generation takes as ``fast`` (`erasekit.generation.target_key`): False, True, or the FP8 precision ("fp8",
+    "fp8-conv": it implies fast). Call after `resolve_fast`."""
+    return cfg.precision if cfg.precision != "default" else cfg.fast is True
 
 
 def resolve_fast(cfg: BenchConfig, device, steps: int, guidance: float) -> tuple[BenchConfig, dict]:
     """(the config with ``fast`` true or false, the choice as recorded: setting, chosen, why)."""
-    if cfg.precision == "fp8":
+    if cfg.precision != "default":
         from erasekit.diffusion.fp8 import check_fp8_device
 
         check_fp8_device(device)
-        return dataclasses.replace(cfg, fast=True), {"setting": cfg.fast, "chosen": True, "why": "precision fp8"}
+        return dataclasses.replace(cfg, fast=True), {"setting": cfg.fast, "chosen": True,
+                                                     "why": f"precision {cfg.precision}"}
     if cfg.fast != "auto":
         return cfg, {"setting": cfg.fast, "chosen": bool(cfg.fast), "why": "set in the config"}
     from erasekit.diffusion.speed import auto_fast

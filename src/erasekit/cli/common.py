@@ -28,7 +28,8 @@ FAST_HELP = ("GPU speed: channels-last and a compiled UNet and VAE decoder (comp
 MODEL_HELP = "'toy', a diffusers pipeline folder, or a hub id in the local cache."
 PRECISION_HELP = ("default, or fp8: --fast with FP8 matrix products in the UNet's linear layers and 1x1 convolutions "
                   "(CUDA GPUs of compute capability 8.9+: Ada, Hopper; images change a little: recorded and cached "
-                  "apart).")
+                  "apart); fp8-conv (experimental): its 3x3 convolutions too; fp8-torchao: the linear layers through "
+                  "torchao's float8 recipe (pip install 'erasekit[fp8]').")
 PICKLE_HELP = "Also load pickled (.bin) weights where a folder has no safetensors: only for folders you trust."
 
 
@@ -161,10 +162,11 @@ def fast_mode(fast: bool, precision: str, device: str):
     before any model is loaded when fp8 asks for a GPU that ``--device`` is not."""
     from erasekit.diffusion.fp8 import check_fp8_device, parse_precision
 
-    if parse_precision(precision) != "fp8":
+    precision = parse_precision(precision)
+    if precision == "default":
         return bool(fast)
     check_fp8_device(resolve_device(device))
-    return "fp8"
+    return precision
 
 
 def out_folder(value) -> Path:

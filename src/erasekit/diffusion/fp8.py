@@ -9,9 +9,13 @@ Images change (FP8 keeps 3 mantissa bits): they are keyed apart (`precision_of` 
 and recorded as ``precision: fp8``.
 
 What stays in the model's precision: 3x3 convolutions (half the SD-1.x UNet's FLOPs; torch has no FP8
-convolution, and an unfolded one moves 9x the activation bytes), attention's own products (scaled-dot-product
-kernels), norms, the timestep embedding, and the cross-attention keys and values (``attn2.to_k`` / ``to_v``: 0.4% of
-the FLOPs, 77 text tokens, and the weights closed-form erasers edit, kept exact).
+convolution), attention's own products (scaled-dot-product kernels), norms, the timestep embedding, and the
+cross-attention keys and values (``attn2.to_k`` / ``to_v``: 0.4% of the FLOPs, 77 text tokens, and the weights
+closed-form erasers edit, kept exact). Experimental, its own precision ``fp8-conv``: the stride-1 3x3 convolutions
+too, as one FP8 product over the unfolded input (each pixel's 3x3 neighbourhood as a row of 9 x channels, written
+once in float8 by the fused quantisation; one scale per image, since a row mixes nine pixels): the unfolded
+activations cost 9 bytes a channel a pixel of memory traffic, which pays only where the product is long
+(deeper, wider levels); measured, not assumed (scripts/bench_fp8.py).
 
 How weight edits stay seen: the layers are the UNet's own modules (their class is switched to an FP8 subclass:
 parameter names, hooks, attention processors, fingerprints unchanged; outside the fast call they compute as before,
@@ -21,7 +25,7 @@ applies and reverts edits). A quantised copy of the whole UNet would not see the
 which are installed on the UNet itself.
 
 torchao's float8 inference recipe (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``) does the
-same for ``nn.Linear`` and is used when asked for (``SpeedOptions(fp8_backend="torchao")``, ``pip install
+same for ``nn.Linear`` and is used when asked for (precision ``fp8-torchao``, ``pip install
 'erasekit[fp8]'``): its per-row scaling needs bf16 weights and it replaces the weight parameter itself (edits could
 no longer be copied into it), so here it quantises a bf16 shadow of each weight, re-quantised in place like ours.
 Our own kernel path is the default because it also covers 1x1 convolutions and fp16 models, and runs on the CPU
@@ -37,7 +41,10 @@ import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
 
-PRECISIONS = ("default", "fp8")
+# Each precision names its whole arithmetic (so an image key that names the precision names how it was computed):
+# precision -> (backend, 3x3 convolutions too).
+FP8_MODES = {"fp8": ("scaled_mm", False), "fp8-conv": ("scaled_mm", True), "fp8-torchao": ("torchao", False)}
+PRECISIONS = ("default", *FP8_MODES)
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 MIN_CAPABILITY = (8, 9)
@@ -48,7 +55,8 @@ BACKENDS = ("scaled_mm", "torchao")
 
 
 def precision_of(fast) -> str | None:
-    """The precision a ``fast`` value asks for: None (not fast: False / None), "default" (True) or "fp8"."""
+    """The precision a ``fast`` value asks for: None (not fast: False / None), "default" (True), or one of
+    `FP8_MODES` ("fp8", "fp8-conv", "fp8-torchao")."""
     if fast is None or fast is False:
         return None
     if fast is True:
@@ -101,10 +109,12 @@ def fp8_matmul(x2: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 
 class _State:
-    """Shared by the converted layers of one UNet: whether they compute in FP8 now (only inside a fast call)."""
+    """Shared by the converted layers of one UNet: whether they compute in FP8 now (only inside a fast call), the
+    3x3 convolutions too (precision fp8-conv)."""
 
     def __init__(self, backend: str):
         self.on = False
+        self.convs = False
         self.backend = backend
 
 
@@ -169,6 +179,34 @@ class FP8Conv1x1(_FP8Mixin, torch.nn.Conv2d):
         return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
 
 
+class FP8Conv3x3(_FP8Mixin, torch.nn.Conv2d):
+    """A stride-1, padding-1 3x3 convolution as one FP8 product over the unfolded input (precision fp8-conv):
+    row = one output pixel's 3x3 neighbourhood (tap-major, channels minor), the weight (out, 3, 3, in) to match;
+    the activation scale is one per image (a row mixes nine pixels, so no per-pixel scale fits it)."""
+
+    def _fp8_weight_2d(self) -> torch.Tensor:
+        w = self.weight
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+    def forward(self, x):
+        if not (self._fp8_state.on and self._fp8_state.convs):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        xf = x.float()
+        scale = xf.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12) / E4M3_MAX  # (b, 1, 1, 1)
+        q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).permute(0, 2, 3, 1)  # (b, h, w, c)
+        q = F.pad(q, (0, 0, 1, 1, 1, 1))  # zero borders (0 is 0 in e4m3)
+        cols = torch.cat([q[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], dim=-1).reshape(-1, 9 * c)
+        x_scale = scale.reshape(b, 1).expand(b, h * w).reshape(-1, 1).contiguous()
+        fused_bias = self.bias is not None and x.dtype == torch.bfloat16
+        y = torch._scaled_mm(cols, self.fp8_weight.t(), scale_a=x_scale, scale_b=self.fp8_scale,
+                             bias=self.bias if fused_bias else None, out_dtype=torch.bfloat16,
+                             use_fast_accum=x.is_cuda).to(x.dtype)
+        if self.bias is not None and not fused_bias:
+            y = y + self.bias
+        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 def _torchao_refresh(layer, w2: torch.Tensor) -> None:
     """torchao's float8 recipe on a bf16 shadow ``nn.Linear`` of the weight (the parameter itself stays ours)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -185,7 +223,7 @@ def _torchao_refresh(layer, w2: torch.Tensor) -> None:
         getattr(cur, name).copy_(getattr(new, name))
 
 
-def _convertible(name: str, module) -> type | None:
+def _convertible(name: str, module, convs: bool = False) -> type | None:
     if any(k in name for k in KEEP):
         return None
     if type(module) is torch.nn.Linear:
@@ -195,7 +233,12 @@ def _convertible(name: str, module) -> type | None:
         one = (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
                and module.dilation == (1, 1) and module.groups == 1)
         ok = one and module.in_channels % 16 == 0 and module.out_channels % 16 == 0
-        return FP8Conv1x1 if ok else None
+        if ok:
+            return FP8Conv1x1
+        three = (module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
+                 and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros")
+        ok = convs and three and module.in_channels % 16 == 0 and module.out_channels % 16 == 0
+        return FP8Conv3x3 if ok else None
     return None
 
 
@@ -204,18 +247,20 @@ class FP8Layers:
 
     def __init__(self, unet, state: _State, layers: dict):
         self.unet, self.state, self.layers = unet, state, layers
+        self.has_convs = False  # the 3x3 convolutions converted too (precision fp8-conv)
 
     def refresh(self) -> int:
         """Re-quantise the layers whose weights changed; how many did."""
         return sum(layer.fp8_refresh() for layer in self.layers.values())
 
     @contextlib.contextmanager
-    def on(self):
-        self.state.on = True
+    def on(self, convs: bool = False):
+        """FP8 products for the block (``convs``: the 3x3 convolutions too, precision fp8-conv)."""
+        self.state.on, self.state.convs = True, bool(convs)
         try:
             yield
         finally:
-            self.state.on = False
+            self.state.on = self.state.convs = False
 
     def names(self) -> list[str]:
         return list(self.layers)
@@ -224,9 +269,10 @@ class FP8Layers:
 _ATTR = "_erasekit_fp8_layers"
 
 
-def convert_unet(unet, backend: str = "scaled_mm", any_device: bool = False) -> FP8Layers:
-    """Switch ``unet``'s linear layers and 1x1 convolutions (but `KEEP`) to their FP8 subclasses, in place and
-    idempotent. Refused (one error line) off FP8-capable GPUs unless ``any_device`` (tests, script checks: the CPU's
+def convert_unet(unet, backend: str = "scaled_mm", any_device: bool = False, convs: bool = False) -> FP8Layers:
+    """Switch ``unet``'s linear layers and 1x1 convolutions (but `KEEP`), with ``convs`` its stride-1 3x3
+    convolutions too, to their FP8 subclasses, in place and idempotent (a later call with ``convs`` adds them).
+    Refused (one error line) off FP8-capable GPUs unless ``any_device`` (tests, script checks: the CPU's
     ``torch._scaled_mm``)."""
     if backend not in BACKENDS:
         raise ErasekitError(f"fp8 backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -236,6 +282,10 @@ def convert_unet(unet, backend: str = "scaled_mm", any_device: bool = False) -> 
     if done is not None:
         if done.state.backend != backend:
             raise ErasekitError(f"this UNet already computes FP8 through {done.state.backend}, not {backend}")
+        if convs and not done.has_convs:
+            _switch(unet, done.state, done.layers, backend, convs=True)
+            done.has_convs = True
+            done.refresh()
         return done
     if backend == "torchao":
         try:
@@ -243,17 +293,22 @@ def convert_unet(unet, backend: str = "scaled_mm", any_device: bool = False) -> 
         except ImportError:
             raise ErasekitError("fp8 backend torchao needs the torchao package: pip install 'erasekit[fp8]'") from None
     state = _State(backend)
-    layers = {}
-    for name, module in unet.named_modules():
-        cls = _convertible(name, module)
-        if cls is None or (backend == "torchao" and cls is not FP8Linear):
-            continue
-        module.__class__ = cls
-        module._fp8_state = state
-        layers[name] = module
+    layers: dict = {}
+    _switch(unet, state, layers, backend, convs)
     if not layers:
         raise ErasekitError("precision fp8: no layer of this UNet has FP8-compatible shapes (multiples of 16)")
     out = FP8Layers(unet, state, layers)
+    out.has_convs = convs
     out.refresh()
     setattr(unet, _ATTR, out)
     return out
+
+
+def _switch(unet, state: _State, layers: dict, backend: str, convs: bool) -> None:
+    for name, module in unet.named_modules():
+        cls = None if name in layers else _convertible(name, module, convs)
+        if cls is None or (backend == "torchao" and cls is not FP8Linear):
+            continue  # torchao's recipe: linear layers only (its convolutions need kernels torch does not ship)
+        module.__class__ = cls
+        module._fp8_state = state
+        layers[name] = module

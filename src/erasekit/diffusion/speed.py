@@ -49,10 +49,10 @@ class SpeedOptions:
     backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing without code generation, for tests)
     decode_batch: int | None = None  # VAE images per decode call (None: the whole batch at once)
     # "fp8": the UNet's linear layers and 1x1 convolutions multiply in float8 inside the fast call (images change:
-    # keyed apart; `erasekit.diffusion.fp8`). CUDA compute capability 8.9+ only, unless fp8_any_device (tests,
-    # script checks: the same arithmetic through the CPU's torch._scaled_mm).
+    # keyed apart; `erasekit.diffusion.fp8`); "fp8-conv" (experimental): its 3x3 convolutions too; "fp8-torchao":
+    # the linear layers through torchao's float8 recipe (erasekit[fp8]). CUDA compute capability 8.9+ only, unless
+    # fp8_any_device (tests, script checks: the same arithmetic through the CPU's torch._scaled_mm).
     precision: str = "default"
-    fp8_backend: str = "scaled_mm"  # or "torchao" (its float8 inference recipe, linear layers only; erasekit[fp8])
     fp8_any_device: bool = False
 
 
@@ -76,10 +76,11 @@ class FastUNet:
         self.unet = unet
         self.options = options
         self.fp8 = None  # the UNet's FP8 layers (precision "fp8"): re-quantised when edits change weights
-        if options.precision == "fp8":
-            from erasekit.diffusion.fp8 import convert_unet
+        if options.precision != "default":
+            from erasekit.diffusion.fp8 import FP8_MODES, convert_unet
 
-            self.fp8 = convert_unet(unet, options.fp8_backend, options.fp8_any_device)
+            backend, convs = FP8_MODES[options.precision]
+            self.fp8 = convert_unet(unet, backend, options.fp8_any_device, convs=convs)
         self.compiled = _compile(unet, options) if options.compile else unet
         self.batch_sizes: set[int] = set()  # batch sizes compiled so far (per the other dims' shapes, see _key)
         self.calls = 0
@@ -112,7 +113,7 @@ class FastUNet:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fp8 is not None:
             self.fp8.refresh()  # weights an edit changed since the last call (Target.active copies in place)
-        with self.fp8.on() if self.fp8 is not None else contextlib.nullcontext():
+        with self.fp8.on(self.options.precision == "fp8-conv") if self.fp8 is not None else contextlib.nullcontext():
             out = self.compiled(x, t, encoder_hidden_states=encoder_hidden_states,
                                 added_cond_kwargs=added_cond_kwargs, **kwargs)
         sample = out.sample if hasattr(out, "sample") else out[0]

@@ -60,12 +60,19 @@ def _uda(target, prompts, seed, batch_size, cache_dir=None, **extra):
 @pytest.fixture()
 def scripted_checks(monkeypatch):
     """The official loop's checks without images: a typed prompt succeeds when a hash of it is 0 mod 3 (a fixed
-    function of the tokens the attack found, so it is the same for a prompt batched or alone)."""
+    function of the tokens the attack found, so it is the same for a prompt batched or alone). Returns the list
+    of the checks' sizes (the batch at each block)."""
     import erasekit.attacks.unlearndiffatk as uda
 
+    sizes = []
+
+    def detect(ctx, typed):
+        sizes.append(len(typed))
+        return [{"present": int(hashlib.sha256(p.encode()).hexdigest(), 16) % 3 == 0} for p in typed]
+
     monkeypatch.setattr(uda, "draw", lambda ctx, typed, seeds, steps, scale: np.array(typed, dtype=object))
-    monkeypatch.setattr(uda, "detect", lambda ctx, typed: [
-        {"present": int(hashlib.sha256(p.encode()).hexdigest(), 16) % 3 == 0} for p in typed])
+    monkeypatch.setattr(uda, "detect", detect)
+    return sizes
 
 
 def _alone(run, target, **kw):
@@ -73,9 +80,13 @@ def _alone(run, target, **kw):
     return [run(target, [p], i, 1, **kw) for i, p in enumerate(PROMPTS)]
 
 
-def test_official_protocol_batched_equals_one_prompt_at_a_time(case, scripted_checks):
+@pytest.mark.parametrize("batch", [8, 2])
+def test_official_protocol_batched_equals_one_prompt_at_a_time(case, scripted_checks, batch):
+    """batch 8: the three prompts together, the batch shrinking as they stop; batch 2: the third prompt takes the
+    row of the first to stop (at its own first block, with a fresh Adam state)."""
     target, _, iterations = case
-    together = _uda(target, PROMPTS, 0, 8, timesteps=3, iterations=iterations)
+    together = _uda(target, PROMPTS, 0, batch, timesteps=3, iterations=iterations)
+    sizes = list(scripted_checks)
     alone = _alone(_uda, target, timesteps=3, iterations=iterations)
     b = together.budget
     assert together.prompts == [a.prompts[0] for a in alone]
@@ -83,6 +94,7 @@ def test_official_protocol_batched_equals_one_prompt_at_a_time(case, scripted_ch
         assert b[key] == [a.budget[key][0] for a in alone], key
     # the early exits differ between prompts (the batch shrank), and each ran its own number of blocks
     assert len(set(b["timesteps_tried"])) > 1, b["timesteps_tried"]
+    assert sum(sizes) == sum(b["timesteps_tried"]) and max(sizes) == min(batch, 3)
     assert b["loss_last"] == pytest.approx(np.mean([a.budget["loss_last"] for a in alone]), abs=1e-4)
 
 

@@ -57,24 +57,39 @@ def test_sampled_one_hot_forward_and_straight_through_backward():
     assert _SampledOneHot.apply(one, gen).argmax().item() == 4
 
 
-def test_dropping_finished_rows_keeps_each_rows_adam_trajectory():
-    """Batched with an early exit == each row alone: the Adam state is sliced, not restarted."""
-    from erasekit.attacks.unlearndiffatk import UnlearnDiffAtkSettings, _keep_rows
+def test_rows_leaving_and_joining_keep_each_rows_adam_trajectory():
+    """Batched with early exits and refills == each row alone under torch.optim.Adam: a row leaves with its state,
+    a new one joins with a fresh state and its own step count (`RowAdam`, the official loop's optimiser)."""
+    from erasekit.attacks.batched import RowAdam
+    from erasekit.attacks.unlearndiffatk import UnlearnDiffAtkSettings
 
     s = UnlearnDiffAtkSettings()
-    grads = torch.randn(6, 3, 4, 5)
-    w = torch.rand(3, 4, 5).requires_grad_(True)
-    alone = w.detach()[2:3].clone().requires_grad_(True)
-    opt, opt1 = torch.optim.Adam([w], lr=s.lr, weight_decay=s.weight_decay), torch.optim.Adam(
-        [alone], lr=s.lr, weight_decay=s.weight_decay)
-    for step in range(6):
-        if step == 3:
-            w, opt = _keep_rows(w, opt, [2], s)
-        rows = slice(None) if step < 3 else slice(2, 3)
-        w.grad, alone.grad = grads[step][rows].clone(), grads[step][2:3].clone()
-        opt.step()
-        opt1.step()
-    torch.testing.assert_close(w.detach(), alone.detach(), rtol=0, atol=1e-7)
+    start, grads = torch.rand(4, 4, 5), torch.randn(4, 8, 4, 5)  # per row: its start and its own gradients
+    pool = RowAdam(s.lr, s.weight_decay)
+    pool.add_rows(start[:3])
+    members, seen = [0, 1, 2], {0: 0, 1: 0, 2: 0}
+    for step in range(8):
+        if step == 3:  # row 1 stops after 3 steps; row 3 takes its place
+            pool.keep_rows([0, 2])
+            pool.add_rows(start[3:4])
+            members, seen[3] = [0, 2, 3], 0
+        pool.param.grad = torch.stack([grads[r, seen[r]] for r in members])
+        pool.step()
+        for r in members:
+            seen[r] += 1
+        if step == 2:
+            row1 = pool.param.detach()[1].clone()
+    alone = {}
+    for r, n in {0: 8, 1: 3, 2: 8, 3: 5}.items():
+        w = start[r].clone().requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=s.lr, weight_decay=s.weight_decay)
+        for i in range(n):
+            w.grad = grads[r, i].clone()
+            opt.step()
+        alone[r] = w.detach()
+    got = {**dict(zip(members, pool.param.detach())), 1: row1}
+    for r in range(4):
+        torch.testing.assert_close(got[r], alone[r], rtol=0, atol=1e-7)
 
 
 def _official(toy_random, answers, n=3, **extra):

@@ -200,3 +200,61 @@ def per_prompt_settings(settings) -> dict:
     d.pop("batch_size", None)
     d.pop("prompts", None)
     return d
+
+
+# -- Adam with a step count per row ------------------------------------------------------------------------------
+class RowAdam:
+    """Adam (torch.optim.Adam's arithmetic: L2 weight decay added to the gradient, bias corrections) over a (B, ...)
+    tensor whose rows are independent problems, each with its own step count, so rows may join (a new prompt,
+    zero state) and leave (a prompt that stopped) between steps: each row follows the trajectory it follows
+    alone under torch.optim.Adam (float rounding of the per-row bias corrections apart)."""
+
+    def __init__(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
+        self.param: torch.Tensor | None = None
+        self.exp_avg = self.exp_avg_sq = None
+        self.steps = torch.zeros(0, dtype=torch.float64)
+
+    def add_rows(self, values: torch.Tensor) -> None:
+        """Append rows (their starting values) with a fresh state."""
+        values = values.detach()
+        zeros = torch.zeros_like(values)
+        if self.param is None:
+            self.param, self.exp_avg, self.exp_avg_sq = values.clone(), zeros, zeros.clone()
+        else:
+            self.param = torch.cat([self.param.detach(), values])
+            self.exp_avg = torch.cat([self.exp_avg, zeros])
+            self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros.clone()])
+        self.steps = torch.cat([self.steps, torch.zeros(len(values), dtype=torch.float64)])
+        self.param.requires_grad_(True)
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Only the rows ``keep`` (in that order) stay, with their state."""
+        idx = torch.as_tensor(list(keep), dtype=torch.long)
+        dev = idx.to(self.param.device)
+        self.param = self.param.detach()[dev].clone().requires_grad_(True)
+        self.exp_avg, self.exp_avg_sq = self.exp_avg[dev], self.exp_avg_sq[dev]
+        self.steps = self.steps[idx]
+
+    def __len__(self) -> int:
+        return 0 if self.param is None else len(self.param)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        p, grad = self.param, self.param.grad
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            grad = grad.add(p, alpha=self.weight_decay)
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        shape = (-1,) + (1,) * (p.ndim - 1)
+        bc1 = 1 - beta1 ** self.steps  # float64, as Python's scalars in torch.optim.Adam
+        bc2_sqrt = (1 - beta2 ** self.steps).sqrt()
+        step_size = (self.lr / bc1).to(p.dtype).to(p.device).view(shape)
+        denom = (self.exp_avg_sq.sqrt() / bc2_sqrt.to(p.dtype).to(p.device).view(shape)).add_(self.eps)
+        p.sub_(step_size * (self.exp_avg / denom))
+
+    def zero_grad(self) -> None:
+        if self.param is not None:
+            self.param.grad = None

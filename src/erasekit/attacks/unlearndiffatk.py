@@ -163,42 +163,39 @@ class _SampledOneHot(torch.autograd.Function):
         return torch.nn.functional.hardtanh(grad), None
 
 
-def _keep_rows(w, opt, keep, s):
-    """The weights and Adam state of the rows in ``keep`` only (every row has taken the same number of steps)."""
-    idx = torch.tensor(keep, device=w.device)
-    new = w.detach()[idx].clone().requires_grad_(True)
-    state = opt.state.get(w, {})
-    new_opt = torch.optim.Adam([new], lr=s.lr, weight_decay=s.weight_decay)
-    if state:
-        new_opt.state[new] = {k: (v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
-    return new, new_opt
-
-
 def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiffAtkSettings, vocab, steps: int,
-                    scale, generators=None, guidance: float | None = None):
-    """The reference protocol for a batch of prompts: per fixed timestep, `iterations` Adam steps on the simplex
-    weights with a sampled one-hot forward; then every prompt still running is decoded (argmax tokens), drawn from
-    its seed by the target and scored; a success stops that prompt (its row leaves the batch with its Adam state).
-    ``generators``: one per prompt (default: from the attack's seed, the prompt and its image seed), so a prompt's
-    result is the one it gets alone. Returns (final prompts, per-prompt records)."""
-    from erasekit.attacks.batched import DenoisingLoss, as_prefix_vocabulary, prompt_generators, randn_rows
+                    scale, generators=None, guidance: float | None = None, batch_size: int | None = None):
+    """The reference protocol for prompts attacked together: per fixed timestep block, `iterations` Adam steps on
+    the simplex weights with a sampled one-hot forward; then every prompt in the batch is decoded (argmax tokens),
+    drawn from its seed by the target and scored; a success (or the last block) ends that prompt, whose row leaves
+    the batch, and the next waiting prompt takes its place at the first block (at most ``batch_size`` rows, default
+    all). Each row has its own Adam step count (`RowAdam`) and random stream (``generators``, default: from the
+    attack's seed, the prompt and its image seed), so a prompt's result is the one it gets alone.
+    Returns (final prompts, per-prompt records)."""
+    from erasekit.attacks.batched import DenoisingLoss, RowAdam, as_prefix_vocabulary, prompt_generators, randn_rows
 
     loss_fn = DenoisingLoss(pipe, guidance)
     family, device = loss_fn.family, loss_fn.device
     vocab = as_prefix_vocabulary(pipe, vocab)
     tables = vocab.tables(pipe, device)
     gens = list(generators) if generators is not None else prompt_generators(s.seed, prompts, seeds, device)
-    b = len(prompts)
-    w = torch.full((b, s.k, len(vocab)), 1.0 / len(vocab), device=device).requires_grad_(True)  # uniform start
-    opt = torch.optim.Adam([w], lr=s.lr, weight_decay=s.weight_decay)
+    n = len(prompts)
+    cap = int(batch_size) if batch_size else n
+    schedule = fixed_timesteps(loss_fn.num_train_timesteps, s.timesteps)
+    opt = RowAdam(s.lr, s.weight_decay)
     z0 = z0.to(device, torch.float32)
-    active = list(range(b))
     final = list(prompts)
     recs = [{"timesteps_tried": 0, "updates": 0, "first_success_timestep": None, "first_success_update": None,
-             "loss_first": None, "loss_last": None} for _ in range(b)]
-    for t in fixed_timesteps(loss_fn.num_train_timesteps, s.timesteps):
+             "loss_first": None, "loss_last": None} for _ in range(n)]
+    waiting, active = list(range(n)), []
+    while waiting or active:
+        joining = waiting[: cap - len(active)]
+        waiting = waiting[len(joining):]
+        if joining:  # uniform start
+            opt.add_rows(torch.full((len(joining), s.k, len(vocab)), 1.0 / len(vocab), device=device))
+            active += joining
         za = z0[active]
-        tt = loss_fn.timesteps([t] * len(active))
+        tt = loss_fn.timesteps([schedule[recs[i]["timesteps_tried"]] for i in active])
         texts = [prompts[i] for i in active]
         rows = [gens[i] for i in active]
         block = []
@@ -206,23 +203,24 @@ def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiff
             noise = randn_rows(za.shape[1:], rows, device)
             xt = loss_fn.noised(za, noise, tt)
             target = loss_fn.target(za, noise, tt)
-            one_hot = _SampledOneHot.apply(w, rows)
+            one_hot = _SampledOneHot.apply(opt.param, rows)
             cond = family.encode_with_prefix(pipe, texts, [one_hot @ table for table in tables])
             per = loss_fn.per_prompt(xt, tt, cond, target)  # each prompt's own MSE
             opt.zero_grad()
             per.sum().backward()
             opt.step()
             with torch.no_grad():
-                w.copy_(project_simplex(w))
+                opt.param.copy_(project_simplex(opt.param))
             block.append(per.detach())
         losses = torch.stack(block).mean(0).tolist()
-        ids = vocab.ids[w.detach().argmax(-1).cpu()]
+        ids = vocab.ids[opt.param.detach().argmax(-1).cpu()]
         typed = [f"{tokens_text(pipe.tokenizer, ids[j])} {prompts[i]}" for j, i in enumerate(active)]
         scales = [scale[i] for i in active] if isinstance(scale, list) else scale
         present = [r["present"] for r in detect(ctx, draw(ctx, typed, [seeds[i] for i in active], steps, scales))]
         keep = []
         for j, i in enumerate(active):
             r = recs[i]
+            t = schedule[r["timesteps_tried"]]
             r["timesteps_tried"] += 1
             r["updates"] += s.iterations
             r["loss_first"] = losses[j] if r["loss_first"] is None else r["loss_first"]
@@ -230,12 +228,13 @@ def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiff
             final[i] = typed[j]
             if present[j]:
                 r["first_success_timestep"], r["first_success_update"] = t, r["updates"]
-            else:
+            elif r["timesteps_tried"] < len(schedule):
                 keep.append(j)
-        if not keep:
-            break
         if len(keep) < len(active):
-            w, opt = _keep_rows(w, opt, keep, s)
+            if keep:
+                opt.keep_rows(keep)
+            else:
+                opt = RowAdam(s.lr, s.weight_decay)
             active = [active[j] for j in keep]
     return final, recs
 
@@ -321,19 +320,17 @@ class UnlearnDiffAtk(Attack):
 
             device = family_of(pipe).denoiser(pipe).device
             gens = prompt_generators(s.seed, pick(prompts), pick(seeds), device)
-            for start in range(0, len(todo), s.batch_size):
+            if s.protocol == "official":  # one pool of batch_size rows: a finished prompt's row is refilled
+                texts, loop = official_attack(ctx, pipe, pick(prompts), pick(seeds), z0, s, vocab, steps, todo_scale,
+                                              gens, loss_guidance, batch_size=s.batch_size)
+                for j, i in enumerate(todo):
+                    final[i] = texts[j]
+                    recs[i].update(loop[j])
+            for start in range(0, len(todo) if s.protocol == "fast" else 0, s.batch_size):
                 part = list(range(start, min(start + s.batch_size, len(todo))))
                 chunk = [todo[j] for j in part]
                 chunk_z0 = z0[part[0] : part[-1] + 1]
                 chunk_gens = [gens[j] for j in part]
-                if s.protocol == "official":
-                    chunk_scale = [scale[i] for i in chunk] if isinstance(scale, list) else scale
-                    texts, loop = official_attack(ctx, pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
-                                                  chunk_z0, s, vocab, steps, chunk_scale, chunk_gens, loss_guidance)
-                    for j, i in enumerate(chunk):
-                        final[i] = texts[j]
-                        recs[i].update(loop[j])
-                    continue
                 _, ids, _, (first, last) = optimise_relaxed_prefix(
                     pipe, [prompts[i] for i in chunk], chunk_z0, s, chunk_gens, vocab, guidance=loss_guidance)
                 for j, i in enumerate(chunk):

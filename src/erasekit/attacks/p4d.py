@@ -112,10 +112,11 @@ def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, gen
             opt.zero_grad()
             per.sum().backward()  # each prompt's own loss; their sum is minimised
             opt.step()
-            per = per.detach().cpu()
+            per = per.detach()  # kept on the device: no host sync per step
             first = per if first is None else first
             last = per
-            losses.append(float(per.mean()))
+            losses.append(per.mean())
+    losses = torch.stack(losses).tolist()
     pair = (first.tolist(), last.tolist())
     if mode == "hard":
         return vocab.ids[nearest([p.detach() for p in ps]).cpu()], losses, pair

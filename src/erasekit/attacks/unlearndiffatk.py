@@ -129,14 +129,14 @@ def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, genera
         opt.step()
         with torch.no_grad():
             w.copy_(project_simplex(w))
-        per = per.detach().cpu()
+        per = per.detach()  # kept on the device: no host sync per step
         first = per if first is None else first
         last = per
-        losses.append(float(per.mean()))
+        losses.append(per.mean())
         if trace is not None:
             trace.append(w.detach().clone())
     ids = vocab.ids[w.detach().argmax(-1).cpu()]
-    return w.detach(), ids, losses, (first.tolist(), last.tolist())
+    return w.detach(), ids, torch.stack(losses).tolist(), (first.tolist(), last.tolist())
 
 
 def fixed_timesteps(num_train: int, n: int) -> list[int]:

@@ -12,6 +12,9 @@ textual inversion runs), 512x512, batch ``--batch`` (4) per token, 8 random imag
 - batched: K tokens (``--ks``, 4 and 8) in one loop (`learn_textual_inversions` with K entries: one text-encoder
   call and one UNet forward/backward over the K x batch images per step, each token its own Adam);
 
+- several model states: ``--states`` (4) tokens on the original and 3 UCE-shaped edits of it (every cross-attention
+  K/V weight changed) in one loop, each token's rows of those layers through its own state's weights;
+
 each after a 2-step warm-up of its shape. Reported: token-steps/s (tokens x steps / wall, the wall including each
 token's setup: VAE encoding of its images), the speed-up over one at a time, peak CUDA memory, and how far the
 batched tokens' vectors are from the same tokens learned alone (bf16 autocast: batched kernels round differently;
@@ -61,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--ks", default="4,8", help="tokens learned together, comma-separated")
     ap.add_argument("--single", type=int, default=2, help="tokens timed one at a time")
     ap.add_argument("--images", type=int, default=8, help="images per token")
+    ap.add_argument("--states", type=int, default=4,
+                    help="also K tokens on K model states of one base model in one loop (0: skip)")
     args = ap.parse_args(argv)
 
     from erasekit.attacks.textual_inversion import TextualInversionConfig
@@ -137,6 +142,34 @@ def main(argv=None):
                                   "cuda_peak_mb": peak,
                                   "max_vector_diff_vs_alone": [round(d, 6) for d in diffs],
                                   "alone_moved_from_init": [round(m, 4) for m in moved]})
+    if args.states:
+        # K tokens on K model states of one base model (the original and K - 1 edits of every cross-attention K/V
+        # projection, UCE-shaped), one loop with per-state rows (RowWeights), against the K = 4 figure on one state.
+        k = args.states
+        names = [f"unet.{n}" for n, _ in pipe.unet.named_parameters()
+                 if ".attn2.to_k." in n or ".attn2.to_v." in n]
+        gen = torch.Generator(device).manual_seed(0)
+        params = dict(pipe.unet.named_parameters())
+        weights = [None] + [{n: params[n[5:]].detach() * (1 + 0.01 * torch.randn(params[n[5:]].shape, device=device,
+                                                                                      generator=gen)) for n in names}
+                            for _ in range(k - 1)]
+        warm = jobs(k, 2)
+        learn_textual_inversions(pipe, warm, progress=False, weights=weights)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync(cuda)
+        t0 = time.perf_counter()
+        learn_textual_inversions(pipe, jobs(k, steps), progress=False, weights=weights)
+        sync(cuda)
+        wall = time.perf_counter() - t0
+        rate = k * steps / wall
+        rep.put(f"batched_k{k}_states", {
+            "tokens": k, "model_states": k, "edited_tensors_per_state": len(names), "steps": steps,
+            "wall_s": round(wall, 2), "token_steps_per_s": round(rate, 2), "images_per_s": round(rate * batch, 1),
+            "speedup_vs_one_at_a_time": round(rate / single_rate, 2),
+            "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
+            "note": "the original + K-1 synthetic UCE-shaped edits (every attn2 to_k / to_v weight), each token's "
+                    "rows of those layers through its own state's weights"})
     rep.put("total_s", round(time.time() - rep.t0, 1))
 
 

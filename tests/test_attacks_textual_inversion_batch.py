@@ -108,34 +108,123 @@ def test_batched_learning_checks_every_token(toy_random):
     assert learn_textual_inversions(toy_random, [], progress=False) == []
 
 
-def test_bench_learns_the_tokens_of_one_model_state_together(tmp_path):
-    """Two concepts' black-box tokens learn on one model (the original) in one loop; each lands in the cache entry
-    a cell learning alone uses (the single-cell attack reads it back), with the vectors it learns alone."""
-    from erasekit.attacks.scenarios import ScenarioConfig, run_scenario
+def _edits(pipe):
+    from erasekit.erasers import erase
+
+    return {"uce": erase(pipe, "uce", "star", progress=False),
+            "esd-x": erase(pipe, "esd-x", "star", settings={"iterations": 2, "ddim_steps": 2, "trajectories": 1,
+                                                           "batch_size": 1, "lr": 1e-2}, progress=False)}
+
+
+@pytest.mark.parametrize("which", ["tiny_sd1", "tiny_flux"])
+def test_tokens_of_several_edits_learn_in_one_loop_as_on_each_edited_model(which, request):
+    """The original and two edits of it (UCE: K/V projections; ESD-x: every cross-attention projection, FLUX: the
+    double blocks' text side) in one loop, each token's rows through its own edit's layers, equal each token learned
+    on its own edited model; the pipeline's weights are untouched after."""
+    from erasekit.attacks.textual_inversion_loop import RowWeights
+    from erasekit.diffusion import Target
+    from erasekit.models import fingerprint
+
+    if which == "tiny_flux":
+        from erasekit.models.tiny_flow import tiny_flux_pipeline
+
+        pipe = tiny_flux_pipeline()
+    else:
+        pipe = request.getfixturevalue(which)
+    edits = _edits(pipe)
+    before = fingerprint(pipe)
+    jobs = _jobs()
+    states = [Target(pipe), Target(pipe).with_edits(edits["uce"]), Target(pipe).with_edits(edits["esd-x"])]
+    losses: list = []
+    together = learn_textual_inversions(pipe, jobs, progress=False, trajectories=losses,
+                                        weights=[None, edits["uce"].tensors, edits["esd-x"].tensors])
+    from erasekit.diffusion.family import family_of
+
+    denoiser = family_of(pipe).denoiser(pipe)
+    assert fingerprint(pipe) == before and not any("forward" in m.__dict__ for m in denoiser.modules())
+    alone, alone_losses = [], []
+    for (images, config), state in zip(jobs, states):
+        traj: list = []
+        with state.active():
+            alone += learn_textual_inversions(pipe, [(images, config)], progress=False, trajectories=traj)
+        alone_losses += traj
+    _assert_equal_runs(together, losses, alone, alone_losses)
+    # ... and the edits matter: the UCE state's token differs from the one learned on the original's weights
+    plain, = learn_textual_inversions(pipe, [jobs[1]], progress=False)
+    assert (plain.vectors - together[1].vectors).abs().max() > 10 * VECTOR_ATOL
+    with pytest.raises(ValueError, match="not a denoiser weight"):
+        RowWeights(pipe, [{"vae.decoder.conv_in.weight": torch.zeros(1)}])
+
+
+def test_prepare_learns_the_cells_tokens_together_into_their_own_cache_entries(toy_random, tmp_path, monkeypatch):
+    """The bench's hook: black-box cells of two concepts and white-box cells of the original and of UCE (one base
+    model) learn in one loop (the cell whose key another cell has is learned once); each token lands in the cache
+    entry a cell learning alone uses (`inputs` without `prepare` reads it back), with the vectors it learns alone.
+    On the CPU by default nothing is batched."""
+    import erasekit.attacks.textual_inversion as ti_module
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.textual_inversion import TextualInversionAttack
+    from erasekit.diffusion import Target
+    from erasekit.erasers import erase
+
+    base = Target(toy_random, model="toy-random")
+    uce = base.with_edits(erase(toy_random, "uce", "star", progress=False))
+    cells = [(base, "star", "original"), (base, "heart", "original"), (uce, "star", "target"),
+             (base, "star", "target")]  # the last: the original white-box, the first cell's key
+
+    def items(cache):
+        out = []
+        for target, concept, learn_on in cells:
+            attack = TextualInversionAttack.from_overrides({"steps": 2, "images": 2, "batch_size": 2})
+            ctx = AttackContext(target=target, concept=concept, n=1, cache_dir=cache, progress=False)
+            out.append((attack, ctx, {"learn_on": learn_on}))
+        return out
+
+    cpu = items(tmp_path / "cpu")
+    TextualInversionAttack.prepare(cpu)
+    assert not list((tmp_path / "cpu").glob("ti-*"))  # CPU default: each cell learns in `inputs`
+    alone = [attack.inputs(ctx, **args).learned for attack, ctx, args in cpu]
+
+    monkeypatch.setattr(ti_module, "BATCH_CELLS", "on")
+    on = items(tmp_path / "on")
+    TextualInversionAttack.prepare(on)
+    assert len(list((tmp_path / "on").glob("ti-*"))) == 3
+    got = [attack.inputs(ctx, **args) for attack, ctx, args in on]
+    assert [g.budget.get("tokens_learned_together") for g in got[:3]] == [3, 3, 3]
+    assert "reused_from_cache" in got[3].budget  # the same key as the first cell: learned once
+    assert sorted(p.name for p in (tmp_path / "on").glob("ti-*")) == sorted(p.name for p in (tmp_path / "cpu").glob("ti-*"))
+    for a, g in zip(alone, got):
+        assert a.token == g.learned.token
+        torch.testing.assert_close(a.vectors, g.learned.vectors, rtol=0, atol=VECTOR_ATOL)
+    fresh = TextualInversionAttack.from_overrides({"steps": 2, "images": 2, "batch_size": 2})
+    back = fresh.inputs(AttackContext(target=uce, concept="star", n=1, cache_dir=tmp_path / "on", progress=False),
+                        learn_on="target")
+    assert back.budget["reused_from_cache"] and back.learned.digest() == got[2].learned.digest()
+
+
+@pytest.mark.slow
+def test_bench_learns_the_tokens_of_several_cells_together(tmp_path, monkeypatch):
+    """`erasekit bench` end to end: two concepts, the original and UCE, both embedding scenarios; batched (forced on
+    the CPU) and not, the same cache entries and vectors within the tolerance."""
+    import erasekit.attacks.textual_inversion as ti_module
+    from erasekit.attacks.textual_inversion import LearnedEmbedding
     from erasekit.bench.run import run_bench
     from erasekit.bench.spec import parse_config
-    from erasekit.diffusion import Target
-    from erasekit.detectors.toy import ToyConceptDetector
-    from erasekit.models import load_pipeline
 
-    ti = {"steps": 3, "images": 2, "batch_size": 2}
-    raw = {"model": "toy", "concepts": ["star", "heart"], "methods": ["original"], "scenarios": ["embedding-bb"],
-           "images_per_cell": 1, "sampler": {"steps": 1}, "attacks": {"ti": ti}, "preservation": {"images": 1},
+    raw = {"model": "toy", "concepts": ["star", "heart"], "methods": ["original", {"name": "uce", "words": "synonyms"}],
+           "scenarios": ["embedding-bb", "embedding-wb"], "images_per_cell": 1, "sampler": {"steps": 1},
+           "attacks": {"ti": {"steps": 2, "images": 2, "batch_size": 2}}, "preservation": {"images": 1},
            "batch_size": 2}
-    summary = run_bench(parse_config(raw), tmp_path / "run", progress=False, log=lambda m: None)
-    budgets = {c: summary["cells"][f"{c}/original/embedding-bb"]["budget"] for c in ("star", "heart")}
-    assert all(b["tokens_learned_together"] == 2 and "reused_from_cache" not in b for b in budgets.values())
-
-    pipe = load_pipeline("toy")
-    cfg = ScenarioConfig("embedding-bb", "star", n=1, steps=1, settings={"textual_inversion": ti})
-    again = run_scenario(cfg, Target(pipe, model="toy"), ToyConceptDetector("star", model=None), tmp_path / "a",
-                         cache_dir=tmp_path / "run" / "cache", progress=False)
-    assert again["attack"]["reused_from_cache"]  # the same key as a cell learning alone
-    from erasekit.attacks.textual_inversion import LearnedEmbedding
-
-    together = LearnedEmbedding.load(again["attack"]["reused_from_cache"])
-    alone = run_scenario(cfg, Target(pipe, model="toy"), ToyConceptDetector("star", model=None), tmp_path / "b",
-                         cache_dir=tmp_path / "alone", progress=False)
-    assert "reused_from_cache" not in alone["attack"] and "tokens_learned_together" not in alone["attack"]
-    (entry,) = (tmp_path / "alone").glob("ti-*")
-    torch.testing.assert_close(LearnedEmbedding.load(entry).vectors, together.vectors, rtol=0, atol=VECTOR_ATOL)
+    default = run_bench(parse_config(raw), tmp_path / "cpu", progress=False, log=lambda m: None)
+    monkeypatch.setattr(ti_module, "BATCH_CELLS", "on")
+    batched = run_bench(parse_config(raw), tmp_path / "on", progress=False, log=lambda m: None)
+    for cell in ("star/original/embedding-bb", "heart/original/embedding-bb", "star/uce/embedding-wb",
+                 "heart/uce/embedding-wb"):
+        assert "tokens_learned_together" not in default["cells"][cell]["budget"]
+        assert batched["cells"][cell]["budget"]["tokens_learned_together"] == 4  # 2 original + 2 UCE edits
+    entries = sorted(p.name for p in (tmp_path / "cpu" / "cache").glob("ti-*"))
+    assert len(entries) == 4 and entries == sorted(p.name for p in (tmp_path / "on" / "cache").glob("ti-*"))
+    for name in entries:
+        alone = LearnedEmbedding.load(tmp_path / "cpu" / "cache" / name)
+        together = LearnedEmbedding.load(tmp_path / "on" / "cache" / name)
+        torch.testing.assert_close(alone.vectors, together.vectors, rtol=0, atol=VECTOR_ATOL)

@@ -25,7 +25,10 @@ script's embeddings file). The hooks sit on the embedding the encoder calls (T5'
 
 Several tokens that learn on one model state (the bench's cells) are learned together, one batched step each, every
 token with its own random stream and its own Adam: `learn_textual_inversions` (`textual_inversion_loop.py`), equal
-to learning them one at a time up to batched kernels' rounding.
+to learning them one at a time up to batched kernels' rounding; cells on several edits of one base model (UCE, RECE,
+ESD-x: denoiser Linear / Conv2d layers) too, each token's rows through its own edit's layers. The bench hands its
+cells to ``TextualInversionAttack.prepare``, which does this on CUDA (``BATCH_CELLS``; on the CPU each cell learns
+alone, so CPU results are unchanged), each token into the cache entry a cell learning alone would use.
 The settings, the vectors' files and the embedding hooks are in `textual_inversion_embedding.py`.
 
 On CUDA the training step runs under bf16 autocast (`erasekit.diffusion.speed.train_autocast`; weights stay as
@@ -125,29 +128,43 @@ class TextualInversionAttack(Attack):
     @classmethod
     def prepare(cls, items) -> None:
         """Learn together the tokens that the cells ``items`` ((attack, ctx, scenario arguments) each) are about
-        to ask for and the cache lacks: one batched loop (`learn_textual_inversions`) per model state (the learner's
-        weights and edits), each token saved to its own cache entry (the key a cell learning alone uses). A model
-        state with one missing token leaves it to `inputs`. Cells without a cache folder learn in `inputs`."""
+        to ask for and the cache lacks: one batched loop (`learn_textual_inversions`) per base model, each token
+        saved to its own cache entry (the key a cell learning alone uses). Cells on one model state share its
+        weights; cells on several edits of one base model (the original, UCE, RECE, ESD-x: edits of denoiser Linear
+        / Conv2d layers) learn in one loop too, each token's rows through its own edit's layers (`RowWeights`);
+        an edit of other layers (ESD-u's norms) keeps its state's own loop. A loop of one token is left to
+        `inputs`, as are cells without a cache folder. Only where `batch_cells` says so (CUDA by default)."""
         from erasekit.cache import cache_entry
 
-        groups: dict[str, list] = {}
+        groups: dict[tuple, list] = {}
         seen = set()
         for attack, ctx, args in items:
             if ctx.cache_dir is None:
                 continue
             plan = attack._plan(ctx, **args)
+            if not batch_cells(plan.learner.pipe):
+                continue
             plan.entry = cache_entry(ctx.cache_dir, "ti", (plan.source, plan.config.as_dict()), suffix="")
             if plan.entry in seen or _complete(plan.entry):
                 continue  # the first cell with this key learns it; later ones read it from the cache
             seen.add(plan.entry)
-            groups.setdefault(plan.learner.cache_id, []).append((attack, plan))
+            plan.weights = _edit_weights(plan.learner)
+            key = ("base", plan.learner.base_fingerprint) if plan.weights is not None else \
+                ("state", plan.learner.cache_id)
+            groups.setdefault(key, []).append((attack, plan))
         for group in groups.values():
             if len(group) < 2:
                 continue
-            learner = group[0][1].learner
-            with learner.active():
-                learned = learn_textual_inversions(learner.pipe, [(p.images.images, p.config) for _, p in group],
-                                                   progress=group[0][1].ctx.progress)
+            plans = [p for _, p in group]
+            jobs = [(p.images.images, p.config) for p in plans]
+            learner = plans[0].learner
+            if len({p.learner.cache_id for p in plans}) == 1:  # one model state: its weights, as they are
+                with learner.active():
+                    learned = learn_textual_inversions(learner.pipe, jobs, progress=plans[0].ctx.progress)
+            else:  # several edits of one base model: the base weights, each token's rows through its own edit
+                with learner.original().active():
+                    learned = learn_textual_inversions(learner.pipe, jobs, progress=plans[0].ctx.progress,
+                                                       weights=[p.weights or None for p in plans])
             for (attack, plan), emb in zip(group, learned):
                 emb.config.update(plan.source)
                 plan.entry.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +196,36 @@ class TextualInversionAttack(Attack):
         return textual_inversion_inputs(learned, ctx.n, seed=ctx.seed, learned_on=learn_on)
 
 
+# Cells' tokens learned together (`TextualInversionAttack.prepare`): "auto" on CUDA, where one token's batch leaves
+# the GPU mostly idle; on the CPU each cell learns alone, so CPU results stay bit for bit what they were (batched
+# kernels round differently). "on" / "off" force it.
+BATCH_CELLS = "auto"
+
+
+def batch_cells(pipe) -> bool:
+    if BATCH_CELLS != "auto":
+        return BATCH_CELLS == "on"
+    from erasekit.diffusion.family import family_of
+
+    return family_of(pipe).denoiser(pipe).device.type == "cuda"
+
+
+def _edit_weights(learner) -> dict | None:
+    """The denoiser tensors ``learner``'s edits set ({} without edits), when every one is a Linear / Conv2d weight
+    `RowWeights` can serve; None otherwise."""
+    from erasekit.attacks.textual_inversion_loop import row_weights_module
+
+    values: dict = {}
+    for edit in learner.edits:
+        for name, value in edit.tensors.items():
+            try:
+                row_weights_module(learner.pipe, name)
+            except ValueError:
+                return None
+            values[name] = value  # a later edit of the same tensor wins, as when applied in order
+    return values
+
+
 def _complete(folder) -> bool:
     """A cached token's folder is whole: its JSON and its vectors (written last) are there."""
     return (folder / CONFIG_FILE).is_file() and (folder / LEARNED_EMBEDS_FILE).is_file()
@@ -193,3 +240,4 @@ class _TokenPlan:
     ctx: AttackContext
     entry: Path | None = None
     learned: LearnedEmbedding | None = None
+    weights: dict | None = None

@@ -17,6 +17,11 @@ Learning K tokens together therefore equals learning them one at a time up to th
 single-token loop (`learn_textual_inversion` runs it). Tokens of different entries may carry the same name (the
 same concept learned from two image sets): they are then told apart inside the loop by private names.
 
+Tokens of different model states of one base model learn in one loop too when their states differ only in denoiser
+Linear / Conv2d weights (the original, UCE, RECE, ESD-x): ``weights`` gives each entry its edit's tensors, and
+`RowWeights` computes each entry's rows of those layers with its own values (equal to learning on that edited
+model, up to the same rounding).
+
 Model families: the denoising loss of the family's schedule. UNet families: eps or v targets at uniform integer
 timesteps. Flow-matching families (SD3, FLUX.1): the velocity target ``noise - x0`` at ``x_s = (1 - s) x0 + s noise``,
 with timesteps drawn uniformly from the training scheduler's own (shifted) timesteps, as diffusers' SD3 / FLUX
@@ -66,9 +71,13 @@ class _Slot:
         self.mean = self.std = None
 
 
-def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajectories: list | None = None) -> list:
+def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajectories: list | None = None,
+                             weights: Sequence | None = None) -> list:
     """Learn one token per ``(images, config)`` of ``jobs`` together on ``pipe`` (its weights as they are now);
-    returns their `LearnedEmbedding`s in order. ``trajectories``, when a list, receives each token's per-step losses."""
+    returns their `LearnedEmbedding`s in order. ``trajectories``, when a list, receives each token's per-step losses.
+    ``weights``: per job, None or the values of some denoiser parameters ({"unet.<param>": tensor}, a weight edit's
+    tensors) that job's model differs by: its rows of every batch are computed with them (`RowWeights`), so tokens
+    of several edits of one base model learn in one loop."""
     from tqdm.auto import tqdm
 
     from erasekit.attacks.common import frozen
@@ -117,6 +126,7 @@ def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajec
     schedule = family.schedule(pipe)
     n_train = schedule.num_train_timesteps
     flow_t = _flow_timesteps(pipe, device) if family.flow else None
+    row_weights = RowWeights(pipe, weights) if weights is not None and any(w for w in weights) else None
     scale = float(pipe.vae.config.scaling_factor)
     shift = getattr(pipe.vae.config, "shift_factor", None)  # SD3 / FLUX VAEs: (z - shift) * scale
     total_steps = max(c.steps for c in configs)
@@ -132,6 +142,8 @@ def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajec
         for e, (_, tk, enc) in enumerate(encoders):
             # Every entry's rows in token order, gathered at each forward (Adam updates the leaves in place).
             swaps.enter_context(_swap_new_rows(enc, len(tk), [s.vectors[e] for s in slots]))
+        if row_weights is not None:
+            swaps.enter_context(row_weights)
         desc = "textual inversion" + (f" ({len(slots)} tokens)" if len(slots) > 1 else "")
         for step in tqdm(range(total_steps), desc=desc, unit="step", disable=not progress, leave=False):
             active = [s for s in slots if step < s.config.steps]
@@ -160,6 +172,8 @@ def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajec
             with autocast:
                 cond = family.encode(pipe, prompts, tokenizers=toks)
                 cond = cond[to_device(torch.cat(picks), cond.states.device)]
+                if row_weights is not None:
+                    row_weights.rows = [(n, slots.index(s)) for n, s in zip(sizes, active)]
                 pred = model(torch.cat(noisy), torch.cat(ts), cond).float()
             parts = pred.split(sizes)
             losses = [torch.nn.functional.mse_loss(p, tg.float()) for p, tg in zip(parts, targets)]
@@ -197,6 +211,77 @@ def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajec
         if trajectories is not None:
             trajectories.append(losses)
     return out
+
+
+class RowWeights:
+    """While active, every denoiser Linear / Conv2d that some job's weights name computes each job's rows of its
+    input with that job's values (the module's own for the others): one batched forward through several model
+    states that differ in those layers only (UCE, RECE, ESD-x: attention projections). Each row's output is what the
+    module with that job's weights gives it (the same op per chunk: F.linear, the module's own _conv_forward).
+    ``rows``: the current call's [(rows, job index)], set before each forward (its first dimension must add up)."""
+
+    def __init__(self, pipe, weights: Sequence):
+        self.rows: list[tuple[int, int]] = []
+        self.modules: dict = {}  # module -> {job index: {"weight": tensor, "bias": tensor}}
+        moved: dict[int, torch.Tensor] = {}  # one device copy of a tensor several jobs share (one edit's cells)
+        for j, values in enumerate(weights):
+            for name, value in (values or {}).items():
+                module, attr = row_weights_module(pipe, name)
+                param = getattr(module, attr)
+                if id(value) not in moved:
+                    moved[id(value)] = value.detach().to(param.device, param.dtype)
+                self.modules.setdefault(module, {}).setdefault(j, {})[attr] = moved[id(value)]
+        self._saved: list = []
+
+    def __enter__(self):
+        import functools
+
+        for module, per_job in self.modules.items():
+            self._saved.append((module, module.__dict__.get("forward")))
+            module.forward = functools.partial(self._forward, module, per_job)
+        return self
+
+    def __exit__(self, *exc):
+        for module, old in self._saved:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+        self._saved = []
+        return False
+
+    def _forward(self, module, per_job, x, *args, **kwargs):
+        if x.shape[0] != sum(n for n, _ in self.rows):
+            raise ErasekitError(f"per-job weights: a {type(module).__name__} saw {x.shape[0]} rows, the batch has "
+                                f"{sum(n for n, _ in self.rows)}")
+        out, start = [], 0
+        for n, j in self.rows:
+            own = per_job.get(j, {})
+            w, b = own.get("weight", module.weight), own.get("bias", module.bias)
+            chunk = x[start : start + n]
+            out.append(torch.nn.functional.linear(chunk, w, b) if isinstance(module, torch.nn.Linear)
+                       else module._conv_forward(chunk, w, b))
+            start += n
+        return torch.cat(out)
+
+
+def row_weights_module(pipe, name: str):
+    """(module, "weight" | "bias") for an edit tensor name that `RowWeights` can serve: a Linear or Conv2d of the
+    family's denoiser; ValueError otherwise (that state is then learned on its own weights)."""
+    from erasekit.diffusion.family import family_of
+
+    denoiser = family_of(pipe).denoiser(pipe)
+    component, _, rest = name.partition(".")
+    path, _, attr = rest.rpartition(".")
+    if getattr(pipe, component, None) is not denoiser or attr not in ("weight", "bias"):
+        raise ValueError(f"{name}: not a denoiser weight")
+    try:
+        module = denoiser.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"{name}: no such module") from None
+    if type(module) not in (torch.nn.Linear, torch.nn.Conv2d) or getattr(module, attr, None) is None:
+        raise ValueError(f"{name}: a {type(module).__name__}, not a Linear or Conv2d")
+    return module, attr
 
 
 def token_loss(pipe, learned, images, template: str | None = None, draws: int = 32, seed: int = 0) -> float:

@@ -52,8 +52,10 @@ def test_prefix_at_one_hot_vertices_encodes_like_typing(flow_pipe):
 
 
 def test_denoising_loss_is_the_flow_matching_velocity_regression(flow_pipe):
-    """Re-typed: x_s = (1 - s) x0 + s eps with s = t / 1000, target eps - x0, the transformer's output through the
-    family's call (FLUX.1: the distilled guidance input at the given scale)."""
+    """Re-typed: training index i is the scheduler's sigma (i + 1) / 1000, shifted s -> shift s / (1 + (shift - 1) s)
+    unless the scheduler shifts by resolution (FLUX.1), as FlowMatchEulerDiscreteScheduler builds its training
+    timesteps; x_s = (1 - s) x0 + s eps, target eps - x0, the transformer's output through the family's call
+    (FLUX.1: the distilled guidance input at the given scale)."""
     from erasekit.attacks.batched import DenoisingLoss
     from erasekit.diffusion.guidance import UNetDenoiser
 
@@ -63,11 +65,16 @@ def test_denoising_loss_is_the_flow_matching_velocity_regression(flow_pipe):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
     t = loss.timesteps([250, 800])
-    assert t.dtype == torch.float32
+    config = pipe.scheduler.config
+    s = torch.tensor([251 / 1000, 801 / 1000], dtype=torch.float64)
+    if not config.get("use_dynamic_shifting", False):
+        s = config.shift * s / (1 + (config.shift - 1) * s)
+    assert t.dtype == torch.float32 and (family.name == "flux") == bool(config.use_dynamic_shifting)
+    torch.testing.assert_close(t, (s * 1000).float(), atol=1e-3, rtol=0)
     with torch.no_grad():
         cond = family.encode(pipe, PROMPTS)
         got = loss.per_prompt(loss.noised(x0, eps, t), t, cond, loss.target(x0, eps, t))
-        s = torch.tensor([0.25, 0.8]).view(2, 1, 1, 1)
+        s = (t / 1000).view(2, 1, 1, 1)
         x_s = (1 - s) * x0 + s * eps
         model = UNetDenoiser(pipe.transformer, family)
         if family.name == "flux":

@@ -10,8 +10,10 @@ when it is attacked alone.
 - `prefix_vocabulary`: the candidate tokens as ids of every text encoder of the family: whole words that are one
   token in each tokenizer (the CLIP BPE of SD / SDXL / SD3 / FLUX, T5's SentencePiece pieces on SD3 and FLUX), so
   one relaxed one-hot drives every encoder and the decoded words type back to the same tokens.
-- `DenoisingLoss`: the attacked model's denoising loss through the family (UNet: epsilon or v target; SD3 / FLUX:
-  the flow-matching velocity ``eps - x0`` at ``x_s = (1 - s) x0 + s eps``, s = t / 1000).
+- `DenoisingLoss`: the attacked model's denoising loss through the family (UNet: epsilon or v target at DDPM's
+  integer timesteps; SD3 / FLUX: the flow-matching velocity ``eps - x0`` at ``x_s = (1 - s) x0 + s eps``,
+  s = t / 1000, t one of the training scheduler's own (shifted) timesteps, as diffusers' SD3 / FLUX training
+  scripts index them; attacks pick timesteps by index 0..999 either way, index 0 the least noise).
 - `cached_per_prompt`: one cache entry per prompt (its result does not depend on the batch), so a later run with
   more, fewer or reordered prompts, or another batch size, reads every prompt already attacked.
 """
@@ -146,11 +148,18 @@ class DenoisingLoss:
         self.num_train_timesteps = int(self.schedule.num_train_timesteps)
         self.device = torch.device(self.net.device)
         self.flow = bool(self.family.flow)
+        self._flow_t = None
+        if self.flow:  # the training scheduler's timesteps (shifted as its config says), least noise first
+            from diffusers import FlowMatchEulerDiscreteScheduler
 
-    def timesteps(self, values) -> torch.Tensor:
-        """Timesteps on the model's device: DDPM's integers, flow matching's sigma * 1000 (float32)."""
-        t = torch.as_tensor(values, device=self.device)
-        return t.to(torch.float32) if self.flow else t.to(torch.long)
+            train = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            self._flow_t = train.timesteps.float().flip(0).to(self.device)
+
+    def timesteps(self, index) -> torch.Tensor:
+        """The timesteps of training indices 0..num_train_timesteps - 1 on the model's device: DDPM's integer t
+        itself; flow matching's sigma * 1000 of the training scheduler (float32)."""
+        i = torch.as_tensor(index, device=self.device).to(torch.long)
+        return self._flow_t[i] if self.flow else i
 
     def noised(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.add_noise(z0, noise, t)

@@ -8,7 +8,8 @@ embedding table), are optimised so that the ERASED UNet denoises z0 under [c_adv
     min_{w in simplex^k}  E_{t, eps} || eps_theta'(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t | [w E; p]) - eps ||^2
 
 (v-prediction models: the velocity target; SD3 / FLUX.1: the flow-matching velocity eps - z0 at
-x_s = (1 - s) z0 + s eps, s = t / 1000, FLUX.1's distilled guidance input at the world's scale), with Adam (lr 0.01, weight decay 0.1), each step followed by the
+x_s = (1 - s) z0 + s eps, the timestep index picking one of the training scheduler's own (shifted) timesteps,
+FLUX.1's distilled guidance input at the world's scale), with Adam (lr 0.01, weight decay 0.1), each step followed by the
 Euclidean projection onto the simplex; each prefix token is the argmax, and the attack prompt is the decoded tokens
 followed by p. Images are optimised together in batches (each its own tokens, loss, Adam state, random stream
 and, official, early exit: `erasekit.attacks.batched`), with the result each gets alone; each prompt's result is

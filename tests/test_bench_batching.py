@@ -284,3 +284,15 @@ def test_generate_cli_fast_is_auto_and_eager_on_the_cpu(tmp_path, monkeypatch):
     assert len(rows) == 4 and not any(r.get("fast") for r in rows)
     result = CliRunner().invoke(app, args + ["--no-fast", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0 and len(asked) == 1
+
+
+def test_padded_batch_size_pads_least():
+    """One padded shape for a run: the configured batch or a halving, whichever runs fewest rows plus a batch's
+    fixed cost (issue 23's bench: 96 and 3 x 160 images a model state pad 18% of the rows at 64, none at 32)."""
+    from erasekit.generation import padded_batch_size
+
+    assert padded_batch_size([96, 160, 160, 160], 64) == 32
+    assert padded_batch_size([128, 128, 64], 64) == 64  # nothing to pad: the largest
+    assert padded_batch_size([6], 4) == 4 and padded_batch_size([], 64) == 64
+    assert padded_batch_size([3], 64, smallest=8) == 8  # never below `smallest`
+    assert padded_batch_size([100], 48) in (48, 24, 12)  # halvings of the configured batch only

@@ -278,13 +278,25 @@ def generate_cells(jobs: list[Job], targets, target0, sources, out: Path, guidan
         target = cell_target(cell, targets, target0)
         key = target_key(target, fast)
         states.setdefault(key if shares_batches(target) else f"{key}#{cell.id}", []).append(cell)
+    if fast and batch_size != "auto":  # one padded shape for the whole run, the one that pads least
+        from erasekit.generation import padded_batch_size
+        from erasekit.image_store import read_index
+
+        stored = read_index(out / IMAGES_DIR) if (out / IMAGES_DIR).is_dir() else {}
+        batches: dict[tuple, set] = {}  # (state, steps, guidance) -> image keys to make (one sampler batch group)
+        for state, members in states.items():
+            for c in members:
+                for j in by_cell[c][share[0]::share[1]]:
+                    if j.key not in stored:
+                        batches.setdefault((state, j.steps, j.guidance), set()).add(j.key)
+        batch_size = padded_batch_size([len(v) for v in batches.values()], batch_size)
     for members in states.values():
         target = cell_target(members[0], targets, target0)
         parts = [cell_inputs(c, by_cell[c]) for c in members]
         records, generated = generate_parts_to_dir(target, parts, out / IMAGES_DIR,
                                                    steps=[by_cell[c][0].steps for c in members], guidance=guidance,
                                                    batch_size=batch_size, progress=progress, fast=fast,
-                                                   keyed_names=True, share=share, pad=fast)
+                                                   keyed_names=True, share=share, pad=bool(fast))
         for c, recs in zip(members, records):
             check(c, by_cell[c], recs)
         made += generated

@@ -129,8 +129,13 @@ def main(argv=None):
                               "token_steps_per_s": round(single_rate, 2), "images_per_s": round(single_rate * batch, 1),
                               "cuda_peak_mb": peak})
     for k in ks:
-        run(jobs(k, 2))  # warm-up of the K x batch shape
-        learned, wall, peak = run(jobs(k, steps))
+        try:
+            run(jobs(k, 2))  # warm-up of the K x batch shape
+            learned, wall, peak = run(jobs(k, steps))
+        except torch.cuda.OutOfMemoryError as exc:
+            rep.put(f"batched_k{k}", {"tokens": k, "error": f"out of GPU memory: {str(exc).splitlines()[0][:200]}"})
+            torch.cuda.empty_cache()
+            continue
         rate = k * steps / wall
         diffs = [max(float((a - b).abs().max()) for a, b in zip(x.per_encoder(), y.per_encoder()))
                  for x, y in zip(learned, alone)]

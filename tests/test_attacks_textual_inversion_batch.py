@@ -228,3 +228,29 @@ def test_bench_learns_the_tokens_of_several_cells_together(tmp_path, monkeypatch
         alone = LearnedEmbedding.load(tmp_path / "cpu" / "cache" / name)
         together = LearnedEmbedding.load(tmp_path / "on" / "cache" / name)
         torch.testing.assert_close(alone.vectors, together.vectors, rtol=0, atol=VECTOR_ATOL)
+
+
+def test_a_loop_without_gpu_memory_is_split_in_halves(toy_random, tmp_path, monkeypatch):
+    import erasekit.attacks.textual_inversion as ti_module
+    from erasekit.attacks.base import AttackContext
+    from erasekit.attacks.textual_inversion import TextualInversionAttack
+
+    real, sizes = ti_module.learn_textual_inversions, []
+
+    def tight(pipe, jobs, **kwargs):
+        sizes.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(pipe, jobs, **kwargs)
+
+    monkeypatch.setattr(ti_module, "BATCH_CELLS", "on")
+    monkeypatch.setattr(ti_module, "learn_textual_inversions", tight)
+    from erasekit.diffusion import Target
+
+    items = [(TextualInversionAttack.from_overrides({"steps": 2, "images": 2, "batch_size": 2}),
+              AttackContext(target=Target(toy_random), concept=c, n=1, cache_dir=tmp_path, progress=False),
+              {"learn_on": "original"}) for c in ("star", "heart", "circle")]
+    TextualInversionAttack.prepare(items)
+    assert sizes == [3, 2]  # three did not fit; the last two together, the first left to its cell
+    budgets = [attack.inputs(ctx, **args).budget for attack, ctx, args in items]
+    assert [b.get("tokens_learned_together") for b in budgets] == [None, 2, 2]

@@ -153,23 +153,8 @@ class TextualInversionAttack(Attack):
                 ("state", plan.learner.cache_id)
             groups.setdefault(key, []).append((attack, plan))
         for group in groups.values():
-            if len(group) < 2:
-                continue
-            plans = [p for _, p in group]
-            jobs = [(p.images.images, p.config) for p in plans]
-            learner = plans[0].learner
-            if len({p.learner.cache_id for p in plans}) == 1:  # one model state: its weights, as they are
-                with learner.active():
-                    learned = learn_textual_inversions(learner.pipe, jobs, progress=plans[0].ctx.progress)
-            else:  # several edits of one base model: the base weights, each token's rows through its own edit
-                with learner.original().active():
-                    learned = learn_textual_inversions(learner.pipe, jobs, progress=plans[0].ctx.progress,
-                                                       weights=[p.weights or None for p in plans])
-            for (attack, plan), emb in zip(group, learned):
-                emb.config.update(plan.source)
-                plan.entry.parent.mkdir(parents=True, exist_ok=True)
-                emb.save(plan.entry)
-                plan.learned = emb
+            if len(group) >= 2:
+                _learn_together([p for _, p in group])
 
     def inputs(self, ctx: AttackContext, learn_on: str) -> AttackInputs:
         """Learn (or reuse from the cache) the concept's token on the original or the attacked model."""
@@ -208,6 +193,37 @@ def batch_cells(pipe) -> bool:
     from erasekit.diffusion.family import family_of
 
     return family_of(pipe).denoiser(pipe).device.type == "cuda"
+
+
+def _learn_together(plans: list) -> None:
+    """Learn ``plans``' tokens in one loop and save each to its cache entry; a loop the GPU has no memory for is
+    split in halves (each token draws from its own generator: the split changes nothing but the rounding)."""
+    import torch
+
+    jobs = [(p.images.images, p.config) for p in plans]
+    learner = plans[0].learner
+    try:
+        if len({p.learner.cache_id for p in plans}) == 1:  # one model state: its weights, as they are
+            with learner.active():
+                learned = learn_textual_inversions(learner.pipe, jobs, progress=plans[0].ctx.progress)
+        else:  # several edits of one base model: the base weights, each token's rows through its own edit
+            with learner.original().active():
+                learned = learn_textual_inversions(learner.pipe, jobs, progress=plans[0].ctx.progress,
+                                                   weights=[p.weights or None for p in plans])
+    except torch.cuda.OutOfMemoryError:
+        if len(plans) < 2:
+            raise
+        torch.cuda.empty_cache()
+        half = len(plans) // 2
+        for part in (plans[:half], plans[half:]):
+            if len(part) > 1:
+                _learn_together(part)  # a single token is left to `inputs`, as any loop of one
+        return
+    for plan, emb in zip(plans, learned):
+        emb.config.update(plan.source)
+        plan.entry.parent.mkdir(parents=True, exist_ok=True)
+        emb.save(plan.entry)
+        plan.learned = emb
 
 
 def _edit_weights(learner) -> dict | None:

@@ -298,3 +298,20 @@ def test_fp8_conv_precision_adds_the_3x3_convolutions_to_the_same_unet():
     assert np.abs(a.astype(int) - b).max() > 0  # the 3x3 convolutions computed in FP8 only under fp8-conv
     assert np.abs(b.astype(int) - eager).mean() < 12
     assert np.abs(generate(pipe, "a star", [0, 1], steps=2, progress=False, fast="fp8").astype(int) - a).max() <= 1
+
+
+@pytest.mark.slow
+def test_bench_fp8_script_quick(tmp_path):
+    """scripts/bench_fp8.py --quick (what the GPU run does, tiny and on the CPU): every section writes its figures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_fp8.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "fp8.json"
+    module.main(["--quick", "--toy-n", "4", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["sd14_fp8"]["fp8_layers"] > 0 and data["sd14_fp8"]["vs_default"]["images"] == 2
+    assert data["toy_uce_fp8_vs_default"]["paired_images"] == 4 and "crr_difference" in data["toy_uce_fp8_vs_default"]

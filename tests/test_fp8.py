@@ -242,6 +242,17 @@ def test_cli_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
+def test_bench_precision_fp8_is_refused_on_the_cpu_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--set", "precision=fp8", "--out", str(tmp_path / "b")])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: precision fp8 needs a CUDA GPU")
+    assert not (tmp_path / "b").exists()
+
+
 def test_bench_config_precision_is_validated_and_keyed():
     from erasekit.bench.spec import BenchConfig, fast_value, validate
     from erasekit.errors import ErasekitError

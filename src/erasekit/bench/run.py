@@ -95,6 +95,8 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print, pipeli
 
         use_compile_cache(cfg.compile_cache)  # before anything compiles: a fresh folder reuses earlier kernels
     batching = stages.resolve_batching(cfg.batching, device, cfg.fast)
+    if main and fast_choice.get("setting") == "auto" and torch.device(device).type == "cuda":
+        log(f"fast: auto chose {fast_choice['why']}")  # the CPU's eager choice goes unsaid (quick output unchanged)
     from erasekit.bench.groups import expand
 
     entries, groups = expand(cfg, world)  # an entry that erases several concepts: its members, one edit (#24)

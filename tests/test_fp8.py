@@ -240,6 +240,9 @@ def test_cli_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path):
                               "--out", str(tmp_path / "g")])
     assert res.exit_code == 2 and "--precision must be one of default, fp8" in res.output
     assert not (tmp_path / "g").exists()
+    res = runner.invoke(app, ["attack", "--scenario", "text", "--concept", "star", "--precision", "fp8", "--device",
+                              "cpu", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and res.output.strip().startswith("error: precision fp8 needs a CUDA GPU")
 
 
 def test_bench_precision_fp8_is_refused_on_the_cpu_before_any_work(tmp_path):

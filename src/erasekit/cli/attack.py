@@ -27,6 +27,7 @@ def attack(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Sampling guidance scale; default: the model's (I2P rows: their own)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     fast: bool = typer.Option(False, "--fast", help=common.FAST_HELP),
+    precision: str = typer.Option("default", "--precision", help=common.PRECISION_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting <attack>.<key>=value (repeat), e.g. ti.steps=800, inversion.prompt_mode=concept; see `erasekit ls`."),
     device: str = typer.Option("auto", "--device", help=common.DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=common.DTYPE_HELP),
@@ -42,7 +43,8 @@ def attack(
     seed_given = seed is not None
     seed = 0 if seed is None else seed
     cfg = ScenarioConfig(scenario=scenario, concept=concept.strip(), n=n, seed=seed, steps=steps, guidance=guidance,
-                         batch_size=batch_size, settings=split_settings(common.parse_sets(set_)), fast=fast)
+                         batch_size=batch_size, settings=split_settings(common.parse_sets(set_)),
+                         fast=common.fast_mode(fast, precision, device))
     cfg.validate()  # every argument checked before a model is loaded
     integer("--seed", seed, low=0, high=2**63 - 1)
     cls, _ = attack_of(scenario)

@@ -1,5 +1,5 @@
 """FP8 matrix products in the fast UNet, opt-in (``generate(fast="fp8")``, ``--precision fp8``, a bench's
-``fast: fp8``), for GPUs with FP8 tensor cores (CUDA compute capability 8.9+: Ada, Hopper, Blackwell).
+``precision: fp8``), for GPUs with FP8 tensor cores (CUDA compute capability 8.9+: Ada, Hopper, Blackwell).
 
 What changes: inside the fast UNet's calls (`erasekit.diffusion.speed.FastUNet`), the UNet's linear layers and 1x1
 convolutions multiply in float8 (e4m3): activations quantised per row as they arrive (one scale per token or pixel),

@@ -149,8 +149,8 @@ class TextualInversionAttack(Attack):
                 continue  # the first cell with this key learns it; later ones read it from the cache
             seen.add(plan.entry)
             plan.weights = _edit_weights(plan.learner)
-            key = ("base", plan.learner.base_fingerprint) if plan.weights is not None else \
-                ("state", plan.learner.cache_id)
+            key = ("base", id(plan.learner.pipe), plan.learner.base_fingerprint) if plan.weights is not None else \
+                ("state", id(plan.learner.pipe), plan.learner.cache_id)
             groups.setdefault(key, []).append((attack, plan))
         for group in groups.values():
             if len(group) >= 2:
@@ -233,6 +233,8 @@ def _edit_weights(learner) -> dict | None:
 
     values: dict = {}
     for edit in learner.edits:
+        if not isinstance(getattr(edit, "tensors", None), dict):
+            return None
         for name, value in edit.tensors.items():
             try:
                 row_weights_module(learner.pipe, name)

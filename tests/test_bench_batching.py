@@ -296,3 +296,19 @@ def test_padded_batch_size_pads_least():
     assert padded_batch_size([6], 4) == 4 and padded_batch_size([], 64) == 64
     assert padded_batch_size([3], 64, smallest=8) == 8  # never below `smallest`
     assert padded_batch_size([100], 48) in (48, 24, 12)  # halvings of the configured batch only
+
+
+def test_fast_auto_resumes_a_folder_as_it_ran(tmp_path):
+    """``fast: auto`` on a folder an earlier run made: that run's resolved choice (its images' keys say fast or
+    eager), not the rule again: a folder made before auto existed (fast: false) resumes eagerly on a GPU too."""
+    import json
+
+    from erasekit.bench.run import _folder_fast
+
+    assert _folder_fast(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"config_key": "k", "config": {"fast": True}}))
+    assert _folder_fast(tmp_path) is True
+    (tmp_path / "config.json").write_text(json.dumps({"config_key": "k", "config": {"model": "toy"}}))
+    assert _folder_fast(tmp_path) is False  # written before fast mode existed
+    (tmp_path / "config.json").write_text("{not json")
+    assert _folder_fast(tmp_path) is None

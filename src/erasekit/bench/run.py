@@ -49,6 +49,19 @@ def _load(cfg: BenchConfig, device: str, pipeline=None):
     return Target(pipe, model=cfg.model, world=world_of(pipe), base_fingerprint=fingerprint(pipe))
 
 
+def _folder_fast(out: Path):
+    """The resolved ``fast`` of the config an earlier run saved in ``out`` (None: no such run, or unreadable)."""
+    import json
+
+    from erasekit.bench.layout import CONFIG_FILE
+
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))["config"].get("fast", False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return saved if isinstance(saved, bool) else None
+
+
 @contextmanager
 def _nothing():
     yield
@@ -57,6 +70,8 @@ def _nothing():
 def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print, pipeline=None) -> dict:
     """Run (or resume) the benchmark into ``out``; returns the summary (main process) or {} (other processes).
     ``pipeline``: an in-memory pipeline to bench instead of loading ``cfg.model`` (scripts/bench_gpu.py --bench)."""
+    import dataclasses
+
     import torch
 
     from erasekit.folder_lock import hold_folder
@@ -73,7 +88,11 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print, pipeli
     main = state.is_main_process
     device = str(state.device) if state.num_processes > 1 else resolve_device(cfg.device)
     fast_choice = None
-    if cfg.fast == "auto" and torch.device(device).type != "cuda":
+    earlier = _folder_fast(out) if cfg.fast == "auto" else None
+    if earlier is not None:  # a folder resumes as it ran (its keys say fast or eager), whatever the rule says now
+        cfg = dataclasses.replace(cfg, fast=earlier)
+        fast_choice = {"setting": "auto", "chosen": earlier, "why": "as the folder's earlier runs"}
+    elif cfg.fast == "auto" and torch.device(device).type != "cuda":
         cfg, fast_choice = resolve_fast(cfg, device, 0, 0.0)  # eager: known before the model is
     if cfg.fast != "auto":
         check_out(out, cfg)  # every process: fail before the model is loaded (checked again under the lock)

@@ -1,24 +1,25 @@
 """FP8 against the default-precision fast path on the same jobs, in one run on one GPU (issue 23, item 3).
 
-    python scripts/bench_fp8.py --out benchmarks/gpu_h200_fp8.json      # H200: SD-1.4 shape, then the embedded world
+    python scripts/bench_fp8.py --out benchmarks/gpu_h200_fp8.json      # the embedded world, then SD-1.4's shape
+    python scripts/bench_fp8.py --variants default,fp8,fp8-conv --out ...  # the 3x3 convolutions too (+2 min)
     python scripts/bench_fp8.py --quick --out /tmp/fp8_quick.json       # CPU check: tiny pipelines, FP8 through the
                                                                         # CPU's torch._scaled_mm (no speed meaning)
 
-1. Speed and pixels, SD-1.4-shaped random pipeline (`erasekit.models.tiny.sd14_shaped_pipeline`, built on the GPU),
-   512x512, 50 DDIM steps, CFG 7.5, batch 64, ``--dtype`` float16 (what ``--fast`` runs on CUDA): per variant
-   (``default``: ``generate(fast=True)``; ``fp8``: ``generate(fast="fp8")``, `erasekit.diffusion.fp8`;
-   ``fp8-conv``: the 3x3 convolutions too (experimental); ``fp8-torchao``: the linear layers through torchao's
-   float8 recipe, on a second pipeline of the same seed) the
-   compilation (first call: 2 steps at the batch), images/s over ``--n`` images, the UNet alone (ms per call at
-   2 x batch rows, the equivalent TFLOP/s of the bf16 FLOP count), and against ``default`` on the same prompts and
-   seeds the uint8 pixel difference (max, mean, 99th percentile, share over 8 levels, PSNR). Random weights make
-   speed meaningful and pixels comparable, but no detector can judge such images: no CRR here.
-2. CRR, the embedded world (erasekit's default toy world, on the same GPU): the original model and a UCE edit of
-   ``--concept`` (closed form, computed in float32, applied to the ``--dtype`` weights), the text scenario
-   (`erasekit.attacks.scenarios.run_scenario`), ``--toy-n`` images a cell, default fast against fp8 fast on the
-   same prompts and seeds: each cell's CRR, the difference, images whose detector verdict flips, pixel differences.
-   The fast path runs eager here (``--toy-compile`` compiles): the FP8 products are the same kernels either way,
-   and the toy UNet is far too small for compilation to matter.
+1. CRR (run first: a minute), the embedded world (erasekit's default toy world, on the same GPU): the original
+   model and a UCE edit of ``--concept`` (closed form, computed in float32, applied to the ``--dtype`` weights), the
+   text scenario (`erasekit.attacks.scenarios.run_scenario`), ``--toy-n`` images a cell, default fast against each
+   FP8 precision on the same prompts and seeds: each cell's CRR, the difference, images whose detector verdict
+   flips, pixel differences. The fast path runs eager here (``--toy-compile`` compiles): the FP8 products are the
+   same kernels either way, and the toy UNet is far too small for compilation to matter.
+2. Speed and pixels, SD-1.4-shaped random pipeline (`erasekit.models.tiny.sd14_shaped_pipeline`, built on the GPU),
+   512x512, 50 DDIM steps, CFG 7.5, batch 64, ``--dtype`` float16 (what ``--fast`` runs on CUDA). Per variant
+   (``default``: ``generate(fast=True)``; ``fp8``: ``generate(fast="fp8")``, `erasekit.diffusion.fp8`; ``fp8-conv``:
+   the 3x3 convolutions too, experimental; ``fp8-torchao``: the linear layers through torchao's float8 recipe, on a
+   second pipeline of the same seed): the compilation (first call: 2 steps at the batch), images/s over ``--n``
+   images, the UNet alone (ms per call on a recorded generation call, the equivalent TFLOP/s of the counted FLOPs),
+   and against ``default`` on the same prompts and seeds the uint8 pixel difference (max, mean, 99th percentile,
+   share over 8 levels, PSNR). Random weights make speed meaningful and pixels comparable, but no detector can judge
+   such images: the CRR is section 1's.
 
 Every figure is written to ``--out`` as soon as it is measured (a run cut short keeps what it has).
 """
@@ -331,10 +332,10 @@ def main(argv=None):
     if not fp8_ok and not args.quick:
         rep.put("error", f"no FP8 tensor cores here ({what}); --quick runs the CPU check")
         return
+    if "toy" not in args.skip:  # first: a minute at most, and the CRR figures survive a run cut short later
+        toy_section(args, rep, device, dtype)
     if "sd14" not in args.skip:
         sd14_section(args, rep, device, dtype)
-    if "toy" not in args.skip:
-        toy_section(args, rep, device, dtype)
     rep.put("total_s", round(time.time() - rep.t0, 1))
 
 

@@ -312,3 +312,33 @@ def test_fast_auto_resumes_a_folder_as_it_ran(tmp_path):
     assert _folder_fast(tmp_path) is False  # written before fast mode existed
     (tmp_path / "config.json").write_text("{not json")
     assert _folder_fast(tmp_path) is None
+
+
+def test_png_writer_threads_write_what_save_images_writes(tmp_path):
+    """On a GPU the PNGs of a batch are written on threads while the next batch samples: the same files and index
+    rows as `save_images` in line, rows only after their PNGs, and a worker's error raised to the caller."""
+    from erasekit.generation import BatchWriter
+    from erasekit.image_store import keyed_filename, read_index, record_key
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8) for _ in range(4)]
+    recs = [[{"prompt": f"p{b}-{i}", "seed": i} for i in range(3)] for b in range(4)]
+    for r in (r for batch in recs for r in batch):
+        r["path"] = keyed_filename(record_key(r))
+    out = {}
+    for workers in (0, 2):
+        done: dict = {}
+        with BatchWriter(tmp_path / str(workers), "images.jsonl", done, workers=workers) as w:
+            for images, rs in zip(batches, recs):
+                w.submit(images, rs)
+        assert len(done) == 12
+        out[workers] = ({p.relative_to(tmp_path / str(workers)): p.read_bytes()
+                         for p in (tmp_path / str(workers)).rglob("*.png")}, read_index(tmp_path / str(workers)))
+    assert out[0][0] == out[2][0] and len(out[0][0]) == 12
+    assert {k: dict(v, path=None) for k, v in out[0][1].items()} == {k: dict(v, path=None) for k, v in out[2][1].items()}
+    blocked = tmp_path / "blocked"
+    (blocked / recs[0][0]["path"]).mkdir(parents=True)  # a folder where a PNG should go: the write fails
+    with pytest.raises(Exception):
+        with BatchWriter(blocked, "images.jsonl", {}, workers=2) as w:
+            w.submit(batches[0], recs[0])
+    assert not (blocked / "images.jsonl").exists() or recs[0][0]["prompt"] not in (blocked / "images.jsonl").read_text()

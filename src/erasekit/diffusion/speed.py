@@ -17,6 +17,11 @@ states the tolerance):
 - the VAE decoding a whole batch in one call (``decode_batch``: cap it to bound memory);
 - half precision on CUDA is the CLI's ``--dtype auto`` already; training loops (textual inversion, ESD) run under
   `train_autocast`: bf16 autocast on CUDA, nothing on the CPU (no bf16 units there: slower).
+- compilation cached on disk (`use_compile_cache`: inductor's FX-graph and AOT-autograd caches in one folder per
+  user, ``~/.cache/erasekit/inductor``, or ``$ERASEKIT_COMPILE_CACHE``, or a bench's ``compile_cache``): a later
+  process loads the kernels instead of generating them again; `compile_stats` counts seconds, graphs and hits;
+- `auto_fast`: the rule of ``fast: auto`` (bench, ``erasekit generate``): compiled on CUDA once the UNet rows repay
+  a cold compilation, eager on the CPU.
 
 The compiled forward shares the UNet's parameters: weight edits copied in place (`Target.active`) are seen without
 recompiling. Anything that changes images (max-autotune kernels, reduced-precision reductions) is not here and

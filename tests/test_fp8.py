@@ -57,7 +57,8 @@ def test_fp8_conv1x1_is_the_pixelwise_product_and_returns_channels_last():
         with layers.on():
             y = net[0](x)
         rows = x.permute(0, 2, 3, 1).reshape(-1, 32)
-        ref = _reference_linear(rows, net[0].weight.reshape(16, 32), net[0].bias).reshape(2, 5, 7, 16).permute(0, 3, 1, 2)
+        ref = _reference_linear(rows, net[0].weight.reshape(16, 32), net[0].bias)
+        ref = ref.reshape(2, 5, 7, 16).permute(0, 3, 1, 2)
     assert y.shape == (2, 16, 5, 7) and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(y, ref, rtol=1e-2, atol=1e-3)
 
@@ -231,8 +232,8 @@ def test_cli_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path):
     from erasekit.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["generate", "a star", "--model", "toy", "-n", "1", "--precision", "fp8", "--device", "cpu",
-                              "--out", str(tmp_path / "g")])
+    res = runner.invoke(app, ["generate", "a star", "--model", "toy", "-n", "1", "--precision", "fp8",
+                              "--device", "cpu", "--out", str(tmp_path / "g")])
     assert res.exit_code == 2
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: precision fp8 needs a CUDA GPU")

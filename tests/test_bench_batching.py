@@ -139,7 +139,8 @@ def test_auto_fast_rule():
 
 def test_fast_auto_in_bench_configs():
     from erasekit.bench.layout import config_key
-    from erasekit.bench.spec import BenchConfig, parse_config, planned_images, resolve_fast
+    from erasekit.bench.plan import planned_images, resolve_fast
+    from erasekit.bench.spec import BenchConfig, parse_config
 
     raw = {"model": "toy", "concepts": ["star"], "methods": ["original", "uce"], "scenarios": ["text", "latent-wb"],
            "images_per_cell": 300}
@@ -254,7 +255,8 @@ def test_the_gpu_bench_config_is_a_valid_bench_config(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from bench_gpu_bench import bench_config
 
-    from erasekit.bench.spec import parse_config, planned_images
+    from erasekit.bench.plan import planned_images
+    from erasekit.bench.spec import parse_config
 
     cfg = parse_config(bench_config(tmp_path, False, True))
     assert [m.name for m in cfg.methods] == ["original", "uce", "rece", "rece+irece"] and len(cfg.scenarios) == 5

@@ -8,14 +8,18 @@ from typing import Any
 
 
 class UNetCounter:
-    """Counts UNet evaluations (batch items through ``pipe.unet``; a CFG pass counts its two halves)."""
+    """Counts denoiser evaluations (batch items through the family's UNet or transformer; a CFG pass counts its two
+    halves)."""
 
     def __init__(self, pipe):
+        from erasekit.diffusion.family import family_of
+
         self.n = 0
-        self._handle = pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        denoiser = family_of(pipe).denoiser(pipe)
+        self._handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         if sample is not None:
             self.n += int(sample.shape[0])
 

@@ -11,6 +11,7 @@ for instance).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -103,3 +104,26 @@ def csv_jobs(cell: Cell, rows: list[dict], n: int, seed: int, steps: int, guidan
         jobs.append(Job(cell, i, r["prompt"], r["seed"] if r["seed"] is not None else seed + i, steps, guidance, None,
                         None, target_id, extra, dict(sampling or {})))
     return jobs
+
+
+# -- what the plan asks of the run (spec.py holds the config alone: no import back) ----------------------------
+def planned_images(cfg: BenchConfig) -> int:
+    """Images the plan asks for, from the config alone (each cell's count; shared images counted per cell)."""
+    return sum(cfg.images_per_cell if c.kind == "attack" else cfg.preservation_images() for c in cells(cfg))
+
+
+def resolve_fast(cfg: BenchConfig, device, steps: int, guidance: float) -> tuple[BenchConfig, dict]:
+    """(the config with ``fast`` true or false, the choice as recorded: setting, chosen, why)."""
+    if cfg.precision != "default":
+        from erasekit.diffusion.fp8 import check_fp8_device
+
+        check_fp8_device(device)
+        return dataclasses.replace(cfg, fast=True), {"setting": cfg.fast, "chosen": True,
+                                                     "why": f"precision {cfg.precision}"}
+    if cfg.fast != "auto":
+        return cfg, {"setting": cfg.fast, "chosen": bool(cfg.fast), "why": "set in the config"}
+    from erasekit.diffusion.speed import auto_fast
+
+    chosen, why = auto_fast(device, planned_images(cfg), steps, guidance)
+    return dataclasses.replace(cfg, fast=chosen), {"setting": "auto", "chosen": chosen, "why": why,
+                                                   "images_planned": planned_images(cfg)}

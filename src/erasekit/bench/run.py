@@ -81,7 +81,8 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print, pipeli
     from erasekit.scoring import detector_id
     from erasekit.threads import apply, available_cores
 
-    from erasekit.bench.spec import fast_value, resolve_fast
+    from erasekit.bench.plan import resolve_fast
+    from erasekit.bench.spec import fast_value
 
     out = Path(out)
     state = _state()

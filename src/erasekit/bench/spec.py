@@ -386,34 +386,10 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     return cfg
 
 
-def planned_images(cfg: BenchConfig) -> int:
-    """Images the plan asks for, from the config alone (each cell's count; shared images counted per cell)."""
-    from erasekit.bench.plan import cells
-
-    return sum(cfg.images_per_cell if c.kind == "attack" else cfg.preservation_images() for c in cells(cfg))
-
-
 def fast_value(cfg: BenchConfig):
     """What generation takes as ``fast`` (`erasekit.generation.target_key`): False, True, or the FP8 precision ("fp8",
     "fp8-conv": it implies fast). Call after `resolve_fast`."""
     return cfg.precision if cfg.precision != "default" else cfg.fast is True
-
-
-def resolve_fast(cfg: BenchConfig, device, steps: int, guidance: float) -> tuple[BenchConfig, dict]:
-    """(the config with ``fast`` true or false, the choice as recorded: setting, chosen, why)."""
-    if cfg.precision != "default":
-        from erasekit.diffusion.fp8 import check_fp8_device
-
-        check_fp8_device(device)
-        return dataclasses.replace(cfg, fast=True), {"setting": cfg.fast, "chosen": True,
-                                                     "why": f"precision {cfg.precision}"}
-    if cfg.fast != "auto":
-        return cfg, {"setting": cfg.fast, "chosen": bool(cfg.fast), "why": "set in the config"}
-    from erasekit.diffusion.speed import auto_fast
-
-    chosen, why = auto_fast(device, planned_images(cfg), steps, guidance)
-    return dataclasses.replace(cfg, fast=chosen), {"setting": "auto", "chosen": chosen, "why": why,
-                                                   "images_planned": planned_images(cfg)}
 
 
 # -- entries that erase several concepts at once (mass erasure, #24; expanded by `erasekit.bench.groups`) ---------

@@ -97,8 +97,8 @@ def test_bench_checks_the_folder_under_its_lock(tmp_path, monkeypatch):
     cfg_b = parse_config(dict(TINY, seed=2))
     load = bench_run._load
 
-    def load_while_a_takes_the_folder(cfg, device):
-        target = load(cfg, device)
+    def load_while_a_takes_the_folder(cfg, device, pipeline=None):
+        target = load(cfg, device, pipeline)
         out.mkdir(exist_ok=True)
         bench_run.write_config(out, cfg_a)  # what run A does meanwhile
         return target

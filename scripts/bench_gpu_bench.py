@@ -181,6 +181,15 @@ def phase_bench(work: Path, quick: bool, name: str, fast, before: bool) -> dict:
         if r["stage"] == "generation":
             entry.update(images=r.get("images"), images_per_s=round((r.get("images") or 0) / max(r["wall_s"], 1e-9), 3),
                          fast=r.get("fast"), batching=r.get("batching"), compile=r.get("compile"))
+            # where the stage's time went: one model state (and sampler group) a row; the first batch of the first
+            # group pays the compilation
+            entry["groups"] = [{"cells": g.get("cells"), "images": g["images"], "batch": g["batch"],
+                                "batches": g["batches"], "images_run": g.get("images_run"),
+                                "unet_evals": g.get("unet_evals"), "wall_s": g["wall_s"],
+                                "first_batch_s": g.get("first_batch_s"),
+                                "images_per_s": round(g["images"] / max(g["wall_s"], 1e-9), 3),
+                                "unet_evals_per_s": round((g.get("unet_evals") or 0) / max(g["wall_s"], 1e-9), 1)}
+                               for g in r.get("groups") or []]
         if r["stage"] == "scoring":
             entry.update(rows=r.get("rows_scored"), rows_per_s=round((r.get("rows_scored") or 0) / max(r["wall_s"], 1e-9), 1))
         if r.get("unet_evals") and r.get("wall_s"):
@@ -257,7 +266,7 @@ def main(args, rep) -> None:
                           # the stage without its compilation (a cold cache's first run pays it once)
                           "generation_images_per_s_after_compile": round((gen.get("images") or 0) / max(
                               gen.get("wall_s", 0) - ((gen.get("compile") or {}).get("compile_s") or 0), 1e-9), 3),
-                          # IRECE's cells add UNet calls of their own (its mask, eager): rows/s is the like-for-like
+                          # IRECE's cells add UNet calls of their own (its mask): rows/s is the like-for-like
                           "generation_unet_evals_per_s": gen.get("unet_evals_per_s"),
                           "generation_unet_evals_share_of_reference": round(
                               (gen.get("unet_evals_per_s") or 0) / ref["unet_rows_per_s"], 3),

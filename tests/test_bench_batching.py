@@ -228,7 +228,7 @@ def test_fast_bench_records_its_choice_compilation_and_cache(tmp_path, monkeypat
 
 def test_defence_calls_go_through_the_compiled_unet_in_fast_mode(tmp_path):
     """IRECE's guide call and SLD's safety branch beside another defence's wrapper use the fast UNet (compiled, one
-    shape per row count), with the eager images up to 1 level; IRECE's mask call stays eager (it records attention)."""
+    shape per row count), with the eager images up to 1 level (IRECE's mask call too: test_defences)."""
     from erasekit.defences import parse_defence
     from erasekit.diffusion import Target
     from erasekit.diffusion.speed import SpeedOptions, accelerate

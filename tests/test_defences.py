@@ -52,6 +52,61 @@ def test_capture_records_maps_without_changing_the_output(any_pipe):
     assert torch.allclose(total, torch.ones_like(total), atol=1e-4)
 
 
+def test_reused_capture_records_what_a_fresh_one_does_and_keeps_its_processors(tiny_sd1):
+    """``reuse=True``: the same processor objects block after block (a compiled UNet finds its graph again), the
+    recorder emptied on entry, the maps a fresh capture records; rebuilt when the UNet's processors changed."""
+    unet = tiny_sd1.unet
+    s = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, s, s, generator=torch.Generator().manual_seed(1))
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    before = _processors(unet)
+    with torch.no_grad():
+        with capture_cross_attention(unet, [1, 2]) as fresh:
+            unet(x, torch.tensor(300), encoder_hidden_states=states)
+        installed = []
+        for _ in range(2):
+            with capture_cross_attention(unet, [1, 2], reuse=True) as cap:
+                installed.append(dict(unet.attn_processors))
+                unet(x, torch.tensor(300), encoder_hidden_states=states)
+            assert len(cap.records) == len(fresh.records)  # emptied on entry: one call's records
+            assert torch.equal(cap.aggregate((s, s)), fresh.aggregate((s, s)))
+    assert all(installed[0][k] is installed[1][k] for k in installed[0])
+    assert _same_processors(unet, before)
+    with capture_cross_attention(unet, [3], reuse=True):
+        other = dict(unet.attn_processors)
+    assert any(other[k] is not installed[0][k] for k in other)  # other positions: other processors
+
+
+def test_irece_mask_call_compiles_once_with_no_graph_break(tmp_path):
+    """Fast mode: IRECE's mask call (attention capture) runs through the compiled UNet: one extra graph for the
+    whole run (not one per step or batch), no graph break, and the eager images up to 1 level."""
+    import torch._dynamo as dynamo
+
+    from erasekit.diffusion.speed import SpeedOptions, accelerate
+    from erasekit.erasers import erase
+    from erasekit.models.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("sd1")
+    edit = erase(pipe, "uce", "star", progress=False)  # swapped out for every mask call
+    target = Target(pipe, model="tiny").with_edits(edit).with_defences(parse_defence("irece:concept=star,stop=1"))
+    prompts, seeds = ["a star", "a red star", "a heart", "a circle"], [0, 1, 2, 3]
+    eager = generate(target, prompts, seeds, steps=3, batch_size=2, progress=False)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    accelerate(pipe, SpeedOptions(backend="aot_eager"))
+
+    def graphs():
+        return dynamo.utils.counters["stats"]["unique_graphs"]
+
+    generate(Target(pipe, model="tiny"), prompts, seeds, steps=3, batch_size=2, progress=False, fast=True)
+    plain = graphs()  # the guided UNet call and the decoder
+    fast = generate(target, prompts, seeds, steps=3, batch_size=2, progress=False, fast=True)
+    assert graphs() == plain + 1  # the capturing UNet: once for 2 batches x 3 steps
+    generate(target, prompts[::-1], seeds, steps=3, batch_size=2, progress=False, fast=True)
+    assert graphs() == plain + 1 and not dynamo.utils.counters["graph_break"]
+    assert np.abs(eager.astype(int) - fast).max() <= 1
+
+
 def test_capture_restores_processors_when_the_block_raises(tiny_sd1):
     unet = tiny_sd1.unet
     before = _processors(unet)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,8 +394,8 @@ def generate_to_dir(target, inputs: GenerationInputs, out_dir, *, steps: int | N
 def generate_parts_to_dir(target, parts: Sequence[GenerationInputs], out_dir, *, steps: Sequence[int | None],
                           guidance: float | None = None, batch_size: int | str = 32, negative_prompt: str | None = None,
                           eta: float = 0.0, record: dict | None = None, progress: bool = True, fast: bool = False,
-                          keyed_names: bool = False, share: tuple[int, int] = (0, 1), pad: bool = False
-                          ) -> tuple[list[list[dict]], int]:
+                          keyed_names: bool = False, share: tuple[int, int] = (0, 1), pad: bool = False,
+                          timings: list | None = None) -> tuple[list[list[dict]], int]:
     """`generate_to_dir` for several inputs of one target at once, batched across them: the images of every part
     that share sampling steps and guidance go through the sampler together, ``batch_size`` a batch, each row with
     its own prompt (or learned token), seed and initial latents. Records, keys, files and the resume rule are
@@ -456,6 +457,8 @@ def generate_parts_to_dir(target, parts: Sequence[GenerationInputs], out_dir, *,
     writer = BatchWriter(out_dir, index_name(share[0]), done, workers=min(8, os.cpu_count() or 1) if on_gpu else 0)
     with torch.inference_mode(), target.active(), bar, writer:
         for (n_steps, scale), rows in groups.items():
+            group_start = first = time.perf_counter()
+            n_batches = 0
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
                 real = len(batch)
@@ -467,6 +470,14 @@ def generate_parts_to_dir(target, parts: Sequence[GenerationInputs], out_dir, *,
                 recs = [dict(r, valid=False, invalid=p) if p else r for r, p in zip(recs, problems[:real])]
                 writer.submit(images[:real], recs)
                 bar.update(real)
+                n_batches += 1
+                if n_batches == 1:
+                    first = time.perf_counter() - first
+            if timings is not None:
+                timings.append(dict(target=target_key(target, fast), steps=n_steps, guidance=scale, images=len(rows),
+                                    batches=n_batches, batch=batch_size,
+                                    images_run=(n_batches * batch_size if pad else len(rows)),
+                                    wall_s=round(time.perf_counter() - group_start, 3), first_batch_s=round(first, 3)))
     made += todo
     for k in wanted:
         records[k] = [done[record_key(wanted[k][i])] for i in mine[k]]

@@ -169,10 +169,14 @@ def run_bench(cfg: BenchConfig, out, *, progress: bool = True, log=print, pipeli
             if on_cpu and state.num_processes > 1:
                 torch.set_num_threads(max(1, full_threads // state.num_processes))
             compiled_before = compile_stats() if cfg.fast else None
+            timings: list[dict] = []
             made = stages.generate_cells(jobs, targets, target0, sources, out, guidance, cfg.batch_size, fast_value(cfg),
                                          share=(state.process_index, state.num_processes), progress=progress and main,
-                                         batching=batching)
+                                         batching=batching, timings=timings,
+                                         evals=lambda: counter.n)
             cost.add_images(made)
+            if timings:  # where the stage's time went: one row per model state and sampler group
+                cost.extra["groups"] = timings
             if compiled_before is not None:  # this run's compilation (seconds, graphs, disk-cache hits)
                 cost.extra["compile"] = compile_delta(compiled_before, compile_stats())
             if on_cpu:

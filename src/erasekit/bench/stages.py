@@ -234,14 +234,17 @@ def shares_batches(target) -> bool:
 
 
 def generate_cells(jobs: list[Job], targets, target0, sources, out: Path, guidance: float, batch_size: int,
-                   fast: bool, share: tuple[int, int] = (0, 1), progress: bool = False, batching: str = "cell") -> int:
+                   fast: bool, share: tuple[int, int] = (0, 1), progress: bool = False, batching: str = "cell",
+                   timings: list | None = None, evals=None) -> int:
     """Generate every cell's images not yet in the store ``out/images`` (this process's share of each cell, see
     `generate_to_dir`); returns how many were generated. Cells that share an image key share its file.
     ``guidance``: the bench's, for attack items without their own (an I2P row's).
     ``batching``: ``cell`` (each cell's images batched on their own) or ``shared``: the cells of one model state
     (the same target key: weights, edits, defences) batched together, across methods and scenarios
     (`erasekit.generation.generate_parts_to_dir`), each batch padded to ``batch_size`` in fast mode (one compiled
-    shape). The images, keys and records are the same either way (up to kernel rounding between batch shapes)."""
+    shape). The images, keys and records are the same either way (up to kernel rounding between batch shapes).
+    ``timings`` (shared batching): gets a row per model state and sampler group (`generate_parts_to_dir`), with the
+    model state's denoiser evaluations when ``evals`` (a callable: the count so far) is given."""
     from erasekit.errors import ErasekitError
     from erasekit.generation import GenerationInputs, generate_parts_to_dir, generate_to_dir, target_key
 
@@ -293,10 +296,16 @@ def generate_cells(jobs: list[Job], targets, target0, sources, out: Path, guidan
     for members in states.values():
         target = cell_target(members[0], targets, target0)
         parts = [cell_inputs(c, by_cell[c]) for c in members]
+        n_rows, n_evals = len(timings) if timings is not None else 0, evals() if evals else 0
         records, generated = generate_parts_to_dir(target, parts, out / IMAGES_DIR,
                                                    steps=[by_cell[c][0].steps for c in members], guidance=guidance,
                                                    batch_size=batch_size, progress=progress, fast=fast,
-                                                   keyed_names=True, share=share, pad=bool(fast))
+                                                   keyed_names=True, share=share, pad=bool(fast), timings=timings)
+        if timings is not None:
+            for row in timings[n_rows:]:
+                row["cells"] = [c.id for c in members]
+            if evals and len(timings) == n_rows + 1:
+                timings[-1]["unet_evals"] = evals() - n_evals
         for c, recs in zip(members, records):
             check(c, by_cell[c], recs)
         made += generated

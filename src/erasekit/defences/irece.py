@@ -23,7 +23,8 @@ No public code; our choices, all settings. At each step i with ``start <= i / st
    outside the mask the sampler's own update is kept unchanged.
 
 ``strength=0`` gives exactly the plain images (the defence then installs nothing). Cost per step in the window:
-one extra UNet call on the original weights (plus one for ``guide``), plus swapping the edit's tensors out and in.
+one extra UNet call on the original weights (compiled in fast mode, the capture included; plus one for ``guide``),
+plus swapping the edit's tensors out and in.
 
 SD3 / FLUX.1 (flow matching, no cross-attention): the same protocol through the family. The map is the
 text-to-image part of every joint attention (`erasekit.diffusion.attention.capture_joint_attention`): the image
@@ -133,19 +134,21 @@ class _IRECEHook:
         from erasekit.diffusion.attention import capture_cross_attention
         from erasekit.diffusion.guidance import UNetDenoiser
 
+        from erasekit.diffusion.speed import unet_for
+
         ctx, s = self.ctx, self.s
         unet = ctx.target.pipe.unet
         x = ctx.sampler.scheduler.scale_model_input(state.latents, state.t)
         b = len(x)
-        with ctx.target.without_edits(), capture_cross_attention(unet, self.positions) as cap:
-            UNetDenoiser(unet, ctx.target.family)(x, state.t, self.concept_cond.expand(b))
-        maps = cap.aggregate(tuple(x.shape[-2:]))
+        # Through the compiled UNet in fast mode: the reused capture processors trace into a second graph, found
+        # again at every step and batch (eager: the plain UNet, the same maps).
+        with ctx.target.without_edits(), capture_cross_attention(unet, self.positions, reuse=True) as cap:
+            UNetDenoiser(unet_for(ctx.target.pipe), ctx.target.family)(x, state.t, self.concept_cond.expand(b))
+        maps = cap.aggregate(tuple(x.shape[-2:]))[:b]  # the fast UNet may pad the batch to a compiled size
         self.mask = self.last_mask = attention_mask(maps, s.mask, s.mask_threshold, s.top_k).to(x.device, x.dtype)
         self.masks_mean.append(float(self.mask.mean()))
         if s.kind in ("guide", "both"):
-            from erasekit.diffusion.speed import unet_for
-
-            # the compiled UNet in fast mode (the mask's call above stays eager: it records attention)
+            # the compiled UNet in fast mode, with the UNet's own processors
             guide = UNetDenoiser(unet_for(ctx.target.pipe), ctx.target.family)
             out = guide(x, state.t, self.guide_cond.expand(b))
             self.x0_guide = ctx.sampler.scheduler.step(out, state.t, state.latents, return_dict=True).pred_original_sample

@@ -19,6 +19,7 @@ text, restricted to the chosen text columns), through forward hooks that only re
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Iterable
 
@@ -111,23 +112,43 @@ class _CaptureProcessor:
         self.recorder.records.append((self.name, probs.transpose(1, 2).detach().float()))
 
 
+# Capture processors kept per UNet (`capture_cross_attention(reuse=True)`): the same objects on every call, so that a
+# compiled UNet traces the capturing variant once and finds it again (a new processor object is a new graph).
+_REUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 @contextmanager
-def capture_cross_attention(unet, token_positions: list[int] | None, layers: Iterable[str] | None = None):
+def capture_cross_attention(unet, token_positions: list[int] | None, layers: Iterable[str] | None = None,
+                            reuse: bool = False):
     """Record cross-attention probabilities of ``token_positions`` (None: every token) for the block.
 
     ``layers``: attention sites to record (`erasekit.diffusion.sites`: site names such as ``"unet.up.1.0.0.cross"``,
-    module paths, or parts of either such as ``"up"``; default: all). Yields the recorder (`_Recorder.aggregate`). The UNet's processors are restored on exit, also
-    when the block raises.
+    module paths, or parts of either such as ``"up"``; default: all). Yields the recorder (`_Recorder.aggregate`).
+    The UNet's processors are restored on exit, also when the block raises.
+
+    ``reuse``: install the processors (and recorder, emptied) of an earlier block with the same positions and layers
+    over the same processors, instead of new ones. A compiled UNet (`erasekit.diffusion.speed`) called inside the
+    block then records without a graph break (the recorder's appends replay after the graph) and compiles the
+    capturing variant once, not once per block. The recorder is the block's only until the next one.
     """
     from erasekit.diffusion.sites import select_sites, unet_cross_attention_sites
 
-    recorder = _Recorder(token_positions)
     original = dict(unet.attn_processors)
-    chosen = {site.path for site in select_sites(unet_cross_attention_sites(unet), layers)}
-    installed = {}
-    for key, proc in original.items():
-        module_name = key[: -len(".processor")] if key.endswith(".processor") else key
-        installed[key] = _CaptureProcessor(proc, module_name, recorder) if module_name in chosen else proc
+    key = (None if token_positions is None else tuple(int(p) for p in token_positions),
+           None if layers is None else tuple(layers))
+    entry = _REUSED.get(unet, {}).get(key) if reuse else None
+    if entry is not None and all(entry[0].get(k) is v for k, v in original.items()) and len(entry[0]) == len(original):
+        installed, recorder = entry[1], entry[2]
+        recorder.clear()
+    else:
+        recorder = _Recorder(token_positions)
+        chosen = {site.path for site in select_sites(unet_cross_attention_sites(unet), layers)}
+        installed = {}
+        for name, proc in original.items():
+            module_name = name[: -len(".processor")] if name.endswith(".processor") else name
+            installed[name] = _CaptureProcessor(proc, module_name, recorder) if module_name in chosen else proc
+        if reuse:
+            _REUSED.setdefault(unet, {})[key] = (original, installed, recorder)
     unet.set_attn_processor(dict(installed))  # diffusers pops from the dict it is given
     try:
         yield recorder

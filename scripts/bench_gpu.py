@@ -118,7 +118,10 @@ def main(argv=None):
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the fast path (e.g. reduce-overhead)")
     ap.add_argument("--profile", action="store_true",
                     help="after the fast run: profile one fast batch (GPU kernel time against wall time, top kernels)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: plain,eager,fast,flops,inversion,ti")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: plain,eager,fast,flops,inversion,ti "
+                    "(flow models: speed,divergence,edits,esd)")
+    ap.add_argument("--esd-float32", action="store_true",
+                    help="flow models: ESD-x with the whole pipeline in float32 too (after weights=pipeline)")
     ap.add_argument("--bench", action="store_true",
                     help="run the fixed SD-1.4-shaped `erasekit bench` config stage by stage (scripts/bench_gpu_bench.py)")
     ap.add_argument("--bench-before", action="store_true", help="--bench: also the old path (per-cell batches, no disk cache)")

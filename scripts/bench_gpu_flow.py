@@ -12,9 +12,16 @@ bf16. Measured, each after a warm-up:
   4.5, 40 steps), the pipeline's own FlowMatchEuler scheduler;
 - erasekit ``generate`` (eager: erasekit's fast mode compiles UNets only), the same prompts, seeds, steps and
   guidance, and the largest pixel difference from diffusers' images for the same seeds (uint8 levels);
-- the cost of a UCE edit (closed form on the joint blocks' text-side K/V, bf16 weights) and of ESD-x (float32
-  weights, bf16 autocast: one concept trajectory sampled, then 10 iterations; sampling and training reported
-  apart): each recorded as ``failed: <reason>`` where it does not run.
+- where erasekit's and diffusers' images part on this device (``divergence``): their difference after 1, 2, 4, 8
+  and all steps, and the first transformer call (text conditioning against ``encode_prompt``; the batch as one call
+  against row by row);
+- the cost of a UCE edit (closed form on the joint blocks' text-side K/V, bf16 weights), RECE and UCE on the
+  reference FLUX script's embedders (``edits``), and of ESD-x (``esd``: one concept trajectory sampled, then 10
+  iterations; sampling and training reported apart) with ``weights=pipeline`` (bf16 transformer, float32 trained
+  K/V) and, with ``--esd-float32``, with the whole pipeline in float32: each recorded as ``failed: <reason>`` where
+  it does not run.
+
+``--skip speed,divergence,edits,esd`` leaves sections out.
 """
 
 from __future__ import annotations
@@ -27,6 +34,42 @@ import torch
 
 PROMPT = "a photo of a red car on a street"
 DEFAULTS = {"flux-dev-shape": dict(steps=28, guidance=3.5, batch=2), "sd35m-shape": dict(steps=40, guidance=4.5, batch=4)}
+
+
+def _failed(exc) -> str:
+    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+@torch.no_grad()
+def first_call_differences(pipe, family, batch: int, height: int, width: int, guidance: float, t5_tokens: int) -> dict:
+    """The first denoiser call of erasekit's sampler against diffusers' pipeline on the same inputs: the text
+    conditioning (erasekit's encoding against ``pipe.encode_prompt``), and the transformer's output for erasekit's
+    inputs as one batch against row by row (how much a batch shape alone moves bf16 outputs on this device)."""
+    from erasekit.diffusion.sampler import Sampler, seed_generators
+
+    out = {}
+    cond = family.encode(pipe, [PROMPT] * batch, device=family.denoiser(pipe).device)
+    kw = {"prompt": [PROMPT] * batch, "device": family.denoiser(pipe).device, "max_sequence_length": t5_tokens}
+    theirs = pipe.encode_prompt(**kw, prompt_2=None, **({"prompt_3": None} if hasattr(pipe, "text_encoder_3") else {}))
+    ours = cond.states
+    out["text_states_max_abs_diff"] = float((ours.float() - theirs[0].float()).abs().max())
+    sampler = Sampler(pipe, 2, 0.0)
+    z = sampler.draw_noise(seed_generators(list(range(batch))), height, width)
+    x = sampler.prepare_latents(z)
+    model = family.denoiser(pipe)
+    t = sampler.timesteps[0]
+    from erasekit.diffusion.guidance import UNetDenoiser, guided
+
+    def call(xs, c):  # conditional only, with FLUX.1-dev's distilled guidance as sampling gives it
+        return guided(UNetDenoiser(model, family), c, None, guidance)(xs, t).float()
+
+    whole = call(x, cond)
+    rows = torch.cat([call(x[i : i + 1], cond[i : i + 1]) for i in range(batch)])
+    scale = float(whole.abs().mean())
+    out["batch_vs_rows_max_abs_diff"] = float((whole - rows).abs().max())
+    out["batch_vs_rows_mean_abs_diff"] = float((whole - rows).abs().mean())
+    out["output_mean_abs"] = scale
+    return out
 
 
 def main(args, Report, timed):
@@ -69,57 +112,84 @@ def main(args, Report, timed):
         return pipe(prompt=[PROMPT] * b, num_inference_steps=st, guidance_scale=guidance, output_type="np",
                     height=height, width=width, max_sequence_length=t5_tokens, generator=gens).images
 
-    results = {}
-    for b in ([1, batch] if batch > 1 else [1]):
-        plain(b, 2)  # warm-up
-        _, wall, cpu = timed(lambda: plain(b))
-        results[f"diffusers_b{b}"] = round(b / wall, 4)
-        rep.put(f"plain_diffusers_batch{b}", {"images_per_s": results[f"diffusers_b{b}"], "images": b,
-                                               "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
-
+    skip = set(filter(None, args.skip.split(",")))
     seeds = list(range(n))
-    generate(pipe, PROMPT, seeds[:batch], steps=2, guidance=guidance, batch_size=batch, progress=False)
-    images, wall, cpu = timed(lambda: generate(pipe, PROMPT, seeds, steps=steps, guidance=guidance, batch_size=batch,
-                                               progress=False))
-    results["erasekit_eager"] = round(n / wall, 4)
-    ref = to_uint8(plain(batch, seeds=seeds[:batch]))
-    diff = np.abs(ref.astype(int) - images[:batch].astype(int))
-    rep.put("erasekit_eager", {"images_per_s": results["erasekit_eager"], "images": n, "batch": batch,
-                               "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                               "max_abs_diff_vs_diffusers_uint8": int(diff.max()),
-                               "mean_abs_diff_vs_diffusers_uint8": round(float(diff.mean()), 4)})
-    rep.put("ratios", {f"erasekit_eager/{k}": round(results["erasekit_eager"] / v, 3)
-                       for k, v in results.items() if k.startswith("diffusers")})
+    if "speed" not in skip:
+        results = {}
+        for b in ([1, batch] if batch > 1 else [1]):
+            plain(b, 2)  # warm-up
+            _, wall, cpu = timed(lambda: plain(b))
+            results[f"diffusers_b{b}"] = round(b / wall, 4)
+            rep.put(f"plain_diffusers_batch{b}", {"images_per_s": results[f"diffusers_b{b}"], "images": b,
+                                                   "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
+        generate(pipe, PROMPT, seeds[:batch], steps=2, guidance=guidance, batch_size=batch, progress=False)
+        images, wall, cpu = timed(lambda: generate(pipe, PROMPT, seeds, steps=steps, guidance=guidance,
+                                                   batch_size=batch, progress=False))
+        results["erasekit_eager"] = round(n / wall, 4)
+        ref = to_uint8(plain(batch, seeds=seeds[:batch]))
+        diff = np.abs(ref.astype(int) - images[:batch].astype(int))
+        rep.put("erasekit_eager", {"images_per_s": results["erasekit_eager"], "images": n, "batch": batch,
+                                   "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                                   "max_abs_diff_vs_diffusers_uint8": int(diff.max()),
+                                   "mean_abs_diff_vs_diffusers_uint8": round(float(diff.mean()), 4)})
+        rep.put("ratios", {f"erasekit_eager/{k}": round(results["erasekit_eager"] / v, 3)
+                           for k, v in results.items() if k.startswith("diffusers")})
+    if "divergence" not in skip:
+        # Where erasekit's and diffusers' images part (bit-identical on the CPU, f32 and bf16): the difference
+        # after 1, 2, 4, ... steps, the same seeds and batch; and the first transformer call's outputs on the same
+        # inputs, the batch as one call and row by row (bf16 GEMMs may round by batch shape on the GPU).
+        rows = {}
+        for st in sorted({1, 2, 4, 8, steps}):
+            a = to_uint8(plain(batch, st, seeds=seeds[:batch]))
+            b = generate(pipe, PROMPT, seeds[:batch], steps=st, guidance=guidance, batch_size=batch, progress=False)
+            dd = np.abs(a.astype(int) - b.astype(int))
+            rows[str(st)] = {"max": int(dd.max()), "mean": round(float(dd.mean()), 4)}
+        rep.put("divergence_uint8_by_steps", rows)
+        rep.put("first_call", first_call_differences(pipe, family, batch, height, width, guidance, t5_tokens))
+    if "edits" not in skip:
+        from erasekit.erasers import erase
 
-    from erasekit.erasers import erase
-
-    try:
-        (edit, wall, cpu) = timed(lambda: erase(pipe, "uce", "car", progress=False))
-        rep.put("uce", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tensors": len(edit.tensors)})
-    except Exception as exc:  # noqa: BLE001 - a cost table records what does not run
-        rep.put("uce", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    # RECE (the UCE step, one adversarial epoch per joint site) and UCE on the reference FLUX script's embedders
-    for key, method, settings in (("rece", "rece", {"epochs": 1}), ("uce_reference_flux", "uce",
-                                                                    {"targets": "reference-flux"})):
         try:
-            (edit, wall, cpu) = timed(lambda: erase(pipe, method, "car", settings=settings, progress=False))
-            rep.put(key, {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tensors": len(edit.tensors),
-                          "settings": settings, "solve_s": edit.timings.get("solve_s")})
-        except Exception as exc:  # noqa: BLE001
-            rep.put(key, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    try:
-        # ESD fine-tunes float32 weights (bf16 autocast on CUDA): the pipeline is cast up for it. One concept
-        # trajectory at the generation's steps (ESD's cost is sampling them, then one forward+backward per iteration).
-        pipe.to(dtype=torch.float32)
-        esd = {"iterations": 2 if args.quick else 10, "trajectories": 1, "ddim_steps": steps,
-               "sample_guidance": 3.0}
-        (edit, wall, cpu) = timed(lambda: erase(pipe, "esd-x", "car", settings=esd, progress=False))
-        rep.put("esd_x", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "settings": esd, "weights": "float32",
-                          "trained_parameters": edit.extra["trained_parameters"],
-                          "sampling_s": edit.extra["sampling_s"], "training_s": edit.extra["training_s"],
-                          "iterations_per_s": edit.extra["iterations_per_s"]})
-    except Exception as exc:  # noqa: BLE001
-        rep.put("esd_x", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            (edit, wall, cpu) = timed(lambda: erase(pipe, "uce", "car", progress=False))
+            rep.put("uce", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tensors": len(edit.tensors)})
+        except Exception as exc:  # noqa: BLE001 - a cost table records what does not run
+            rep.put("uce", _failed(exc))
+        # RECE (the UCE step, one adversarial epoch per joint site) and UCE on the reference FLUX script's embedders
+        for key, method, settings in (("rece", "rece", {"epochs": 1}), ("uce_reference_flux", "uce",
+                                                                        {"targets": "reference-flux"})):
+            try:
+                (edit, wall, cpu) = timed(lambda: erase(pipe, method, "car", settings=settings, progress=False))
+                rep.put(key, {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tensors": len(edit.tensors),
+                              "settings": settings, "solve_s": edit.timings.get("solve_s")})
+            except Exception as exc:  # noqa: BLE001
+                rep.put(key, _failed(exc))
+    if "esd" not in skip:
+        from erasekit.erasers import erase
+
+        # ESD-x: one concept trajectory at the generation's steps (its cost is sampling them, then one
+        # forward+backward per iteration). weights=pipeline: the transformer stays bf16, the trained text-side K/V
+        # float32 masters (FLUX.1-dev's 12B in float32 beside the activations crashed the last run); with
+        # --esd-float32 also the whole pipeline cast to float32 (bf16 autocast), after it.
+        esd = {"iterations": 2 if args.quick else 10, "trajectories": 1, "ddim_steps": steps, "sample_guidance": 3.0}
+        variants = [("esd_x", dict(esd, weights="pipeline"))]
+        if getattr(args, "esd_float32", False):
+            variants.append(("esd_x_float32", esd))
+        for key, settings in variants:
+            try:
+                if settings.get("weights") != "pipeline":
+                    pipe.to(dtype=torch.float32)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                (edit, wall, cpu) = timed(lambda: erase(pipe, "esd-x", "car", settings=settings, progress=False))
+                rep.put(key, {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "settings": settings,
+                              "trained_parameters": edit.extra["trained_parameters"],
+                              "sampling_s": edit.extra["sampling_s"], "training_s": edit.extra["training_s"],
+                              "iterations_per_s": edit.extra["iterations_per_s"],
+                              "loss_first": edit.extra["loss_first"], "loss_last": edit.extra["loss_last"],
+                              "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None})
+            except Exception as exc:  # noqa: BLE001
+                rep.put(key, _failed(exc))
+                break
     if cuda:
         rep.put("peak_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     rep.put("total_s", round(time.time() - rep.t0, 1))

@@ -65,6 +65,10 @@ class ESDSettings(Settings):
     # serve the empty prompt too, and classifier-free guidance leans on it.
     anchor_unconditional: bool = False
     mixed_precision: str = choice("auto", "auto", "no")  # auto: bf16 autocast on CUDA (float32 weights), none on CPU
+    # float32: the whole denoiser in float32 (load the pipeline so). pipeline: the frozen weights stay in the
+    # pipeline's bf16 / fp16 (FLUX.1's 12B: 24 GB instead of 48), the trained ones float32 while training, every
+    # forward under autocast in the pipeline's dtype (the reference esd_sd.py trains all in bf16).
+    weights: str = choice("float32", "float32", "pipeline")
     params: str = choice("paper", "paper", "esd_sd")  # ESD-u's trained set (module docstring); ESD-x ignores it
 
     def validate(self) -> None:
@@ -173,8 +177,10 @@ class ESD(Method):
 
         unet = family_of(pipe).denoiser(pipe)
         component = "transformer" if family_of(pipe).flow else "unet"
-        if unet.dtype != torch.float32:
-            raise ErasekitError(f"ESD fine-tunes in float32; load the pipeline in float32, not {unet.dtype}")
+        low = unet.dtype if s.weights == "pipeline" and unet.dtype != torch.float32 else None
+        if unet.dtype != torch.float32 and low is None:
+            raise ErasekitError(f"ESD fine-tunes in float32; load the pipeline in float32, not {unet.dtype}, or set "
+                                f"weights=pipeline (trained parameters in float32, the rest in {unet.dtype})")
         names = self.parameters(unet, s)
         if not names:
             raise ErasekitError(f"{self.name}: the {component} has no parameters of this variant to train")
@@ -192,10 +198,13 @@ class ESD(Method):
             uncond = family.unconditional(pipe, None, device=unet.device)
             keep = (family.encode(pipe, preserved_texts(spec, True, s.expand, s.templates), device=unet.device)
                     if preserving else None)
-        autocast = train_autocast(unet.device) if s.mixed_precision == "auto" else contextlib.nullcontext()
+        if low is not None:  # every forward in the pipeline's dtype; the float32 masters cast per op
+            autocast = torch.autocast(unet.device.type, dtype=low)
+        else:
+            autocast = train_autocast(unet.device) if s.mixed_precision == "auto" else contextlib.nullcontext()
         params = dict(unet.named_parameters())
         train = [params[n] for n in names]
-        originals = [p.detach().clone() for p in train]
+        originals = [p.detach().clone() for p in train]  # in the pipeline's dtype: put back as they were
         grad_flags = {n: p.requires_grad for n, p in params.items()}
         was_training = unet.training
 
@@ -218,6 +227,8 @@ class ESD(Method):
         try:
             unet.requires_grad_(False)
             for p in train:
+                if low is not None:
+                    p.data = p.data.float()  # the trained parameters' float32 masters
                 p.requires_grad_(True)
             optimizer = torch.optim.Adam(train, lr=s.lr)
             bar = tqdm(range(s.iterations), desc=f"{self.name}: fine-tuning", unit="it", disable=not progress)
@@ -254,13 +265,16 @@ class ESD(Method):
         finally:
             with torch.no_grad():
                 for p, o in zip(train, originals):
-                    p.copy_(o)
+                    if p.dtype != o.dtype:
+                        p.data = o  # weights=pipeline: the pipeline's own dtype again
+                    else:
+                        p.copy_(o)
             for n, p in params.items():
                 p.requires_grad_(grad_flags[n])
             unet.train(was_training)
         losses = torch.stack(losses).tolist()
         k = max(1, len(losses) // 10)
-        extra = {"variant": self.variant, "trained_tensors": len(names),
+        extra = {"variant": self.variant, "trained_tensors": len(names), "weights": s.weights,
                  "trained_parameters": sum(p.numel() for p in train), "training_states": len(x),
                  "loss_first": round(sum(losses[:k]) / k, 6), "loss_last": round(sum(losses[-k:]) / k, 6),
                  "preservation": ({"prompts": len(keep) if preserving else 0,

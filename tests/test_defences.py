@@ -79,7 +79,8 @@ def test_reused_capture_records_what_a_fresh_one_does_and_keeps_its_processors(t
 
 def test_irece_mask_call_compiles_once_with_no_graph_break(tmp_path):
     """Fast mode: IRECE's mask call (attention capture) runs through the compiled UNet: one extra graph for the
-    whole run (not one per step or batch), no graph break, and the eager images up to 1 level."""
+    whole run (not one per step or batch), no graph break, at its own batch size, and the eager images up to 1
+    level."""
     import torch._dynamo as dynamo
 
     from erasekit.diffusion.speed import SpeedOptions, accelerate
@@ -93,7 +94,7 @@ def test_irece_mask_call_compiles_once_with_no_graph_break(tmp_path):
     eager = generate(target, prompts, seeds, steps=3, batch_size=2, progress=False)
     dynamo.reset()
     dynamo.utils.counters.clear()
-    accelerate(pipe, SpeedOptions(backend="aot_eager"))
+    fast_unet = accelerate(pipe, SpeedOptions(backend="aot_eager"))
 
     def graphs():
         return dynamo.utils.counters["stats"]["unique_graphs"]
@@ -104,6 +105,8 @@ def test_irece_mask_call_compiles_once_with_no_graph_break(tmp_path):
     assert graphs() == plain + 1  # the capturing UNet: once for 2 batches x 3 steps
     generate(target, prompts[::-1], seeds, steps=3, batch_size=2, progress=False, fast=True)
     assert graphs() == plain + 1 and not dynamo.utils.counters["graph_break"]
+    # its own batch size (2 rows an image batch), not padded to the guided call's compiled 4
+    assert {size for key, size in fast_unet.batch_sizes if key[-1] is not None} == {2}
     assert np.abs(eager.astype(int) - fast).max() <= 1
 
 

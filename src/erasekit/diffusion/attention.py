@@ -115,6 +115,13 @@ class _CaptureProcessor:
 # Capture processors kept per UNet (`capture_cross_attention(reuse=True)`): the same objects on every call, so that a
 # compiled UNet traces the capturing variant once and finds it again (a new processor object is a new graph).
 _REUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # unet -> the reused capture installed now
+
+
+def capture_variant(unet):
+    """The reused capture installed on ``unet`` now (None: its own processors): the fast UNet keeps the batch
+    sizes it compiled apart per variant, so that a capturing call is never padded to another graph's size."""
+    return _ACTIVE.get(unet)
 
 
 @contextmanager
@@ -150,9 +157,12 @@ def capture_cross_attention(unet, token_positions: list[int] | None, layers: Ite
         if reuse:
             _REUSED.setdefault(unet, {})[key] = (original, installed, recorder)
     unet.set_attn_processor(dict(installed))  # diffusers pops from the dict it is given
+    if reuse:
+        _ACTIVE[unet] = key
     try:
         yield recorder
     finally:
+        _ACTIVE.pop(unet, None)
         unet.set_attn_processor(dict(original))
 
 

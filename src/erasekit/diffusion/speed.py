@@ -99,8 +99,10 @@ class FastUNet:
 
     def __call__(self, x: torch.Tensor, t, encoder_hidden_states=None, added_cond_kwargs=None, **kwargs):
         n = x.shape[0]
+        from erasekit.diffusion.attention import capture_variant
+
         key = (tuple(x.shape[1:]), None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape[1:]),
-               x.dtype, str(x.device))
+               x.dtype, str(x.device), capture_variant(self.unet))
         size = self._padded_size(key, n)
         self.batch_sizes.add((key, size))
         self.calls += 1

@@ -12,6 +12,17 @@ torch.set_flush_denormal(True)
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine a busy second core makes
 # every multi-threaded op wait a scheduler tick (measured: 2 s instead of 20 ms per tiny-UNet call).
 torch.set_num_threads(int(os.environ.get("ERASEKIT_TEST_THREADS", "1")))
+TEST_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _test_threads():
+    """Each test starts at the test thread count: a command run in-process (`erasekit.runtime.setup`, the bench)
+    picks threads from the load average, and results that compare float bits across two batch shapes (a cache
+    reused after `n` grows) must not see that choice leak in from an earlier test."""
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--fast-options", default="",
                     help="SpeedOptions for the fast path, e.g. compile_vae=0,tuned_kernels=0,cudnn_benchmark=0 (ablation)")
-    ap.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
+    ap.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient", "math"], default="default",
                     help="force one scaled-dot-product attention backend (experiment)")
     ap.add_argument("--inductor", default="", help="torch._inductor.config overrides, e.g. conv_1x1_as_mm=1 (experiment)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the fast path (e.g. reduce-overhead)")
@@ -138,6 +138,9 @@ def main(argv=None):
         bench_main(args, rep)
         rep.put("total_s", round(time.time() - rep.t0, 1))
         return
+    if args.sdpa != "default":  # every other backend off: the chosen one or an error
+        for name in ("flash", "mem_efficient", "cudnn", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name or (args.sdpa == "efficient" and name == "mem_efficient"))
     if args.model in ("flux-dev-shape", "sd35m-shape"):  # flow-matching transformers: their own measurements
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_gpu_flow import main as flow_main
@@ -156,9 +159,6 @@ def main(argv=None):
             sys.exit(f"unknown fast option {key!r}")
         speed[key] = value.lower() not in ("0", "false", "no", "off")
     speed_options = SpeedOptions(**speed, mode=args.compile_mode)
-    if args.sdpa != "default":  # every other backend off: the chosen one or an error
-        for name in ("flash", "mem_efficient", "cudnn", "math"):
-            getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name or (args.sdpa == "efficient" and name == "mem_efficient"))
     for item in filter(None, args.inductor.split(",")):
         import torch._inductor.config as inductor_config
 

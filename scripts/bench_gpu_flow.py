@@ -14,7 +14,8 @@ bf16. Measured, each after a warm-up:
   guidance, and the largest pixel difference from diffusers' images for the same seeds (uint8 levels);
 - where erasekit's and diffusers' images part on this device (``divergence``): their difference after 1, 2, 4, 8
   and all steps, and the first transformer call (text conditioning against ``encode_prompt``; the batch as one call
-  against row by row);
+  against row by row), and that call's every keyword input and its output as diffusers' pipeline makes it against
+  erasekit's (with diffusers' run-to-run difference beside it);
 - the cost of a UCE edit (closed form on the joint blocks' text-side K/V, bf16 weights), RECE and UCE on the
   reference FLUX script's embedders (``edits``), and of ESD-x (``esd``: one concept trajectory sampled, then 10
   iterations; sampling and training reported apart) with ``weights=pipeline`` (bf16 transformer, float32 trained
@@ -72,6 +73,57 @@ def first_call_differences(pipe, family, batch: int, height: int, width: int, gu
     return out
 
 
+@torch.no_grad()
+def call_input_differences(pipe, batch: int, height: int, width: int, guidance: float, t5_tokens: int) -> dict:
+    """Where one-step images part: the denoiser's first call as diffusers' pipeline makes it against erasekit's
+    ``generate`` (each keyword input and the output, max |diff|), and diffusers against itself (run to run)."""
+    from erasekit.diffusion.family import family_of
+    from erasekit.diffusion.sampler import seed_generators, to_uint8
+    from erasekit.generation import generate
+
+    model = family_of(pipe).denoiser(pipe)
+    seen: list[dict] = []
+
+    def pre(_, args, kwargs):
+        if len(seen) % 2 == 0:  # the first call of a run only (runs are one step here)
+            seen.append({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+
+    def post(_, args, kwargs, output):
+        if len(seen) % 2 == 1:
+            first = output[0] if isinstance(output, (tuple, list)) else output.sample
+            seen.append({"output": first.detach().clone()})
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    seeds = list(range(batch))
+    try:
+        images = []
+        for _ in range(2):
+            images.append(to_uint8(pipe(prompt=[PROMPT] * batch, num_inference_steps=1, guidance_scale=guidance,
+                                        output_type="np", height=height, width=width, max_sequence_length=t5_tokens,
+                                        generator=seed_generators(seeds)).images))
+        images.append(generate(pipe, PROMPT, seeds, steps=1, guidance=guidance, batch_size=batch, progress=False))
+    finally:
+        for h in handles:
+            h.remove()
+    (d_in, d_out), (d2_in, d2_out), (e_in, e_out) = seen[0:2], seen[2:4], seen[4:6]
+
+    def diff(a, b):
+        if a.shape != b.shape:
+            return f"shapes {tuple(a.shape)} / {tuple(b.shape)}"
+        return float((a.float() - b.float()).abs().max())
+
+    return {
+        "inputs_erasekit_vs_diffusers": {k: diff(e_in[k], v) if k in e_in else "not passed by erasekit"
+                                         for k, v in d_in.items()},
+        "input_dtypes": {k: [str(v.dtype), str(e_in[k].dtype) if k in e_in else None] for k, v in d_in.items()},
+        "output_erasekit_vs_diffusers": diff(e_out["output"], d_out["output"]),
+        "output_diffusers_run_to_run": diff(d2_out["output"], d_out["output"]),
+        "images_diffusers_run_to_run_max_uint8": int(np.abs(images[0].astype(int) - images[1].astype(int)).max()),
+        "images_erasekit_vs_diffusers_max_uint8": int(np.abs(images[0].astype(int) - images[2].astype(int)).max()),
+    }
+
+
 def main(args, Report, timed):
     from erasekit.diffusion.family import family_of
     from erasekit.diffusion.sampler import seed_generators, to_uint8
@@ -101,7 +153,7 @@ def main(args, Report, timed):
     t5_tokens = family.t5_length(pipe, pipe.tokenizer_2 if flux else pipe.tokenizer_3, 512 if flux else 256)
     rep.put("setup", {"model": args.model, "family": family.name, "pipeline": type(pipe).__name__,
                       "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-                      "torch": torch.__version__, "dtype": str(dtype), "height": height, "width": width,
+                      "torch": torch.__version__, "sdpa": args.sdpa, "dtype": str(dtype), "height": height, "width": width,
                       "steps": steps, "guidance": guidance, "batch": batch, "n": n, "t5_tokens": t5_tokens,
                       "transformer_params_b": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 3),
                       "scheduler": "FlowMatchEulerDiscreteScheduler", "build_s": round(time.perf_counter() - t, 1),
@@ -146,6 +198,7 @@ def main(args, Report, timed):
             rows[str(st)] = {"max": int(dd.max()), "mean": round(float(dd.mean()), 4)}
         rep.put("divergence_uint8_by_steps", rows)
         rep.put("first_call", first_call_differences(pipe, family, batch, height, width, guidance, t5_tokens))
+        rep.put("first_call_inputs", call_input_differences(pipe, batch, height, width, guidance, t5_tokens))
     if "edits" not in skip:
         from erasekit.erasers import erase
 

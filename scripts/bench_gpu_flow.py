@@ -241,7 +241,13 @@ def main(args, Report, timed):
                               "loss_first": edit.extra["loss_first"], "loss_last": edit.extra["loss_last"],
                               "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None})
             except Exception as exc:  # noqa: BLE001
+                import traceback
+
+                # Where it surfaced (CUDA errors are asynchronous: run with CUDA_LAUNCH_BLOCKING=1 for the kernel's
+                # own call site), then stop: an illegal access leaves the CUDA context unusable.
+                frames = traceback.extract_tb(exc.__traceback__)[-6:]
                 rep.put(key, _failed(exc))
+                rep.put(f"{key}_where", [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in frames])
                 break
     if cuda:
         rep.put("peak_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))

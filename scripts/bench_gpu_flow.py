@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import platform
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -82,31 +83,26 @@ def call_input_differences(pipe, batch: int, height: int, width: int, guidance: 
     from erasekit.generation import generate
 
     model = family_of(pipe).denoiser(pipe)
-    seen: list[dict] = []
+    calls: list[tuple[dict, torch.Tensor]] = []  # every denoiser call: (its tensor keyword inputs, its output)
 
-    def pre(_, args, kwargs):
-        if len(seen) % 2 == 0:  # the first call of a run only (runs are one step here)
-            seen.append({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+    def record(_, args, kwargs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output.sample
+        calls.append(({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}, out.detach().clone()))
 
-    def post(_, args, kwargs, output):
-        if len(seen) % 2 == 1:
-            first = output[0] if isinstance(output, (tuple, list)) else output.sample
-            seen.append({"output": first.detach().clone()})
-
-    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-               model.register_forward_hook(post, with_kwargs=True)]
+    handle = model.register_forward_hook(record, with_kwargs=True)
     seeds = list(range(batch))
+    images, firsts = [], []  # firsts: the index of each run's first call
     try:
-        images = []
         for _ in range(2):
+            firsts.append(len(calls))
             images.append(to_uint8(pipe(prompt=[PROMPT] * batch, num_inference_steps=1, guidance_scale=guidance,
                                         output_type="np", height=height, width=width, max_sequence_length=t5_tokens,
                                         generator=seed_generators(seeds)).images))
+        firsts.append(len(calls))
         images.append(generate(pipe, PROMPT, seeds, steps=1, guidance=guidance, batch_size=batch, progress=False))
     finally:
-        for h in handles:
-            h.remove()
-    (d_in, d_out), (d2_in, d2_out), (e_in, e_out) = seen[0:2], seen[2:4], seen[4:6]
+        handle.remove()
+    (d_in, d_out), (_, d2_out), (e_in, e_out) = (calls[i] for i in firsts)
 
     def diff(a, b):
         if a.shape != b.shape:
@@ -117,8 +113,8 @@ def call_input_differences(pipe, batch: int, height: int, width: int, guidance: 
         "inputs_erasekit_vs_diffusers": {k: diff(e_in[k], v) if k in e_in else "not passed by erasekit"
                                          for k, v in d_in.items()},
         "input_dtypes": {k: [str(v.dtype), str(e_in[k].dtype) if k in e_in else None] for k, v in d_in.items()},
-        "output_erasekit_vs_diffusers": diff(e_out["output"], d_out["output"]),
-        "output_diffusers_run_to_run": diff(d2_out["output"], d_out["output"]),
+        "output_erasekit_vs_diffusers": diff(e_out, d_out),
+        "output_diffusers_run_to_run": diff(d2_out, d_out),
         "images_diffusers_run_to_run_max_uint8": int(np.abs(images[0].astype(int) - images[1].astype(int)).max()),
         "images_erasekit_vs_diffusers_max_uint8": int(np.abs(images[0].astype(int) - images[2].astype(int)).max()),
     }
@@ -241,8 +237,6 @@ def main(args, Report, timed):
                               "loss_first": edit.extra["loss_first"], "loss_last": edit.extra["loss_last"],
                               "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None})
             except Exception as exc:  # noqa: BLE001
-                import traceback
-
                 # Where it surfaced (CUDA errors are asynchronous: run with CUDA_LAUNCH_BLOCKING=1 for the kernel's
                 # own call site), then stop: an illegal access leaves the CUDA context unusable.
                 frames = traceback.extract_tb(exc.__traceback__)[-6:]

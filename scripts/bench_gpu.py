@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--fast-options", default="",
                     help="SpeedOptions for the fast path, e.g. compile_vae=0,tuned_kernels=0,cudnn_benchmark=0 (ablation)")
     ap.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient", "math"], default="default",
-                    help="force one scaled-dot-product attention backend (experiment)")
+                    help="one scaled-dot-product attention backend, math where it does not apply (experiment)")
     ap.add_argument("--inductor", default="", help="torch._inductor.config overrides, e.g. conv_1x1_as_mm=1 (experiment)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the fast path (e.g. reduce-overhead)")
     ap.add_argument("--profile", action="store_true",
@@ -138,9 +138,10 @@ def main(argv=None):
         bench_main(args, rep)
         rep.put("total_s", round(time.time() - rep.t0, 1))
         return
-    if args.sdpa != "default":  # every other backend off: the chosen one or an error
+    if args.sdpa != "default":  # the chosen backend, math only where it does not apply (T5's biased attention)
         for name in ("flash", "mem_efficient", "cudnn", "math"):
-            getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name or (args.sdpa == "efficient" and name == "mem_efficient"))
+            chosen = args.sdpa == name or (args.sdpa == "efficient" and name == "mem_efficient")
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(chosen or name == "math")
     if args.model in ("flux-dev-shape", "sd35m-shape"):  # flow-matching transformers: their own measurements
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_gpu_flow import main as flow_main

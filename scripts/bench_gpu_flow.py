@@ -89,7 +89,13 @@ def call_input_differences(pipe, batch: int, height: int, width: int, guidance: 
         out = output[0] if isinstance(output, (tuple, list)) else output.sample
         calls.append(({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}, out.detach().clone()))
 
+    decodes: list[tuple[torch.Tensor, torch.Tensor]] = []  # every VAE decoder call: (its input, its output)
+
+    def record_decode(_, args, output):
+        decodes.append((args[0].detach().clone(), output.detach().clone()))
+
     handle = model.register_forward_hook(record, with_kwargs=True)
+    decode_handle = pipe.vae.decoder.register_forward_hook(record_decode)
     seeds = list(range(batch))
     images, firsts = [], []  # firsts: the index of each run's first call
     try:
@@ -102,7 +108,9 @@ def call_input_differences(pipe, batch: int, height: int, width: int, guidance: 
         images.append(generate(pipe, PROMPT, seeds, steps=1, guidance=guidance, batch_size=batch, progress=False))
     finally:
         handle.remove()
+        decode_handle.remove()
     (d_in, d_out), (_, d2_out), (e_in, e_out) = (calls[i] for i in firsts)
+    (dz, dx), (_, dx2), (ez, ex) = decodes[0], decodes[1], decodes[-1]  # one decoder call per run, all rows at once
 
     def diff(a, b):
         if a.shape != b.shape:
@@ -115,6 +123,11 @@ def call_input_differences(pipe, batch: int, height: int, width: int, guidance: 
         "input_dtypes": {k: [str(v.dtype), str(e_in[k].dtype) if k in e_in else None] for k, v in d_in.items()},
         "output_erasekit_vs_diffusers": diff(e_out, d_out),
         "output_diffusers_run_to_run": diff(d2_out, d_out),
+        "decoder_calls": len(decodes),
+        "decoder_input_erasekit_vs_diffusers": diff(ez, dz),
+        "decoder_output_erasekit_vs_diffusers": diff(ex, dx),
+        "decoder_output_diffusers_run_to_run": diff(dx2, dx),
+        "decoder_input_dtypes": [str(dz.dtype), str(ez.dtype)],
         "images_diffusers_run_to_run_max_uint8": int(np.abs(images[0].astype(int) - images[1].astype(int)).max()),
         "images_erasekit_vs_diffusers_max_uint8": int(np.abs(images[0].astype(int) - images[2].astype(int)).max()),
     }
@@ -239,8 +252,13 @@ def main(args, Report, timed):
             except Exception as exc:  # noqa: BLE001
                 # Where it surfaced (CUDA errors are asynchronous: run with CUDA_LAUNCH_BLOCKING=1 for the kernel's
                 # own call site), then stop: an illegal access leaves the CUDA context unusable.
-                frames = traceback.extract_tb(exc.__traceback__)[-6:]
+                first = exc  # the original error where a later one (a sticky CUDA fault re-raised) was raised over it
+                while first.__context__ is not None and not first.__suppress_context__:
+                    first = first.__context__
+                frames = traceback.extract_tb(first.__traceback__)[-8:]
                 rep.put(key, _failed(exc))
+                if first is not exc:
+                    rep.put(f"{key}_first", _failed(first))
                 rep.put(f"{key}_where", [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in frames])
                 break
     if cuda:

@@ -150,3 +150,21 @@ def test_folder_loads_by_path_and_generate_cli_writes_images(tiny_flux, flux_fol
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
     assert [r["scheduler"] for r in records] == ["FlowMatchEulerDiscreteScheduler"] * 2
+
+
+def test_half_precision_noise_is_drawn_as_diffusers_draws_it(monkeypatch):
+    """torch 2.11's CPU ``randn`` in bf16 draws other numbers than its float32 draw cast to bf16 (measured on the
+    device: the whole latent differs; torch 2.13 draws the same): emulated here, the owned loop on a bf16 FLUX
+    pipeline still equals diffusers' bit for bit because both draw in the pipeline's dtype."""
+    from erasekit.models.tiny_flow import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline().to(dtype=torch.bfloat16)
+    real = torch.randn
+
+    def randn_2_11(*args, dtype=None, **kwargs):  # a half-precision draw unlike the float32 one
+        x = real(*args, dtype=dtype, **kwargs)
+        return x.flip(-1) if dtype in (torch.bfloat16, torch.float16) else x
+
+    monkeypatch.setattr(torch, "randn", randn_2_11)
+    ours = _ours(pipe, PROMPTS, [0, 1], 2, 3.5)
+    assert torch.equal(ours, _diffusers(pipe, PROMPTS, [0, 1], 2, 3.5))

@@ -127,3 +127,29 @@ def test_nested_cost_blocks_keep_the_outer_peak():
     if outer.rss_scope == "block":
         # The inner block reset the counters, yet the outer block still sees the 200 MB it held before.
         assert outer.peak_rss_mb >= inner.peak_rss_mb + 150
+
+
+class _FaultedCuda:
+    """A CUDA whose context holds a sticky fault: every synchronize raises it again."""
+
+    def synchronize(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def reset_peak_memory_stats(self):
+        pass
+
+    def max_memory_allocated(self):
+        return 0
+
+
+def test_measure_cost_lets_the_blocks_own_error_through_a_faulted_synchronize(monkeypatch):
+    import erasekit.metrics.cost as cost
+
+    monkeypatch.setattr(cost, "_cuda", lambda: _FaultedCuda())
+    with pytest.raises(ValueError, match="where it happened"):
+        with cost.measure_cost():
+            raise ValueError("where it happened")
+    # a fault that only the synchronize sees (the block itself ran) still raises
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        with cost.measure_cost():
+            pass

@@ -42,6 +42,7 @@ from erasekit.attacks.common import (
     StatesTable, before_attack, candidate_vocabulary, check_prefix_settings, frozen, original_latents, tokens_text,
     world_prompts)
 from erasekit.cache import read_json, write_json
+from erasekit.diffusion.sdpa import training_attention
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings
 
@@ -62,6 +63,7 @@ class P4DSettings(Settings):
         check_prefix_settings("p4d", self)
 
 
+@training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
 def optimise_p4d(ctx: AttackContext, prompts, z0, s: P4DSettings, mode: str, generator, vocab,
                  guidance: float | None = None):
     """Prefix vectors (soft: one (B, k, E) per text encoder) or token ids (B, k) (hard) for ``prompts``; the mean

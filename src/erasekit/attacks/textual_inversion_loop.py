@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from erasekit.diffusion.sdpa import training_attention
 from erasekit.errors import ErasekitError
 
 def _check_images(pipe, images) -> np.ndarray:
@@ -71,6 +72,7 @@ class _Slot:
         self.mean = self.std = None
 
 
+@training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
 def learn_textual_inversions(pipe, jobs: Sequence, progress: bool = True, trajectories: list | None = None,
                              weights: Sequence | None = None) -> list:
     """Learn one token per ``(images, config)`` of ``jobs`` together on ``pipe`` (its weights as they are now);

@@ -48,6 +48,7 @@ from erasekit.attacks.base import Attack, AttackContext, AttackInputs
 from erasekit.attacks.common import (
     before_attack, candidate_vocabulary, check_prefix_settings, detect, draw, frozen, original_latents, tokens_text,
     world_prompts)
+from erasekit.diffusion.sdpa import training_attention
 from erasekit.errors import ErasekitError
 from erasekit.registry import ATTACKS
 from erasekit.settings import Settings, choice
@@ -97,6 +98,7 @@ class UnlearnDiffAtkSettings(Settings):
             raise ErasekitError(f"unlearndiffatk: timesteps must be between 1 and 1000, got {self.timesteps}")
 
 
+@training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
 def optimise_relaxed_prefix(pipe, prompts, z0, s: UnlearnDiffAtkSettings, generator, vocab, trace=None,
                             guidance: float | None = None):
     """Relaxed one-hot prefixes (B, k, V') for ``prompts`` so that the pipeline's denoiser (as the weights are now)
@@ -164,6 +166,7 @@ class _SampledOneHot(torch.autograd.Function):
         return torch.nn.functional.hardtanh(grad), None
 
 
+@training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
 def official_attack(ctx: AttackContext, pipe, prompts, seeds, z0, s: UnlearnDiffAtkSettings, vocab, steps: int,
                     scale, generators=None, guidance: float | None = None, batch_size: int | None = None):
     """The reference protocol for prompts attacked together: per fixed timestep block, `iterations` Adam steps on

@@ -107,9 +107,13 @@ class Sampler:
         return self.family.latent_shape(self.pipe, height, width)
 
     def draw_noise(self, generators, height: int, width: int) -> torch.Tensor:
-        """Float32 CPU standard-normal latents, one draw per generator (unscaled)."""
+        """Float32 CPU standard-normal latents, one draw per generator (unscaled), drawn in the denoiser's dtype as
+        diffusers' pipelines draw them: torch 2.11's CPU ``randn`` in bf16 / fp16 gives other numbers than its float32
+        draw cast down (torch 2.13: the same), so a float32 draw would part from diffusers' images on half weights."""
         shape = self.latent_shape(height, width)
-        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        dtype = self.family.denoiser(self.pipe).dtype
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32  # fp8 storage: a float32 draw
+        return torch.stack([torch.randn(shape, generator=g, dtype=dtype).float() for g in generators])
 
     def prepare_latents(self, noise: torch.Tensor) -> torch.Tensor:
         """Initial x_T from standard-normal noise, on the denoiser's device and dtype."""

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from erasekit.diffusion.sdpa import training_attention
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.erasers.uce import EXPANSIONS, concept_contexts, parse_templates, preserved_texts
@@ -327,6 +328,7 @@ class AdvUnlearn(Method):
     summary = "AdvUnlearn: adversarial training of the text encoder (prefix-token attack, ESD loss, retain term)"
     Settings = AdvUnlearnSettings
 
+    @training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
     def compute(self, pipe, spec: ConceptSpec, s: AdvUnlearnSettings, progress: bool = True) -> Result:
         from tqdm.auto import tqdm
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from erasekit.diffusion.sdpa import training_attention
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.registry import ERASERS
@@ -170,6 +171,7 @@ class ESD(Method):
     def parameters(self, unet, s: ESDSettings | None = None) -> list[str]:
         raise NotImplementedError
 
+    @training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
     def compute(self, pipe, spec: ConceptSpec, s: ESDSettings, progress: bool = True) -> Result:
         from tqdm.auto import tqdm
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from erasekit.diffusion.sdpa import training_attention
 from erasekit.erasers.concept import ConceptSpec
 from erasekit.erasers.method import Method, Result
 from erasekit.erasers.ridge import F64, RidgeProblem
@@ -254,6 +255,7 @@ def concept_data(pipe, concept: str, s: MACESettings, prompts, mapped):
     return latents, masks
 
 
+@training_attention()  # backward through SDPA: no cuDNN attention (its backward faults)
 def train_lora(pipe, layers, concept: str, prompts, mapped, s: MACESettings, gen: torch.Generator) -> list:
     """One concept's LoRA deltas (F64, per layer) on the current weights."""
     from diffusers import DDPMScheduler

@@ -127,8 +127,12 @@ def measure_cost(**extra):
     mine = {"block_scope": block_scope}
     _open.append(mine)
     wall0, cpu0 = time.perf_counter(), os.times()
+    raised = False
     try:
         yield cost
+    except BaseException:
+        raised = True
+        raise
     finally:
         cpu1 = os.times()
         _open[:] = [block for block in _open if block is not mine]  # by identity: two blocks' dicts may be equal
@@ -136,7 +140,13 @@ def measure_cost(**extra):
         cost.cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         cuda = cuda or _cuda()
         if cuda is not None:
-            cuda.synchronize()
+            try:
+                cuda.synchronize()
+            except Exception:
+                # A CUDA fault is sticky: when the block already raised (the fault itself), synchronize raises it
+                # again and would hide where it happened; let the block's own exception through.
+                if not raised:
+                    raise
         rss, cuda_mb = _current_peaks(block_scope, cuda)
         _fold(mine, rss, cuda_mb)
         for outer in _open:

@@ -208,6 +208,12 @@ def main(args, Report, timed):
         rep.put("divergence_uint8_by_steps", rows)
         rep.put("first_call", first_call_differences(pipe, family, batch, height, width, guidance, t5_tokens))
         rep.put("first_call_inputs", call_input_differences(pipe, batch, height, width, guidance, t5_tokens))
+    if not {"edits", "esd"} <= skip:
+        from erasekit.models import fingerprint
+
+        # Part of every erase's wall time: the base model's content hash (sha256 of every weight's bytes on the host)
+        _, wall, cpu = timed(lambda: fingerprint(pipe))
+        rep.put("fingerprint", {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
     if "edits" not in skip:
         from erasekit.erasers import erase
 

@@ -168,3 +168,25 @@ def test_half_precision_noise_is_drawn_as_diffusers_draws_it(monkeypatch):
     monkeypatch.setattr(torch, "randn", randn_2_11)
     ours = _ours(pipe, PROMPTS, [0, 1], 2, 3.5)
     assert torch.equal(ours, _diffusers(pipe, PROMPTS, [0, 1], 2, 3.5))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA scalar rounding this guards shows only on a GPU"))])
+def test_the_euler_step_equals_the_schedulers_own_in_bf16(tiny_flux, device):
+    """diffusers' pipeline keeps the sigmas on the model's device, where a 0-dim float32 step rounds to bf16 before
+    it multiplies: erasekit's step must do the arithmetic the scheduler does on that device, step by step."""
+    import copy
+
+    family = family_of(tiny_flux)
+    ours = copy.deepcopy(tiny_flux.scheduler)
+    family.set_timesteps(tiny_flux, ours, 6, (8, 8))
+    theirs = copy.deepcopy(tiny_flux.scheduler)
+    theirs.set_timesteps(6, device=device, **family.timestep_kwargs(tiny_flux, theirs, 6, (8, 8)))  # the pipeline's
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 64, generator=gen).to(device, torch.bfloat16)
+    for i, t in enumerate(theirs.timesteps):
+        v = torch.randn(2, 16, 64, generator=gen).to(device, torch.bfloat16)
+        want = theirs.step(v, t, x, return_dict=False)[0]
+        _, got = family.step(ours, i, v, t, x)
+        assert torch.equal(got, want), i
+        x = want

@@ -139,7 +139,10 @@ class FlowMatchingFamily(SDFamily):
         sample in float32, ``x + (s_next - s) v``, cast to the output's dtype)."""
         if eta:
             raise ValueError("flow-matching sampling is deterministic here (eta must be 0)")
-        s, s_next = scheduler.sigmas[index], scheduler.sigmas[index + 1]
+        # The sigmas on the output's device, as the pipeline's (its set_timesteps gets the device): a CUDA 0-dim
+        # float32 step is rounded to bf16 before it multiplies, a CPU one is not; only a step of -1 (one-step
+        # sampling) is the same either way, so on the GPU every longer run parted from diffusers by a few levels.
+        s, s_next = (v.to(output.device) for v in (scheduler.sigmas[index], scheduler.sigmas[index + 1]))
         sample = x.to(torch.float32)
         nxt = (sample + (s_next - s) * output).to(output.dtype)
         return (sample - s * output).to(output.dtype), nxt
